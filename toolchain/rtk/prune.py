@@ -1,0 +1,156 @@
+"""`rtk prune`: recipe -> scores -> search -> physical rewrite -> OUT/{plan.json, model/, report.md}.
+
+Work in progress lives in `OUT.partial/` (search state saved after every step) and is renamed to
+OUT only when complete, so OUT is never half-written and a rerun of the same recipe resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .data import token_blocks
+from .errors import RtkError
+from .load import load_model
+from .recipe import Recipe
+from .rewrite import apply_plan, expand, save_native
+from .score import ModelScorer, candidates, existing_names, total_params
+from .search import StopRule, check_reachable, run_search
+
+STATE = "search_state.json"
+
+
+class SearchPaused(Exception):
+    """--max-steps reached: the state is saved and a rerun continues."""
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _check_out(out: Path, recipe: Recipe) -> tuple[Path, bool]:
+    """Returns (partial dir, already complete). Refuses a folder made by another recipe."""
+    partial = out.with_name(out.name + ".partial")
+    fp = recipe.fingerprint()
+    if out.exists():
+        plan = out / "plan.json"
+        if not plan.is_file():
+            raise RtkError(f"-o {out}: folder exists and is not an rtk output; choose another")
+        if json.loads(plan.read_text()).get("recipe_fingerprint") != fp:
+            raise RtkError(f"-o {out}: holds the result of a different recipe; choose another folder")
+        return partial, True
+    if partial.exists():
+        state = partial / STATE
+        got = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
+        if got != fp:
+            raise RtkError(f"-o {out}: {partial} holds an unfinished run of a different recipe; "
+                           "remove it or choose another folder")
+    return partial, False
+
+
+def _measure_line(info: dict, recipe: Recipe, model_name: str) -> str:
+    return (f"{model_name}, {info['file']} [{info['split']}], {info['samples']} blocks x {info['seq_len']} "
+            f"tokens ({info['predicted_tokens']:,} predicted), {recipe.dtype}, torch {torch.__version__} "
+            f"on {recipe.device}")
+
+
+def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[str], None] = print,
+              max_steps: int | None = None) -> dict:
+    out = Path(out)
+    partial, complete = _check_out(out, recipe)
+    if complete:
+        echo(f"rtk: {out} already holds this recipe's result")
+        return json.loads((out / "plan.json").read_text())
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    model, tokenizer, path = load_model(recipe.model, recipe.dtype, recipe.device)
+    names = existing_names(model)
+    bad = [p for p in recipe.search.protect if p not in names]
+    if bad:
+        raise RtkError(f"search.protect: {', '.join(bad)} does not exist in this model "
+                       f"({len(model.model.layers)} layers: attn.0..attn.{len(model.model.layers) - 1}, "
+                       f"mlp.0..mlp.{len(model.model.layers) - 1})")
+    calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
+    evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
+    cost_fn = None
+    if recipe.search.normalize == "cost":
+        from .cost import sublayer_cost_fn
+
+        cost_fn = sublayer_cost_fn(model.config, recipe.cost)
+    cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
+    n_total = total_params(model)
+    stop = StopRule(params_total=n_total, **recipe.search.target.model_dump())
+    check_reachable(cands, stop)
+
+    partial.mkdir(parents=True, exist_ok=True)
+    state_path = partial / STATE
+    saved = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if saved:
+        echo(f"rtk: resuming {partial} at step {len(saved['state']['steps'])} "
+             f"({len(saved['state']['removed'])} removed)")
+    (partial / "recipe.yaml").write_text(recipe.to_yaml())
+    steps_at_start = len(saved["state"]["removed"]) if saved else 0
+
+    def save(state):
+        write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state})
+        if max_steps is not None and not state["done"] and len(state["removed"]) - steps_at_start >= max_steps:
+            raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
+                               f"state in {partial}; rerun the same command to continue")
+
+    scorer = ModelScorer(model, calib, recipe.batch_size, recipe.reuse_activations, progress)
+    state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
+                       state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"))
+    removed_names = [e["name"] for e in state["removed"]]
+    pruned = apply_plan(model, removed_names)
+
+    eval_scorer = ModelScorer(model, evalb, recipe.batch_size, progress=False)
+    eval_base = eval_scorer.ppl(frozenset())
+    eval_final = ModelScorer(pruned, evalb, recipe.batch_size, progress=False).ppl(frozenset())
+    n_after = total_params(pruned)
+    model_name = recipe.model if not recipe.model.startswith("embedded:") else \
+        "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
+    plan = {
+        "rtk_version": __version__,
+        "model": recipe.model,
+        "model_path": path,
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_fingerprint": recipe.fingerprint(),
+        "params_total": n_total,
+        "params_after": n_after,
+        "params_removed": n_total - n_after,
+        "params_removed_fraction": (n_total - n_after) / n_total,
+        "ppl_base": state["ppl_base"],
+        "ppl_final": state["ppl_current"],
+        "calibration": {**calib_info, "measured": _measure_line(calib_info, recipe, model_name)},
+        "eval": {**eval_info, "ppl_base": eval_base, "ppl_final": eval_final,
+                 "measured": _measure_line(eval_info, recipe, model_name)},
+        "removed": [{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after")}
+                    for e in state["removed"]],
+        "removed_sublayers": sorted(expand(removed_names), key=lambda n: (int(n.split(".")[1]), n)),
+        "steps": state["steps"],
+        "scoring": {"candidate_evaluations": scorer.evaluations, "seconds": round(scorer.seconds, 1),
+                    "reuse_activations": recipe.reuse_activations, "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine()},
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    model_dir = partial / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    save_native(pruned, tokenizer, model_dir)
+    write_json_atomic(partial / "plan.json", plan)
+    shutil.copy(partial / "plan.json", model_dir / "plan.json")
+    shutil.copy(partial / "recipe.yaml", model_dir / "recipe.yaml")
+    from .report import write_report
+
+    write_report(plan, partial)
+    partial.rename(out)
+    return plan

@@ -1,0 +1,126 @@
+"""Perplexity of a model with sublayers skipped at run time, and candidate scoring.
+
+Removing a sublayer of layer i leaves layers 0..i-1 unchanged, so while scoring one step the
+hidden state entering layer i is computed once and every candidate of layer i starts from it
+(`reuse_activations`), instead of re-running the prefix for every candidate.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .modeling_rtk import RtkDeciLMForCausalLM
+from .search import Candidate
+
+
+def param_count(module) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def total_params(model: RtkDeciLMForCausalLM) -> int:
+    """All parameters, a tied embedding/head counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def candidates(model: RtkDeciLMForCausalLM, kind: str = "sublayers", protect=(), cost_fn=None) -> list[Candidate]:
+    """Every sublayer (or whole layer) still present, in model order, minus the protected ones."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        attn = param_count(layer.self_attn) + param_count(layer.input_layernorm)
+        mlp = param_count(layer.mlp) + param_count(layer.post_attention_layernorm)
+        if kind == "blocks":
+            items = [(f"layer.{i}", "layer", attn + mlp)] if (attn or mlp) else []
+        else:
+            items = [(f"attn.{i}", "attn", attn)] * bool(attn) + [(f"mlp.{i}", "mlp", mlp)] * bool(mlp)
+        for name, k, params in items:
+            c = Candidate(name=name, layer=i, kind=k, params=params)
+            if cost_fn is not None:
+                c = Candidate(name=name, layer=i, kind=k, params=params, cost=cost_fn(c))
+            out.append(c)
+    protected = set(protect)
+    return [c for c in out if c.name not in protected and not (set(c.parts) & protected)
+            and f"layer.{c.layer}" not in protected]
+
+
+def existing_names(model: RtkDeciLMForCausalLM) -> set[str]:
+    names = set()
+    for i, layer in enumerate(model.model.layers):
+        names.add(f"layer.{i}")
+        if layer.self_attn is not None:
+            names.add(f"attn.{i}")
+        if layer.mlp is not None:
+            names.add(f"mlp.{i}")
+    return names
+
+
+class ModelScorer:
+    """PPL on fixed token blocks, with any set of sublayers skipped."""
+
+    def __init__(self, model: RtkDeciLMForCausalLM, blocks: torch.Tensor, batch_size: int = 4,
+                 reuse_activations: bool = True, progress: bool = True):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.chunks = [c.to(self.device) for c in blocks.split(batch_size)]
+        self.reuse = reuse_activations
+        self.progress = progress
+        self.evaluations = 0  # candidate evaluations (incl. plain PPLs)
+        self.layer_passes = 0  # layer forward passes over all blocks
+        self.seconds = 0.0
+        self.n_tokens = int(blocks.shape[0] * (blocks.shape[1] - 1))
+        t = blocks.shape[1]
+        pos = torch.arange(t, device=self.device)[None]
+        dtype = next(model.parameters()).dtype
+        self.cos, self.sin = model.model.rotary(pos, dtype)
+
+    @torch.no_grad()
+    def _embed(self):
+        return [self.model.model.embed_tokens(c) for c in self.chunks]
+
+    @torch.no_grad()
+    def _advance(self, hs, start, stop, skip):
+        self.layer_passes += stop - start
+        return [self.model.model.run_layers(h, self.cos, self.sin, None, start, stop, skip) for h in hs]
+
+    @torch.no_grad()
+    def _nll(self, hs) -> float:
+        total = 0.0
+        for h, ids in zip(hs, self.chunks):
+            logits = self.model.lm_head(self.model.model.norm(h[:, :-1]))
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+        return total
+
+    def _ppl_from(self, hs, start, skip) -> float:
+        nll = self._nll(self._advance(hs, start, len(self.model.model.layers), skip))
+        self.evaluations += 1
+        return math.exp(nll / self.n_tokens) if nll / self.n_tokens < 700 else math.inf
+
+    def ppl(self, removed: frozenset[str] = frozenset()) -> float:
+        t0 = time.perf_counter()
+        p = self._ppl_from(self._embed(), 0, removed)
+        self.seconds += time.perf_counter() - t0
+        return p
+
+    def score(self, removed: frozenset[str], cands: list[Candidate], desc: Optional[str] = None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        bar = tqdm(total=len(cands), desc=desc or "scoring", unit="cand", disable=not self.progress, leave=False)
+        if not self.reuse:
+            for c in cands:
+                out[c.name] = self._ppl_from(self._embed(), 0, removed | frozenset(c.parts))
+                bar.update()
+        else:
+            hs, at = self._embed(), 0
+            for c in sorted(cands, key=lambda c: c.layer):
+                if c.layer > at:
+                    hs, at = self._advance(hs, at, c.layer, removed), c.layer
+                out[c.name] = self._ppl_from(hs, at, removed | frozenset(c.parts))
+                bar.update()
+        bar.close()
+        self.seconds += time.perf_counter() - t0
+        return out

@@ -1,0 +1,125 @@
+"""Start and stop a local vLLM OpenAI-compatible server (one source of truth for its command line)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import requests
+
+from .errors import RtkError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def needs_remote_code(model_dir: str | Path) -> bool:
+    """A nemotron-nas (DeciLM) folder ships its config class as code beside the weights."""
+    cfg = Path(model_dir) / "config.json"
+    return cfg.is_file() and "auto_map" in json.loads(cfg.read_text())
+
+
+def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", dtype: str = "float32",
+              max_model_len: int = 2048, served_name: Optional[str] = None, tensor_parallel: int = 1,
+              pipeline_parallel: int = 1, enforce_eager: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
+    """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder."""
+    args = ["--model", str(model_dir), "--host", host, "--port", str(port), "--dtype", dtype,
+            "--max-model-len", str(max_model_len)]
+    if served_name:
+        args += ["--served-model-name", served_name]
+    if tensor_parallel > 1:
+        args += ["--tensor-parallel-size", str(tensor_parallel)]
+    if pipeline_parallel > 1:
+        args += ["--pipeline-parallel-size", str(pipeline_parallel)]
+    if enforce_eager:
+        args.append("--enforce-eager")
+    if needs_remote_code(model_dir):
+        args.append("--trust-remote-code")
+    return args + list(extra)
+
+
+def vllm_command(model_dir, python: str = sys.executable, **kw) -> list[str]:
+    return [python, "-m", "vllm.entrypoints.openai.api_server", *vllm_args(model_dir, **kw)]
+
+
+class VLLMServer:
+    """Context manager: start vLLM on 127.0.0.1:free port, wait for /health, stop it on exit
+    (also on errors and Ctrl-C). `log_path` collects the server's output."""
+
+    def __init__(self, model_dir, port: Optional[int] = None, startup_timeout: float = 300.0,
+                 log_path: Optional[Path] = None, env: Optional[dict] = None, command: Optional[list] = None,
+                 **kw):
+        self.model_dir = str(model_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/rtk-vllm-{self.port}.log")
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                    "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.command = command or vllm_command(self.model_dir, port=self.port, **kw)
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "VLLMServer":
+        if port_in_use(self.port):
+            raise RtkError(f"--port {self.port}: already in use on 127.0.0.1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RtkError(f"vLLM exited with code {self.proc.returncode} before it became healthy; "
+                               f"last log line: {self.tail(1)!r} (log: {self.log_path})")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise RtkError(f"vLLM did not become healthy within {self.startup_timeout:.0f} s (log: {self.log_path})")
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
