@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny in-process models for logic, the real SmolLM2 for end-to-end paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RTK_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
+
+# A fixed heterogeneous plan for SmolLM2 (30 layers): attention-only and MLP-only layers, a layer
+# with both removed, and the last layer's MLP removed. Used wherever a test needs "a pruned model"
+# without paying for a search.
+SMOLLM2_PLAN = ["attn.5", "attn.9", "attn.17", "attn.22", "mlp.12", "attn.20", "mlp.20", "mlp.29", "attn.27"]
+
+
+def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
+    """A random tiny standard HF model: llama | mistral | qwen2 (GQA: 4 heads, 2 KV heads)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        for layer in model.model.layers:  # make the q/k/v biases matter
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def tiny_rtk(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
+    from rtk.load import from_hf
+
+    return from_hf(tiny_hf(arch, layers, tie, seed)).eval()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = Path(os.environ["RTK_DATA_DIR"])
+    if not (d / "wikitext-2-raw" / "test.txt").is_file():
+        pytest.fail(f"RTK_DATA_DIR={d} has no wikitext-2-raw/test.txt")
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The dense SmolLM2-135M as a standard fp32 Llama folder (GGUF dequantized once, cached)."""
+    from rtk.load import resolve
+
+    return Path(resolve("embedded:smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_pruned_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 with SMOLLM2_PLAN physically removed, as an rtk (DeciLM / nemotron-nas) folder."""
+    from rtk.load import load_model
+    from rtk.rewrite import apply_plan, save_native
+
+    model, tok, _ = load_model(str(smollm2_dir))
+    out = tmp_path_factory.mktemp("smollm2-pruned") / "model"
+    save_native(apply_plan(model, SMOLLM2_PLAN), tok, out)
+    return out
