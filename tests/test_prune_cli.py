@@ -1,0 +1,181 @@
+"""`rtk prune` as a user runs it: outputs, resume, and every bad input -> one line, exit != 0."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from rtk.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random 4-layer Llama with SmolLM2's tokenizer, saved as a standard HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def recipe(tmp_path, model_, **over):
+    r = {"model": str(model_), "batch_size": 2,
+         "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 3, "seq_len": 32},
+                  "evaluation": {"source": "wikitext2", "split": "test", "samples": 3, "seq_len": 48}},
+         "search": {"method": "progressive", "normalize": "params", "target": {"sublayers": 3},
+                    "protect": ["attn.0"]}}
+    for k, v in over.items():
+        node = r
+        *path, last = k.split("__")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    if "model" in over:
+        r["model"] = over["model"]
+    p = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_prune_writes_plan_model_report(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    res = run("prune", recipe(tmp_path, tiny_dir), "-o", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "PPL" in res.output and "before ->" in res.output
+    plan = json.loads((out / "plan.json").read_text())
+    for key in ("model", "recipe", "params_total", "params_removed", "ppl_base", "ppl_final", "eval", "removed",
+                "steps"):
+        assert key in plan
+    assert len(plan["removed"]) == 3 and len(plan["steps"]) == 3
+    for e in plan["removed"]:
+        assert set(e) >= {"layer", "kind", "params", "ri", "nri", "ppl_after"} and e["kind"] in ("attn", "mlp")
+    assert plan["eval"]["split"] == "test" and plan["eval"]["tokens"] == 3 * 48
+    assert plan["params_removed"] == sum(e["params"] for e in plan["removed"])
+    assert plan["ppl_final"] == plan["removed"][-1]["ppl_after"]
+    assert set(plan["steps"][0]["scores"]) == {"mlp.0", "attn.1", "mlp.1", "attn.2", "mlp.2", "attn.3", "mlp.3"}
+    for f in ("report.md", "ri_heatmap.png", "ppl_curve.png", "model/config.json", "model/model.safetensors"):
+        assert (out / f).is_file(), f
+    assert not (tmp_path / "out.partial").exists()
+    # the written model is the pruned one: its PPL on the evaluation blocks is the reported one
+    from rtk.data import token_blocks
+    from rtk.load import load_model
+    from rtk.recipe import DataSpec
+    from rtk.score import ModelScorer
+
+    model, tok, _ = load_model(str(out / "model"))
+    blocks, _ = token_blocks(tok, DataSpec(source="wikitext2", split="test", samples=3, seq_len=48), "eval")
+    assert ModelScorer(model, blocks, batch_size=2, progress=False).ppl() == pytest.approx(plan["eval"]["ppl_final"], rel=1e-4)
+    # rerunning a finished recipe into the same folder does nothing
+    res = run("prune", recipe(tmp_path, tiny_dir), "-o", out, "--quiet")
+    assert res.exit_code == 0 and "already holds this recipe's result" in res.output
+
+
+@pytest.mark.parametrize("method", ["progressive", "one-shot"])
+def test_resume_yields_the_same_plan(tmp_path, tiny_dir, method):
+    r = recipe(tmp_path, tiny_dir, search__method=method)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run("prune", r, "-o", full, "--quiet").exit_code == 0
+    res = run("prune", r, "-o", part, "--quiet", "--max-steps", "1")
+    assert res.exit_code == 0 and "paused after 1 step" in res.output
+    assert not part.exists() and (tmp_path / "part.partial" / "search_state.json").is_file()
+    res = run("prune", r, "-o", part, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output
+    a, b = (json.loads((d / "plan.json").read_text()) for d in (full, part))
+    assert a["removed"] == b["removed"] and a["steps"] == b["steps"]
+    # a different recipe into a used folder is refused
+    other = recipe(tmp_path, tiny_dir, search__target={"sublayers": 2})
+    res = run("prune", other, "-o", part, "--quiet")
+    assert res.exit_code == 1 and "holds the result of a different recipe" in res.output
+
+
+def _bad(tmp_path, tiny_dir, **over):
+    out = tmp_path / "bad-out"
+    res = run("prune", recipe(tmp_path, tiny_dir, **over), "-o", out, "--quiet")
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert not out.exists() and not (tmp_path / "bad-out.partial").exists()
+    return res.output.strip()
+
+
+def test_bad_inputs_one_clear_line(tmp_path, tiny_dir):
+    msg = _bad(tmp_path, tiny_dir, search__speed="fast")
+    assert msg.endswith("search.speed: unknown key")
+    msg = _bad(tmp_path, tiny_dir, data__calibration__samples="many")
+    assert "data.calibration.samples: Input should be a valid integer" in msg
+    msg = _bad(tmp_path, tiny_dir, search__target={"params_removed": 1.5})
+    assert "search.target.params_removed: must be inside (0, 1), got 1.5" in msg
+    msg = _bad(tmp_path, tiny_dir, model=str(tmp_path / "nope"))
+    assert msg.endswith(f"model: {tmp_path / 'nope'}: no such file or folder")
+    msg = _bad(tmp_path, tiny_dir, search__protect=["attn.0", "mlp.9"])
+    assert "search.protect: mlp.9 does not exist in this model (4 layers" in msg
+    msg = _bad(tmp_path, tiny_dir, search__target={"params_removed": 0.9})
+    assert "search.target.params_removed: 90% of" in msg and "cannot be reached" in msg
+    msg = _bad(tmp_path, tiny_dir, data__calibration__samples=100000)
+    assert "data.calibration:" in msg and "too few for 100000 blocks of 32" in msg
+    small = tmp_path / "small.txt"
+    small.write_text("just a few words")
+    msg = _bad(tmp_path, tiny_dir, data__calibration={"source": str(small), "samples": 2, "seq_len": 32})
+    assert f"data.calibration: {small} has" in msg and "too few" in msg
+    msg = _bad(tmp_path, tiny_dir, data__evaluation={"source": "wikitext2", "split": "valid"})
+    assert "calibration and evaluation use the same text" in msg
+    for m in msg, :
+        assert "\n" not in m
+
+
+def test_unsupported_architecture_and_bad_yaml(tmp_path, tiny_dir):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    msg = _bad(tmp_path, tiny_dir, model=str(gpt2))
+    assert "architecture 'gpt2' is not supported; rtk supports: llama, mistral, qwen2, nemotron-nas" in msg
+    notmodel = tmp_path / "empty"
+    notmodel.mkdir()
+    msg = _bad(tmp_path, tiny_dir, model=str(notmodel))
+    assert "folder has no config.json, so it is not a model folder" in msg
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    res = run("prune", broken, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "not valid YAML at line" in res.output
+    res = run("prune", tmp_path / "missing.yaml")
+    assert res.exit_code == 1 and "recipe file not found" in res.output
+
+
+def test_shipped_recipes_validate():
+    from rtk.recipe import load_recipe
+
+    files = sorted((REPO / "recipes").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_recipe(f)
+
+
+@pytest.mark.e2e
+def test_real_smollm2_small_run(tmp_path, smollm2_dir):
+    r = {"model": "embedded:smollm2", "batch_size": 2,
+         "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 64},
+                  "evaluation": {"source": "wikitext2", "split": "test", "samples": 4, "seq_len": 128}},
+         "search": {"method": "progressive", "target": {"sublayers": 2}}}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(r))
+    res = run("prune", p, "-o", tmp_path / "out", "--quiet")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["params_total"] == 134_515_008
+    assert len(plan["steps"][0]["scores"]) == 59  # 30 MLPs + 29 attentions (attn.0 protected)
+    assert 5 < plan["eval"]["ppl_base"] < 100
+    assert plan["eval"]["ppl_final"] > 0 and "attn.0" not in plan["removed_sublayers"]
