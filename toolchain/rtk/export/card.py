@@ -45,23 +45,24 @@ def model_card(summary: dict, plan: Optional[dict], source: Optional[str]) -> st
         f"- Format: `{summary['architecture']}`, {layout}.",
         f"- Weights: {summary['dtype']} safetensors, {summary['weight_bytes']:,} bytes.",
     ]
-    if plan:
-        lines.append(f"- Parameters: {plan['params_total']:,} before -> {plan['params_after']:,} after "
-                     f"({plan['params_removed_fraction']:.1%} removed; embeddings and LM head counted)")
+    before, after = summary.get("params_before"), summary["params"]
+    if before:
+        lines.append(f"- Parameters: {before:,} before -> {after:,} after "
+                     f"({1 - after / before:.1%} removed; embeddings and LM head counted once)")
     else:
-        lines.append(f"- Parameters: {summary['params']:,} (no plan.json: counts before pruning unknown)")
+        lines.append(f"- Parameters: {after:,} (the model before pruning is not at hand: count before unknown)")
     lines += ["", "## Removed", "", *_removed_lines(summary), ""]
-    if plan and "eval" in plan:
+    if plan and all(k in plan.get("eval", {}) for k in ("ppl_base", "ppl_final")):
         ev, cal = plan["eval"], plan.get("calibration", {})
         lines += ["## Perplexity", "", "| text | before | after | measured on |", "|---|---:|---:|---|",
                   f"| evaluation | {ev['ppl_base']:.3f} | {ev['ppl_final']:.3f} | {ev.get('measured', '')} |"]
-        if "ppl_base" in plan and cal:
+        if "ppl_base" in plan and "ppl_final" in plan and cal:
             lines.append(f"| calibration (search) | {plan['ppl_base']:.3f} | {plan['ppl_final']:.3f} | "
                          f"{cal.get('measured', '')} |")
         lines += ["", "Evaluation and calibration text are different splits; see `plan.json` and "
                       "`recipe.yaml` for every setting.", ""]
     else:
-        lines += ["## Perplexity", "", "Not measured for this export (no plan.json).", ""]
+        lines += ["## Perplexity", "", "Not measured for this export (no plan.json with PPL from rtk prune).", ""]
     lines += ["## Verified on export", "",
               f"The folder was reloaded from disk and its logits compared ({summary['verification_inputs']}):", ""]
     lines += [f"- {v}" for v in summary["verification"]]

@@ -233,6 +233,8 @@ def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Op
             "dtype": dtype,
             "removed_sublayers": removed,
             "params": total_params(model),
+            "params_before": plan.get("params_total") if plan and "params_total" in plan else
+            total_params(original) if original is not None else None,
             "weight_bytes": weight_bytes(tmp),
             "vllm_servable": vllm_note is None,
             "vllm": vllm_note or f"served natively by stock vLLM {VLLM_VERSION}"
