@@ -66,13 +66,14 @@ def test_served_architecture(served):
 
 
 def test_prompt_logprobs_match_transformers(served, reference):
-    _, _, server = served
+    kind, _, server = served
     model, prompts = reference
     for ids in prompts:
         got = prompt_logprobs(server.url, SERVED, ids)
         want = hf_prompt_logprobs(model, ids)
         assert len(got) == len(want) == len(ids) - 1
         diff = max(abs(a - b) for a, b in zip(got, want))
+        print(f"{kind}: {len(ids)} tokens, max |vLLM - transformers prompt log-prob| = {diff:.2e}")
         assert diff <= 1e-3, f"max |log-prob difference| {diff:.2e} over {len(ids)} tokens"
 
 
