@@ -53,10 +53,13 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
 
 
 # ---- rtk export ---------------------------------------------------------------------------------
+from .export import FORMATS as _EXPORT_FORMATS  # noqa: E402  (a dict of names: imports nothing heavy)
+
+
 @main.command("export")
 @click.argument("model_dir")
 @click.option("--format", "fmt", default="safetensors", show_default=True,
-              help="Output format (safetensors: a folder transformers and vLLM load).")
+              help=f"Output format: {', '.join(_EXPORT_FORMATS)}.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="Weight dtype (default: the dtype MODEL_DIR stores).")
