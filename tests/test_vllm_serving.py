@@ -41,7 +41,7 @@ def reference(served):
     _, folder, _ = served
     remote = "auto_map" in json.loads((folder / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=remote).eval()
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)  # no prompt for the DeciLM folder
     return model, [tok(p)["input_ids"] for p in PROMPTS]
 
 

@@ -22,7 +22,7 @@ def _load_lines(summary: dict) -> list[str]:
     trc = ", trust_remote_code=True" if remote else ""
     lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f"model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\"{trc})",
-             "tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")", "```", ""]
+             f"tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\"{trc})", "```", ""]
     if not summary["vllm_servable"]:
         lines.append(f"vLLM: {summary['vllm']}.")
     else:
