@@ -65,11 +65,13 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_pruned_dir(smollm2_dir, tmp_path_factory) -> Path:
-    """SmolLM2 with SMOLLM2_PLAN physically removed, as an rtk (DeciLM / nemotron-nas) folder."""
+    """SmolLM2 with SMOLLM2_PLAN physically removed, as an rtk (DeciLM / nemotron-nas) folder, written
+    and verified by the same export `rtk prune` uses."""
+    from rtk.export.safetensors import export_model
     from rtk.load import load_model
-    from rtk.rewrite import apply_plan, save_native
+    from rtk.rewrite import apply_plan
 
-    model, tok, _ = load_model(str(smollm2_dir))
+    model, tok, path = load_model(str(smollm2_dir))
     out = tmp_path_factory.mktemp("smollm2-pruned") / "model"
-    save_native(apply_plan(model, SMOLLM2_PLAN), tok, out)
+    export_model(apply_plan(model, SMOLLM2_PLAN), tok, out, original=model, source=path)
     return out

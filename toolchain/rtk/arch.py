@@ -22,8 +22,11 @@ class ArchSpec:
 
 
 ARCHS: dict[str, ArchSpec] = {
+    # Llama's attention_bias puts a bias on q, k, v *and* o; the DeciLM config (and vLLM) say so with
+    # qkv_bias (q/k/v) + attention_bias (o).
     "llama": ArchSpec("llama", "LlamaForCausalLM",
-                      qkv_bias=lambda c: False, attention_bias=lambda c: bool(getattr(c, "attention_bias", False))),
+                      qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+                      attention_bias=lambda c: bool(getattr(c, "attention_bias", False))),
     "mistral": ArchSpec("mistral", "MistralForCausalLM",
                         qkv_bias=lambda c: False, attention_bias=lambda c: False),
     "qwen2": ArchSpec("qwen2", "Qwen2ForCausalLM",

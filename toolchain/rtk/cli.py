@@ -52,6 +52,40 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     )
 
 
+# ---- rtk export ---------------------------------------------------------------------------------
+from .export import FORMATS as _EXPORT_FORMATS  # noqa: E402  (a dict of names: imports nothing heavy)
+
+
+@main.command("export")
+@click.argument("model_dir")
+@click.option("--format", "fmt", default="safetensors", show_default=True,
+              help=f"Output format: {', '.join(_EXPORT_FORMATS)}.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Weight dtype (default: the dtype MODEL_DIR stores).")
+@click.option("--plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A plan.json from `rtk prune`: remove its sublayers from MODEL_DIR before exporting.")
+@click.option("--transformers-only", is_flag=True,
+              help="Write a model that stock vLLM cannot serve (MLP before any attention) anyway.")
+def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | None, transformers_only: bool):
+    """Export MODEL_DIR (any folder rtk loads, e.g. OUT/model or a dense model) to -o OUT.
+
+    The export is reloaded from disk and its logits compared with the model in memory (and with the
+    original model run with the same sublayers skipped, when known) before it is moved into place."""
+    from .export import UnknownFormat, UnsupportedOption, run_export
+
+    try:
+        s = run_export(fmt, model_dir, out, dtype=dtype, plan=plan, transformers_only=transformers_only)
+    except UnknownFormat as exc:
+        raise click.BadParameter(str(exc), param_hint="'--format'") from None
+    except UnsupportedOption as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"rtk: wrote {out} ({s['architecture']}, {s['dtype']}, {s['params']:,} parameters, "
+               f"{s['weight_bytes']:,} weight bytes; {len(s['removed_sublayers'])} sublayers absent)")
+    for line in s.get("verification", []):
+        click.echo(f"rtk: verified: {line}")
+
+
 def run():
     """Entry point: a user error prints one line; Ctrl-C exits 130 without a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

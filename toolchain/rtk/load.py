@@ -143,7 +143,8 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # rtk folders carry auto_map for the model; the tokenizer never needs remote code (and must not prompt)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise RtkError(f"model: {path}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
 

@@ -142,7 +142,8 @@ class RtkAttention(nn.Module):
         self.num_kv_heads = config.num_attention_heads // n_heads_in_group
         self.head_dim = config.head_dim
         h = config.hidden_size
-        qkv_bias = bool(config.attention_bias or config.qkv_bias)
+        # as vLLM's nemotron_nas.py: q/k/v biases follow qkv_bias, the o_proj bias attention_bias
+        qkv_bias = bool(config.qkv_bias)
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -242,6 +243,10 @@ class RtkPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RtkRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, RtkModel):
+            # a non-persistent buffer: from_pretrained leaves it uninitialized unless set here
+            with torch.no_grad():
+                module.inv_freq.copy_(RtkModel._rope(module.config)[0])
 
 
 class RtkModel(RtkPreTrainedModel):

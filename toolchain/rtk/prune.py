@@ -20,7 +20,7 @@ from .data import token_blocks
 from .errors import RtkError
 from .load import load_model
 from .recipe import Recipe
-from .rewrite import apply_plan, expand, save_native
+from .rewrite import apply_plan, expand
 from .score import ModelScorer, candidates, existing_names, total_params
 from .search import StopRule, check_reachable, run_search
 
@@ -145,10 +145,14 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
     model_dir = partial / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    save_native(pruned, tokenizer, model_dir)
+    from .export.safetensors import export_model
+
+    exported = export_model(pruned, tokenizer, model_dir, original=model, plan=plan,
+                            recipe_yaml=(partial / "recipe.yaml").read_text(), source=path,
+                            transformers_only=True)
+    if not exported["vllm_servable"]:
+        echo(f"rtk: note: {exported['vllm']}")
     write_json_atomic(partial / "plan.json", plan)
-    shutil.copy(partial / "plan.json", model_dir / "plan.json")
-    shutil.copy(partial / "recipe.yaml", model_dir / "recipe.yaml")
     from .report import write_report
 
     write_report(plan, partial)

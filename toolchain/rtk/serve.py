@@ -34,10 +34,19 @@ def needs_remote_code(model_dir: str | Path) -> bool:
     return cfg.is_file() and "auto_map" in json.loads(cfg.read_text())
 
 
+def check_servable(model_dir: str | Path) -> None:
+    """rtk marks the folders stock vLLM cannot serve (see rtk.export.safetensors.vllm_blocker)."""
+    cfg = Path(model_dir) / "config.json"
+    data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    if data.get("rtk_vllm_servable") is False:
+        raise RtkError(f"model: {model_dir}: {data.get('rtk_vllm_note', 'marked as not servable by vLLM')}")
+
+
 def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", dtype: str = "float32",
               max_model_len: int = 2048, served_name: Optional[str] = None, tensor_parallel: int = 1,
               pipeline_parallel: int = 1, enforce_eager: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
     """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder."""
+    check_servable(model_dir)
     args = ["--model", str(model_dir), "--host", host, "--port", str(port), "--dtype", dtype,
             "--max-model-len", str(max_model_len)]
     if served_name:

@@ -1,0 +1,281 @@
+"""`rtk export --format safetensors` and the export `rtk prune` writes: tiny Llama / Mistral / Qwen2."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import tiny_hf, tiny_rtk
+from rtk.cli import main
+from rtk.errors import RtkError
+from rtk.export import FORMATS
+from rtk.export.safetensors import export_model, vllm_blocker
+from rtk.rewrite import apply_plan
+
+# layer 1 keeps only its MLP, layer 2 loses both, layer 3 keeps only attention (the last layer's MLP goes)
+HETERO = ["attn.1", "attn.2", "mlp.2", "mlp.3"]
+LAYERS = ["layer.1", "layer.3"]
+
+
+def tiny_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (ids < 128) saved into `folder`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+
+
+def tiny_folder(path: Path, arch: str = "llama", tie: bool = True) -> Path:
+    tiny_hf(arch, tie=tie).save_pretrained(path)
+    tiny_tokenizer(path)
+    return path
+
+
+def data_bytes(folder: Path) -> int:
+    """Tensor bytes in the folder's safetensors files (file size minus header)."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = struct.unpack("<Q", fh.read(8))[0]
+        total += f.stat().st_size - 8 - header
+    return total
+
+
+@torch.no_grad()
+def probe(model, skip=()):
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(7))
+    kw = {"skip": frozenset(skip)} if skip else {}
+    return model(input_ids=ids, use_cache=False, **kw).logits.float()
+
+
+def reload(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    remote = (folder / "modeling_rtk.py").is_file()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=remote).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("plan", [HETERO, LAYERS], ids=["hetero", "layers"])
+def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
+    original = tiny_rtk(arch, tie=tie)
+    pruned = apply_plan(original, plan)
+    s = export_model(pruned, None, tmp_path / "out", original=original)
+    out = tmp_path / "out"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is tie
+    if plan is HETERO:
+        assert s["layout"] == "native" and (out / "modeling_rtk.py").is_file()
+        assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
+        assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+        assert cfg["qkv_bias"] is (arch == "qwen2") and cfg["attention_bias"] is False
+        assert [(b["attention"]["no_op"], b["attention"]["n_heads_in_group"], b["ffn"]["no_op"],
+                 b["ffn"]["intermediate_size"]) for b in cfg["block_configs"]] == [
+            (False, 2, False, 96), (True, None, False, 96), (True, None, True, None), (False, 2, True, None)]
+        assert not any("ffn_mult" in b["ffn"] for b in cfg["block_configs"])
+    else:
+        want = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+        assert s["layout"] == "standard" and cfg["architectures"] == [want] and cfg["model_type"] == arch
+        assert cfg["num_hidden_layers"] == 2 and "auto_map" not in cfg
+        assert not (out / "modeling_rtk.py").exists()
+    assert len(s["verification"]) == 2
+    got = probe(reload(out))
+    torch.testing.assert_close(got, probe(original, skip=s["removed_sublayers"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, probe(pruned), atol=1e-5, rtol=1e-5)
+
+
+def test_llama_attention_bias_maps_to_qkv_and_o_bias(tmp_path):
+    """Llama's attention_bias is a bias on q, k, v and o: DeciLM says so with qkv_bias + attention_bias."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rtk.load import from_hf
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).eval()
+    for layer in hf.model.layers:
+        for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+            torch.nn.init.normal_(p.bias, std=0.5)
+    original = from_hf(hf).eval()
+    torch.testing.assert_close(probe(original), probe(hf), atol=1e-5, rtol=1e-5)
+    export_model(apply_plan(original, ["mlp.1"]), None, tmp_path / "n", original=original)
+    cfg = json.loads((tmp_path / "n" / "config.json").read_text())
+    assert cfg["qkv_bias"] is True and cfg["attention_bias"] is True
+    export_model(apply_plan(original, ["layer.1"]), None, tmp_path / "s", original=original)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["attention_bias"] is True
+
+
+@pytest.mark.parametrize("dtype,width", [("float32", 4), ("bfloat16", 2)])
+def test_weight_bytes_shrink_with_parameters(tmp_path, dtype, width):
+    original = tiny_rtk("llama", layers=6, tie=False)
+    dense = export_model(original, None, tmp_path / "dense", dtype=dtype)
+    pruned = export_model(apply_plan(original, ["attn.1", "mlp.3", "layer.4"]), None, tmp_path / "p",
+                          dtype=dtype, original=original)
+    assert data_bytes(tmp_path / "dense") == width * dense["params"]
+    assert data_bytes(tmp_path / "p") == width * pruned["params"]
+    assert pruned["params"] < dense["params"]
+    ratio = pruned["weight_bytes"] / dense["weight_bytes"]
+    assert ratio == pytest.approx(pruned["params"] / dense["params"], abs=0.02)
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["dtype"] == dtype
+
+
+def test_verification_mismatch_fails_and_leaves_nothing(tmp_path, monkeypatch):
+    import rtk.export.safetensors as st
+
+    real = st._state_dict
+
+    def corrupt(model, dtype, keep_layers=None):
+        sd = real(model, dtype, keep_layers)
+        sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] + 0.5
+        return sd
+
+    monkeypatch.setattr(st, "_state_dict", corrupt)
+    original = tiny_rtk("llama")
+    with pytest.raises(RtkError, match=r"export verification failed: logits of the reloaded model differ from "
+                                       r"the in-memory pruned model by [0-9.e+-]+ \(tolerance [0-9.e+-]+\)"):
+        export_model(apply_plan(original, ["attn.2"]), None, tmp_path / "out", original=original)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_first_sublayer_mlp_is_refused_for_vllm(tmp_path):
+    from rtk.serve import vllm_args
+
+    original = tiny_rtk("llama")
+    for plan, first in ((["attn.0"], "mlp.0"), (["layer.0", "attn.1"], "mlp.1")):
+        pruned = apply_plan(original, plan)
+        assert vllm_blocker(pruned.config) == first
+        with pytest.raises(RtkError) as err:
+            export_model(pruned, None, tmp_path / "v")
+        assert err.value.message == (
+            f"plan: stock vLLM 0.32 cannot serve this folder: its first remaining sublayer is {first} (an MLP "
+            "before any attention), and vLLM's DeciLM layer crashes there; keep attn.0 (search.protect) or pass "
+            "--transformers-only to write a folder for transformers and rtk only")
+        assert not (tmp_path / "v").exists()
+    s = export_model(pruned, None, tmp_path / "t", original=original, transformers_only=True)
+    assert s["vllm_servable"] is False
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["rtk_vllm_servable"] is False
+    assert "cannot serve" in (tmp_path / "t" / "README.md").read_text()
+    torch.testing.assert_close(probe(reload(tmp_path / "t")), probe(original, skip=["attn.0", "mlp.0", "attn.1"]))
+    with pytest.raises(RtkError, match="first remaining sublayer is mlp.1"):
+        vllm_args(tmp_path / "t")
+    # whole layer 0 gone: a standard checkpoint, which vLLM serves
+    s = export_model(apply_plan(original, ["layer.0"]), None, tmp_path / "l0", original=original)
+    assert s["layout"] == "standard" and s["vllm_servable"]
+
+
+def last_line(result) -> str:
+    """The error line (transformers' loading progress bars may precede it on stderr)."""
+    return result.output.splitlines()[-1]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_export_dense_with_plan_then_reexport(tmp_path):
+    dense = tiny_folder(tmp_path / "dense", "qwen2", tie=False)
+    plan = {"removed_sublayers": HETERO, "model": "tiny-qwen2", "model_path": str(dense)}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    r = run_cli("export", dense, "--format", "safetensors", "--plan", tmp_path / "plan.json", "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert "rtk: wrote" in r.output and "DeciLMForCausalLM" in r.output
+    assert "vs the original model run with the removed sublayers skipped" in r.output
+    a = tmp_path / "a"
+    assert {"config.json", "model.safetensors", "modeling_rtk.py", "tokenizer.json", "generation_config.json",
+            "plan.json", "README.md"} <= {p.name for p in a.iterdir()}
+    card = (a / "README.md").read_text()
+    assert "tiny-qwen2" in card and "| 2 | MLP + attention |" in card and "trust_remote_code=True" in card
+    # re-export OUT/model-like folder to bfloat16: checked against model_path run with skips
+    r = run_cli("export", a, "-o", tmp_path / "b", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.output
+    assert "bfloat16" in r.output and "original model run with the removed sublayers skipped" in r.output
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["dtype"] == "bfloat16"
+    # a dense model exports as a standard checkpoint
+    r = run_cli("export", dense, "-o", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_cli_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("export", tmp_path / "empty", "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert r.output == f"Error: model: {tmp_path / 'empty'}: folder has no config.json, so it is not a model folder\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_plan_does_not_match_model(tmp_path):
+    dense = tiny_folder(tmp_path / "dense")
+    (tmp_path / "plan.json").write_text(json.dumps({"removed_sublayers": ["attn.1", "mlp.7"]}))
+    r = run_cli("export", dense, "--plan", tmp_path / "plan.json", "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert last_line(r) == "Error: plan: 'mlp.7' names layer 7, but the model has 4 layers"
+    (tmp_path / "plan.json").write_text(json.dumps({"removed": []}))
+    r = run_cli("export", dense, "--plan", tmp_path / "plan.json", "-o", tmp_path / "out")
+    assert last_line(r) == (f"Error: --plan {tmp_path / 'plan.json'}: has no 'removed_sublayers' list "
+                            "(write it with rtk prune)")
+    # a folder whose own plan.json disagrees with its config
+    r = run_cli("export", dense, "--plan", tmp_path / "ok.json", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "cannot read it as JSON" in r.output
+    export_model(apply_plan(tiny_rtk("llama"), ["attn.1"]), None, tmp_path / "m")
+    tiny_tokenizer(tmp_path / "m")
+    (tmp_path / "m" / "plan.json").write_text(json.dumps({"removed_sublayers": ["attn.2"]}))
+    r = run_cli("export", tmp_path / "m", "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert last_line(r) == (f"Error: {tmp_path / 'm' / 'plan.json'}: removed_sublayers ['attn.2'] do not match "
+                            "the model's config.json, which lacks ['attn.1']")
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "m", "plan.json"]
+
+
+def test_cli_usage_errors(tmp_path):
+    dense = tiny_folder(tmp_path / "dense")
+    r = run_cli("export", dense, "-o", tmp_path / "out", "--dtype", "int8")
+    assert r.exit_code == 2
+    assert last_line(r) == "Error: Invalid value for '--dtype': 'int8' is not one of " \
+                                        "'bfloat16', 'float16', 'float32'."
+    r = run_cli("export", dense, "-o", tmp_path / "out", "--format", "gguf")
+    assert r.exit_code == 2
+    assert last_line(r) == ("Error: Invalid value for '--format': unknown format 'gguf'; "
+                            f"rtk exports: {', '.join(FORMATS)}")
+    (tmp_path / "out").mkdir()
+    r = run_cli("export", dense, "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert r.output == f"Error: -o {tmp_path / 'out'}: already exists; choose a new folder " \
+                       "(rtk never overwrites an export)\n"
+
+
+def test_prune_writes_model_through_export(tmp_path):
+    dense = tiny_folder(tmp_path / "dense", "mistral")
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "calib.txt").write_text(text)
+    (tmp_path / "eval.txt").write_text(text.upper())
+    recipe = {"model": str(dense), "batch_size": 2,
+              "data": {"calibration": {"source": str(tmp_path / "calib.txt"), "samples": 2, "seq_len": 32},
+                       "evaluation": {"source": str(tmp_path / "eval.txt"), "samples": 2, "seq_len": 32}},
+              "search": {"target": {"sublayers": 3}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = run_cli("prune", tmp_path / "r.yaml", "-o", tmp_path / "run", "--quiet")
+    assert r.exit_code == 0, r.output
+    model = tmp_path / "run" / "model"
+    plan = json.loads((model / "plan.json").read_text())
+    assert plan == json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (model / "recipe.yaml").is_file() and (model / "tokenizer.json").is_file()
+    card = (model / "README.md").read_text()
+    assert f"{plan['params_total']:,} before -> {plan['params_after']:,} after" in card
+    assert f"| evaluation | {plan['eval']['ppl_base']:.3f} | {plan['eval']['ppl_final']:.3f} |" in card
+    assert plan["eval"]["measured"] in card
+    original = tiny_rtk("mistral")
+    torch.testing.assert_close(probe(reload(model)), probe(original, skip=plan["removed_sublayers"]),
+                               atol=1e-5, rtol=1e-5)

@@ -1,0 +1,40 @@
+"""`rtk export`: one table from format name to the function that writes it (imported only when used).
+
+A format function takes (model_dir, out, **options) and returns a summary dict; options it does not
+accept are reported as usage errors by `run_export`.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+FORMATS: dict[str, str] = {
+    "safetensors": "rtk.export.safetensors:export_dir",
+}
+
+
+class UnknownFormat(ValueError):
+    pass
+
+
+class UnsupportedOption(ValueError):
+    pass
+
+
+def exporter(fmt: str):
+    if fmt not in FORMATS:
+        raise UnknownFormat(f"unknown format '{fmt}'; rtk exports: {', '.join(FORMATS)}")
+    module, func = FORMATS[fmt].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_export(fmt: str, model_dir: str, out: Path, **options) -> dict:
+    """Dispatch to the format's function; options left at None/False are not passed."""
+    fn = exporter(fmt)
+    options = {k: v for k, v in options.items() if v not in (None, False)}
+    accepted = inspect.signature(fn).parameters
+    for name in options:
+        if name not in accepted:
+            raise UnsupportedOption(f"--{name.replace('_', '-')} does not apply to --format {fmt}")
+    return fn(model_dir, out, **options)
