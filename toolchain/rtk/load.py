@@ -20,15 +20,6 @@ from .arch import check_supported, rtk_config_from_hf
 from .errors import RtkError
 from .modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, RtkModel
 
-# rtk loads nemotron-nas folders with its own classes, without remote code.
-try:
-    from transformers import AutoConfig as _AC, AutoModelForCausalLM as _AM
-
-    _AC.register("nemotron-nas", RtkDeciConfig, exist_ok=True)
-    _AM.register(RtkDeciConfig, RtkDeciLMForCausalLM, exist_ok=True)
-except ValueError:  # pragma: no cover - already registered by another copy
-    pass
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
