@@ -235,6 +235,11 @@ def test_tensor_parallel_must_divide_heads(native, tmp_path):
            f"Error: --tensor-parallel 4: must divide the 12 attention heads and the KV heads 4 (layers 0-1), "
            f"6 (layers 3) of {model}/config.json; valid sizes: 1, 2, 12")
     assert rtk("deploy", "vllm", model, "--tensor-parallel", 2).exit_code == 0
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["RtkDeciLMForCausalLM"]}))
+    _fails([model], f"Error: model: {model}/config.json: 'architectures' is ['RtkDeciLMForCausalLM']; vLLM serves "
+                    f"nemotron-nas folders only as [\"DeciLMForCausalLM\"]")
+    (model / "config.json").write_text(json.dumps(cfg))
     _fails([model, "--pipeline-parallel", 5],
            f"Error: --pipeline-parallel 5: more stages than the 4 layers of {model}/config.json")
 
@@ -323,7 +328,7 @@ def test_readme_cpu_command_serves_the_pruned_model(smollm2_pruned_dir, tmp_path
     name = argv[argv.index("--served-model-name") + 1]
     max_len = int(argv[argv.index("--max-model-len") + 1])
     assert name == smollm2_pruned_dir.parent.name and max_len == 2048
-    cmd = ["bash", "-c", "exec " + r.stdout]
+    cmd = ["bash", "-c", r.stdout]  # verbatim; bash execs the last simple command
     with VLLMServer(smollm2_pruned_dir, port=port, command=cmd, env=_venv_env(),
                     log_path=tmp_path / "vllm.log") as server:
         assert requests.get(server.url + "/health", timeout=5).status_code == 200

@@ -68,6 +68,9 @@ def inspect_model(model_dir: str | Path) -> ModelInfo:
     heads = _positive_int(cfg, "num_attention_heads", where)
     kv: dict[int, list[int]] = {}
     if cfg.get("model_type") == "nemotron-nas":
+        if cfg.get("architectures") != ["DeciLMForCausalLM"]:
+            raise RtkError(f"{where}/config.json: 'architectures' is {cfg.get('architectures')!r}; vLLM serves "
+                           f"nemotron-nas folders only as [\"DeciLMForCausalLM\"]")
         blocks = cfg.get("block_configs")
         if not isinstance(blocks, list) or len(blocks) != layers:
             raise RtkError(f"{where}/config.json: 'block_configs' must list one entry per layer ({layers})")

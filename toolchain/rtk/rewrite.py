@@ -72,6 +72,11 @@ def save_native(model: RtkDeciLMForCausalLM, tokenizer, out: Path, dtype: torch.
     m.config.auto_map = {"AutoConfig": "modeling_rtk.RtkDeciConfig",
                          "AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
     m.save_pretrained(out, safe_serialization=True)
+    # save_pretrained writes the class name (RtkDeciLMForCausalLM); vLLM dispatches on DeciLMForCausalLM
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["architectures"] = ["DeciLMForCausalLM"]
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.copy(MODELING_FILE, out / "modeling_rtk.py")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
