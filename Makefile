@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export RTK_DATA_DIR ?= $(DATA)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean deploy-files
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not e2e and not vllm" $(PYTEST_ARGS)
+
+# Rewrite deploy/*.yml|yaml and the command blocks of deploy/README.md from `rtk deploy vllm`
+# (tests/test_deploy.py checks they match).
+deploy-files: install
+	RTK_WRITE_DEPLOY=1 $(BIN)/python -m pytest -q tests/test_deploy.py -k deploy_files_and_readme
 
 clean:
 	rm -rf runs .pytest_cache

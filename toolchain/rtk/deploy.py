@@ -1,0 +1,390 @@
+"""`rtk deploy vllm`: the exact vLLM command, compose file or Kubernetes manifest for a model folder.
+
+Everything is built on rtk.serve.vllm_args, so the command a test runs on CPU and the arguments in
+the containers differ only by the device target (rtk.serve.TARGETS), the host and the model path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import RtkError
+from .serve import TARGETS, needs_remote_code, vllm_args
+
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the vLLM release whose CPU build the tests run (tests check)
+API_MODULE = "vllm.entrypoints.openai.api_server"
+CONTAINER_MODEL = "/model"
+FORMATS = ("command", "compose", "k8s", "ray")
+RAY_PORT = 6379
+STARTUP_S = 600  # time a container gets to load the model before its health check counts
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What serving needs to know about a model folder, read from its config.json."""
+
+    path: str  # as the user gave it
+    layers: int
+    heads: int
+    kv_heads: dict  # KV-head count -> the layers whose attention has that many
+    max_positions: Optional[int]
+    remote_code: bool
+    size_bytes: int
+
+
+def _positive_int(cfg: dict, key: str, where: str) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise RtkError(f"{where}/config.json: '{key}' is missing or not a positive integer (got {v!r})")
+    return v
+
+
+def inspect_model(model_dir: str | Path) -> ModelInfo:
+    """Read a model folder; a folder vLLM could not serve is an RtkError naming the file and field."""
+    where = f"model: {model_dir}"
+    p = Path(model_dir)
+    if not p.is_dir():
+        raise RtkError(f"{where}: no such folder")
+    if not (p / "config.json").is_file():
+        raise RtkError(f"{where}: folder has no config.json, so it is not a model folder")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (ValueError, OSError) as exc:
+        raise RtkError(f"{where}/config.json: cannot read it as JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise RtkError(f"{where}/config.json: not a JSON object")
+    if not any(p.glob("*.safetensors")):
+        raise RtkError(f"{where}: folder has no *.safetensors weights")
+    layers = _positive_int(cfg, "num_hidden_layers", where)
+    heads = _positive_int(cfg, "num_attention_heads", where)
+    kv: dict[int, list[int]] = {}
+    if cfg.get("model_type") == "nemotron-nas":
+        if cfg.get("architectures") != ["DeciLMForCausalLM"]:
+            raise RtkError(f"{where}/config.json: 'architectures' is {cfg.get('architectures')!r}; vLLM serves "
+                           f"nemotron-nas folders only as [\"DeciLMForCausalLM\"]")
+        blocks = cfg.get("block_configs")
+        if not isinstance(blocks, list) or len(blocks) != layers:
+            raise RtkError(f"{where}/config.json: 'block_configs' must list one entry per layer ({layers})")
+        for i, block in enumerate(blocks):
+            att = (block or {}).get("attention") or {}
+            if att.get("no_op"):
+                continue
+            group = att.get("n_heads_in_group")
+            if not isinstance(group, int) or group < 1 or heads % group:
+                raise RtkError(f"{where}/config.json: block_configs[{i}].attention.n_heads_in_group={group!r} "
+                               f"does not divide num_attention_heads={heads}")
+            kv.setdefault(heads // group, []).append(i)
+        _check_first_sublayer(blocks, where)
+    else:
+        kv[cfg.get("num_key_value_heads") or heads] = list(range(layers))
+    max_pos = cfg.get("max_position_embeddings")
+    size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    return ModelInfo(str(model_dir), layers, heads, kv, max_pos if isinstance(max_pos, int) else None,
+                     needs_remote_code(p), size)
+
+
+def _check_first_sublayer(blocks: list, where: str) -> None:
+    """Stock vLLM's DeciLM starts the residual stream in the first attention: an MLP before any
+    attention (or no sublayer at all) crashes it. rtk protects attn.0 by default for this reason."""
+    for i, block in enumerate(blocks):
+        if not (block.get("attention") or {}).get("no_op"):
+            return
+        if not (block.get("ffn") or {}).get("no_op"):
+            raise RtkError(f"{where}/config.json: layer {i} keeps its MLP but no attention comes before it "
+                           f"(block_configs[{i}].attention.no_op); stock vLLM's nemotron-nas model cannot "
+                           f"serve that: prune with protect: [attn.0]")
+    raise RtkError(f"{where}/config.json: no layer has attention; stock vLLM cannot serve this model")
+
+
+def tp_ok(info: ModelInfo, tp: int) -> bool:
+    """vLLM's rule: TP divides the attention heads, and the KV heads of every layer (or, with fewer
+    KV heads than GPUs, is a multiple of them: vLLM then replicates the KV heads)."""
+    return info.heads % tp == 0 and all(k % tp == 0 if k >= tp else tp % k == 0 for k in info.kv_heads)
+
+
+def check_parallel(info: ModelInfo, tp: int, pp: int) -> None:
+    if not tp_ok(info, tp):
+        if len(info.kv_heads) == 1:
+            kv = f"the {next(iter(info.kv_heads))} KV heads"
+        else:
+            kv = "the KV heads " + ", ".join(f"{k} (layers {_ranges(ls)})" for k, ls in sorted(info.kv_heads.items()))
+        valid = ", ".join(str(t) for t in range(1, info.heads + 1) if tp_ok(info, t))
+        raise RtkError(f"--tensor-parallel {tp}: must divide the {info.heads} attention heads and {kv} "
+                       f"of {info.path}/config.json; valid sizes: {valid}")
+    if pp > info.layers:
+        raise RtkError(f"--pipeline-parallel {pp}: more stages than the {info.layers} layers of "
+                       f"{info.path}/config.json")
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], None
+    for i, n in enumerate(layers):
+        start = n if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(out)
+
+
+def served_name_for(model_dir: str | Path) -> str:
+    """OUT/model -> 'OUT'; any other folder -> its own name."""
+    p = Path(os.path.abspath(model_dir))
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
+def k8s_name(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].strip("-")
+    return slug or "rtk-model"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One resolved set of serving settings; render() turns it into the requested format."""
+
+    info: ModelInfo
+    device: str
+    port: int
+    host: str
+    tp: int
+    pp: int
+    dtype: str
+    max_model_len: int
+    served_name: str
+    invocation: str  # the rtk command that produced it (written into file headers)
+    env: dict = field(default_factory=dict)
+
+    def args(self, model_path: str, host: str, backend: Optional[str] = None) -> list[str]:
+        return vllm_args(model_path, port=self.port, host=host, dtype=self.dtype,
+                         max_model_len=self.max_model_len, served_name=self.served_name, tensor_parallel=self.tp,
+                         pipeline_parallel=self.pp, enforce_eager=TARGETS[self.device].enforce_eager,
+                         trust_remote_code=self.info.remote_code, executor_backend=backend)
+
+    def argv(self, python: str = "python") -> list[str]:
+        """The local command line (for --format command and --run)."""
+        return [python, "-m", API_MODULE, *self.args(self.info.path, self.host)]
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp
+
+
+def plan(model_dir: str, *, device: str, fmt: str = "command", port: int = 8000, host: str = "127.0.0.1",
+         tp: int = 1, pp: int = 1, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
+         served_name: Optional[str] = None, invocation: str = "") -> Deployment:
+    """Validate everything before anything is written or started."""
+    if fmt in ("compose", "k8s", "ray") and device != "cuda":
+        raise RtkError(f"--device {device}: --format {fmt} uses the CUDA image {VLLM_IMAGE}; "
+                       f"for a CPU server use --format command or --run")
+    if fmt == "ray" and pp < 2:
+        raise RtkError("--format ray: puts one pipeline stage on each node, so it needs --pipeline-parallel 2 or "
+                       "more (for one machine use --format compose)")
+    info = inspect_model(model_dir)
+    check_parallel(info, tp, pp)
+    target = TARGETS[device]
+    if max_model_len is None:
+        max_model_len = target.max_model_len or info.max_positions
+        if max_model_len is None:
+            raise RtkError(f"model: {model_dir}/config.json has no max_position_embeddings; pass --max-model-len")
+    elif info.max_positions is not None and max_model_len > info.max_positions:
+        raise RtkError(f"--max-model-len {max_model_len}: longer than max_position_embeddings="
+                       f"{info.max_positions} in {model_dir}/config.json")
+    return Deployment(info, device, port, host, tp, pp, dtype or target.dtype, max_model_len,
+                      served_name or served_name_for(model_dir), invocation, dict(target.env))
+
+
+def render(d: Deployment, fmt: str, out_file: Optional[Path] = None) -> str:
+    """The text of one format. Relative model paths in compose files are made relative to the
+    folder the file is written to (compose resolves them from there)."""
+    if fmt == "command":
+        return render_command(d)
+    base = out_file.parent if out_file else Path(".")
+    src = d.info.path if os.path.isabs(d.info.path) else os.path.relpath(d.info.path, base)
+    if not os.path.isabs(src) and not src.startswith("."):
+        src = "./" + src
+    if fmt == "compose":
+        return _header(d, "docker compose", out_file) + _dump([{"services": {"vllm": _compose_service(d, src)}}])
+    if fmt == "ray":
+        return _header(d, "ray", out_file) + _dump([_ray_compose(d, src)])
+    if fmt == "k8s":
+        return _header(d, "k8s", out_file) + _dump(_k8s(d))
+    raise RtkError(f"--format {fmt}: unknown (known: {', '.join(FORMATS)})")
+
+
+def render_command(d: Deployment) -> str:
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in d.env.items())
+    argv = d.argv()
+    lines, cur = [], [env, *map(shlex.quote, argv[:3])] if env else list(map(shlex.quote, argv[:3]))
+    for a in argv[3:]:  # one option and its value per line
+        if a.startswith("--"):
+            lines.append(" ".join(cur))
+            cur = [a]
+        else:
+            cur.append(shlex.quote(a))
+    lines.append(" ".join(cur))
+    return " \\\n  ".join(lines) + "\n"
+
+
+def _header(d: Deployment, kind: str, out_file: Optional[Path]) -> str:
+    how = {
+        "docker compose": f"docker compose -f {out_file or 'FILE'} up -d   # then: deploy/smoke.sh "
+                          f"http://localhost:{d.port}",
+        "ray": f"head node: RAY_HEAD_IP=<head ip> VLLM_HOST_IP=<head ip> docker compose -f {out_file or 'FILE'} "
+               f"--profile head up -d\n# on each of the {d.pp - 1} other node(s): RAY_HEAD_IP=<head ip> "
+               f"VLLM_HOST_IP=<its ip> docker compose -f {out_file or 'FILE'} --profile worker up -d",
+        "k8s": f"kubectl apply -f {out_file or 'FILE'}   # then copy the model into the PVC (deploy/README.md)",
+    }[kind]
+    return (f"# Generated by: {d.invocation}\n# vLLM serving '{d.served_name}' ({d.gpus} GPU(s): tensor-parallel "
+            f"{d.tp} x pipeline-parallel {d.pp}) on port {d.port}.\n# {how}\n")
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # plain YAML, no &id001 anchors
+        return True
+
+
+def _dump(docs: list) -> str:
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def _health_cmd(port: int) -> list[str]:
+    return ["CMD", "python3", "-c", f"import urllib.request; urllib.request.urlopen('http://localhost:{port}/health')"]
+
+
+def _gpu_reservation(count: int) -> dict:
+    return {"resources": {"reservations": {"devices": [{"driver": "nvidia", "count": count,
+                                                         "capabilities": ["gpu"]}]}}}
+
+
+def _compose_service(d: Deployment, src: str) -> dict:
+    return {
+        "image": VLLM_IMAGE,
+        "entrypoint": ["python3", "-m", API_MODULE],
+        "command": d.args(CONTAINER_MODEL, "0.0.0.0"),
+        "ports": [f"{d.port}:{d.port}"],
+        "volumes": [{"type": "bind", "source": src, "target": CONTAINER_MODEL, "read_only": True}],
+        "environment": {"HF_HUB_OFFLINE": "1", **d.env},
+        "ipc": "host",  # tensor-parallel workers share memory
+        "healthcheck": {"test": _health_cmd(d.port), "interval": "10s", "timeout": "5s", "retries": 3,
+                        "start_period": f"{STARTUP_S}s"},
+        "deploy": _gpu_reservation(d.gpus),
+        "restart": "unless-stopped",
+    }
+
+
+def _ray_compose(d: Deployment, src: str) -> dict:
+    """Multi-node: pipeline stages across nodes, tensor parallelism inside a node (vLLM's advice).
+    Every node runs one container with `tp` GPUs and the model at the same path; vLLM on the head
+    waits for the whole Ray cluster (all tp*pp GPUs) before it loads the model."""
+    node_ip = "--node-ip-address=${VLLM_HOST_IP:?set VLLM_HOST_IP to this node's IP}"
+    head_ip = "${RAY_HEAD_IP:?set RAY_HEAD_IP to the head node's IP}"
+    serve = " ".join(shlex.quote(a) for a in ["python3", "-m", API_MODULE,
+                                               *d.args(CONTAINER_MODEL, "0.0.0.0", backend="ray")])
+    common = {
+        "image": VLLM_IMAGE,
+        "network_mode": "host",
+        "ipc": "host",
+        "volumes": [{"type": "bind", "source": src, "target": CONTAINER_MODEL, "read_only": True}],
+        "environment": {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "${VLLM_HOST_IP}", **d.env},
+        "deploy": _gpu_reservation(d.tp),
+        "entrypoint": ["bash", "-c"],
+    }
+    head = {**common, "profiles": ["head"],
+            "command": [f"ray start --head --port={RAY_PORT} {node_ip} --num-gpus={d.tp} && exec {serve}"],
+            "healthcheck": {"test": _health_cmd(d.port), "interval": "10s", "timeout": "5s", "retries": 3,
+                            "start_period": f"{STARTUP_S}s"}}
+    worker = {**common, "profiles": ["worker"],
+              "command": [f"ray start --address={head_ip}:{RAY_PORT} {node_ip} --num-gpus={d.tp} --block"]}
+    return {"services": {"ray-head": head, "ray-worker": worker}}
+
+
+def _probe(path: str, period: int, failures: int) -> dict:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5,
+            "failureThreshold": failures}
+
+
+def _k8s(d: Deployment) -> list[dict]:
+    """PVC (holds the model folder), Deployment (one pod with tp*pp GPUs), Service."""
+    name = k8s_name(d.served_name)
+    labels = {"app": name}
+    gib = max(1, math.ceil(d.info.size_bytes * 1.25 / 2**30))
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{name}-model", "labels": labels},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{gib}Gi"}}}}
+    container = {
+        "name": "vllm",
+        "image": VLLM_IMAGE,
+        "command": ["python3", "-m", API_MODULE],
+        "args": d.args(CONTAINER_MODEL, "0.0.0.0"),
+        "env": [{"name": k, "value": v} for k, v in {"HF_HUB_OFFLINE": "1", **d.env}.items()],
+        "ports": [{"name": "http", "containerPort": d.port}],
+        "resources": {"limits": {"nvidia.com/gpu": d.gpus}},
+        "volumeMounts": [{"name": "model", "mountPath": CONTAINER_MODEL, "readOnly": True},
+                         {"name": "shm", "mountPath": "/dev/shm"}],
+        "startupProbe": _probe("/health", 10, STARTUP_S // 10),
+        "readinessProbe": _probe("/health", 5, 3),
+        "livenessProbe": _probe("/health", 10, 3),
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"enableServiceLinks": False,  # else Kubernetes sets VLLM_PORT-like variables vLLM reads
+                     "containers": [container],
+                     "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": f"{name}-model",
+                                                                              "readOnly": True}},
+                                 {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}]}}},
+    }
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+               "spec": {"selector": labels, "ports": [{"name": "http", "port": d.port, "targetPort": "http"}]}}
+    return [pvc, deployment, service]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_local(d: Deployment, echo, python: str, log_path: Optional[Path] = None,
+              startup_timeout: float = 600.0) -> None:
+    """Start vLLM here, wait for /health, print the URL, and serve until Ctrl-C (or SIGTERM), then
+    stop it (the server runs in its own process group, so a terminal's Ctrl-C reaches only rtk)."""
+    import signal
+
+    from .serve import VLLMServer, port_in_use
+
+    if port_in_use(d.port):
+        raise RtkError(f"--port {d.port}: already in use on 127.0.0.1")
+    server = VLLMServer(d.info.path, port=d.port, command=d.argv(python), env=d.env, log_path=log_path,
+                        startup_timeout=startup_timeout)
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        echo(f"rtk: starting vLLM: {shlex.join(d.argv(python))} (log: {server.log_path})")
+        with server:
+            echo(f"rtk: serving '{d.served_name}' at {server.url}/v1 (Ctrl-C stops it)")
+            code = server.proc.wait()
+            raise RtkError(f"vLLM exited with code {code}; last log line: {server.tail(1)!r} "
+                           f"(log: {server.log_path})")
+    except KeyboardInterrupt:
+        echo("rtk: vLLM stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
