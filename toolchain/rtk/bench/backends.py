@@ -177,12 +177,12 @@ class VLLMBackend(EndpointBackend):
     kind = "vllm"
 
     def __init__(self, folder: str, log_dir: Optional[Path] = None, startup_timeout: float = 600.0,
-                 max_model_len: int = 2048, dtype: str = "float32", **kw):
+                 max_model_len: int = 2048, dtype: str = "float32", server_kw: Optional[dict] = None, **kw):
         from ..serve import VLLMServer
 
         log = Path(log_dir) / f"vllm-{Path(folder).resolve().name}-{os.getpid()}.log" if log_dir else None
         self.server = VLLMServer(folder, startup_timeout=startup_timeout, log_path=log,
-                                 max_model_len=max_model_len, dtype=dtype)
+                                 max_model_len=max_model_len, dtype=dtype, **(server_kw or {}))
         self.server.__enter__()
         try:
             super().__init__(folder, self.server.url, **kw)

@@ -118,7 +118,7 @@ def stream_request(url: str, model: str, prompt: Sequence[int], max_tokens: int,
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {r.text[:200]}"
                 return rec
-            for line in r.iter_lines():
+            for line in r.iter_lines(chunk_size=None):  # each HTTP chunk as it arrives
                 if not line or not line.startswith(b"data:"):
                     continue
                 body = line[5:].strip()
