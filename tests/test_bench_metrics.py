@@ -182,3 +182,24 @@ def test_server_that_never_becomes_healthy(tmp_path, kind):
     # the process group was stopped: nothing listens on the port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bench_cli_dead_endpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from rtk.cli import main
+
+    smollm2_dir = tmp_path / "m"  # never loaded: the endpoint check comes first
+    smollm2_dir.mkdir()
+    (smollm2_dir / "config.json").write_text("{}")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    r = CliRunner().invoke(main, ["bench", "--baseline", str(smollm2_dir), "--candidate", str(smollm2_dir),
+                                  "--backend", "openai", "--endpoint", url, "--endpoint", url,
+                                  "-o", str(tmp_path / "b"), "--tasks", "none"])
+    assert r.exit_code == 1
+    assert r.output.strip() == f"Error: --endpoint {url}: no answer (ConnectionError) after 3 tries; is the server running?"
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.tmp-*"))

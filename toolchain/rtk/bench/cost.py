@@ -71,8 +71,12 @@ def shape_of(config: dict) -> Shape:
 
 
 def read_shape(folder) -> Optional[Shape]:
+    """The folder's shape, or None where its config.json is missing or not a Llama-family config."""
     cfg = Path(folder) / "config.json"
-    return shape_of(json.loads(cfg.read_text())) if cfg.is_file() else None
+    try:
+        return shape_of(json.loads(cfg.read_text())) if cfg.is_file() else None
+    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def workload_cost(s: Shape, prompt_len: int, output_len: int, batch: int = 1, dtype_bytes: int = 4) -> dict:

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from ..errors import RtkError
 from . import cost
 from .backends import open_backend, ppl, random_prompts
+from .endpoint import served_model
 from .metrics import ratio_stats
 from .tasks import load_task, loglikelihoods, score
 
@@ -159,6 +160,11 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     if cfg.endpoints and len(cfg.endpoints) != len(models):
         raise RtkError(f"--endpoint: {len(cfg.endpoints)} given for {len(models)} models "
                        "(one per model: baseline first, then candidates in order)")
+    if cfg.backend == "openai":
+        if not cfg.endpoints:
+            raise RtkError("--backend openai needs one --endpoint URL per model (baseline first)")
+        for url in cfg.endpoints:  # fail before any work when one is dead or wrong
+            served_model(url)
     labels = ["baseline"] + [f"candidate{j}" for j in range(1, len(models))]
     shapes = [cost.read_shape(m) for m in models]
     result = {"config": asdict(cfg), "serving": cfg.backend in ("vllm", "openai"),
