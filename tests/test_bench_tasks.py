@@ -140,3 +140,26 @@ def test_torch_backend_logprobs_and_ppl(smollm2_dir, data_dir):
     assert ppl(b, blocks)["ppl"] == pytest.approx(ModelScorer(b.model, blocks, progress=False).ppl(), rel=1e-4)
     sp = b.speed(batch=2, prompt_len=8, gen_len=3, repeats=2)
     assert sp["prefill"]["tokens_per_s"] > 0 and sp["decode"]["repeats"] == 2
+
+
+def test_loaded_pruned_folder_has_rope_frequencies(tmp_path):
+    """A nemotron-nas folder loaded by rtk.load.load_model computes RoPE (inv_freq is a
+    non-persistent buffer that from_pretrained leaves uninitialized), so torch and vLLM agree."""
+    import torch
+    from conftest import tiny_rtk
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from rtk.load import load_model
+    from rtk.modeling_rtk import RtkModel
+    from rtk.rewrite import apply_plan, save_native
+
+    model = tiny_rtk("llama")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    save_native(apply_plan(model, ["attn.1"]), tok, tmp_path / "m")
+    loaded, _, _ = load_model(str(tmp_path / "m"))
+    torch.testing.assert_close(loaded.model.inv_freq, RtkModel._rope(loaded.config)[0])
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    with torch.no_grad():
+        want = model(input_ids=ids, skip=frozenset({"attn.1"}), use_cache=False).logits
+        torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
