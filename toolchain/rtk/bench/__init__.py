@@ -1,0 +1,1 @@
+"""`rtk bench`: original vs pruned models: perplexity, zero-shot accuracy and speed."""

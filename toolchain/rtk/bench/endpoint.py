@@ -1,0 +1,153 @@
+"""Client of a served OpenAI-compatible `/v1/completions` endpoint (vLLM or another server).
+
+Prompts are sent as token-id lists, so every backend sees exactly the same tokens; the server's
+echo of the prompt ids is compared with what was sent. Prompt log-probs come from vLLM's
+`prompt_logprobs` extra parameter, or from `echo` + `logprobs` on servers without it.
+Load generation streams requests from threads and times every chunk (see metrics.RequestRecord).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import requests
+
+from ..errors import RtkError
+from .metrics import RequestRecord
+
+CONNECT_TIMEOUT = 5.0
+
+
+def _post(url: str, payload: dict, timeout: float, session: Optional[requests.Session] = None) -> dict:
+    try:
+        r = (session or requests).post(url.rstrip("/") + "/v1/completions", json=payload,
+                                       timeout=(CONNECT_TIMEOUT, timeout))
+    except requests.RequestException as exc:
+        raise RtkError(f"endpoint {url}: request failed ({type(exc).__name__})") from None
+    if r.status_code != 200:
+        raise RtkError(f"endpoint {url}: /v1/completions answered HTTP {r.status_code}: {r.text[:200]}")
+    try:
+        return r.json()
+    except ValueError:
+        raise RtkError(f"endpoint {url}: /v1/completions did not answer JSON") from None
+
+
+def served_model(url: str, retries: int = 3, timeout: float = 5.0, backoff: float = 0.5) -> str:
+    """The id of the (first) model a server serves; one clear error when nothing usable answers."""
+    last = ""
+    for attempt in range(retries):
+        try:
+            r = requests.get(url.rstrip("/") + "/v1/models", timeout=(CONNECT_TIMEOUT, timeout))
+        except requests.RequestException as exc:
+            last = f"no answer ({type(exc).__name__})"
+        else:
+            if r.status_code == 200:
+                try:
+                    return r.json()["data"][0]["id"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise RtkError(f"--endpoint {url}: /v1/models is not an OpenAI-compatible model list") from None
+            if r.status_code in (404, 405):
+                raise RtkError(f"--endpoint {url}: /v1/models answered HTTP {r.status_code}; "
+                               "not an OpenAI-compatible server (give the base URL, without /v1)")
+            last = f"HTTP {r.status_code}"
+        if attempt + 1 < retries:
+            time.sleep(backoff * (2 ** attempt))
+    raise RtkError(f"--endpoint {url}: {last} after {retries} tries; is the server running?")
+
+
+def prompt_logprobs(url: str, model: str, token_ids: Sequence[int], timeout: float = 300.0) -> list[float]:
+    """log p(t_i | t_<i) for i >= 1 of a token-id prompt, as the server computes them."""
+    ids = [int(t) for t in token_ids]
+    data = _post(url, {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                       "prompt_logprobs": 0, "return_token_ids": True}, timeout)
+    choice = data["choices"][0]
+    plp = choice.get("prompt_logprobs")
+    if plp is not None:
+        echoed = choice.get("prompt_token_ids")
+        if echoed is not None and list(echoed) != ids:
+            raise RtkError(f"endpoint {url}: the server changed the prompt tokens ({len(ids)} sent, "
+                           f"{len(echoed)} used)")
+        if len(plp) != len(ids):
+            raise RtkError(f"endpoint {url}: {len(plp)} prompt log-probs for {len(ids)} prompt tokens")
+        try:
+            return [float(plp[i][str(ids[i])]["logprob"]) for i in range(1, len(ids))]
+        except (KeyError, TypeError):
+            raise RtkError(f"endpoint {url}: prompt_logprobs lack the prompt's own tokens") from None
+    return _echo_logprobs(url, model, ids, timeout)
+
+
+def _echo_logprobs(url: str, model: str, ids: list[int], timeout: float) -> list[float]:
+    """Servers without `prompt_logprobs`: echo the prompt with its log-probs (OpenAI legacy)."""
+    data = _post(url, {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                       "logprobs": 1, "return_tokens_as_token_ids": True}, timeout)
+    lp = data["choices"][0].get("logprobs") or {}
+    toks, vals = lp.get("tokens") or [], lp.get("token_logprobs") or []
+    if len(vals) < len(ids):
+        raise RtkError(f"endpoint {url}: neither prompt_logprobs nor echo+logprobs returned the prompt's log-probs")
+    got = [int(t.split(":", 1)[1]) if isinstance(t, str) and t.startswith("token_id:") else None
+           for t in toks[: len(ids)]]
+    if all(g is not None for g in got) and got != ids:
+        raise RtkError(f"endpoint {url}: the server changed the prompt tokens")
+    return [float(v) for v in vals[1: len(ids)]]
+
+
+def greedy(url: str, model: str, token_ids: Sequence[int], n: int, timeout: float = 300.0) -> list[int]:
+    """n greedily decoded token ids after a token-id prompt (EOS ignored)."""
+    data = _post(url, {"model": model, "prompt": [int(t) for t in token_ids], "max_tokens": n,
+                       "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}, timeout)
+    out = data["choices"][0].get("token_ids")
+    if out is None:
+        raise RtkError(f"endpoint {url}: the server does not return generated token ids (return_token_ids)")
+    return [int(t) for t in out]
+
+
+def stream_request(url: str, model: str, prompt: Sequence[int], max_tokens: int, timeout: float = 300.0,
+                   session: Optional[requests.Session] = None) -> RequestRecord:
+    """One streamed completion; every chunk that carries text is timed (as vllm bench serve)."""
+    payload = {"model": model, "prompt": [int(t) for t in prompt], "max_tokens": max_tokens,
+               "temperature": 0.0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}}
+    rec = RequestRecord(start=time.perf_counter(), prompt_tokens=len(prompt))
+    chunks_with_text = 0
+    try:
+        with (session or requests).post(url.rstrip("/") + "/v1/completions", json=payload, stream=True,
+                                        timeout=(CONNECT_TIMEOUT, timeout)) as r:
+            if r.status_code != 200:
+                rec.error = f"HTTP {r.status_code}: {r.text[:200]}"
+                return rec
+            for line in r.iter_lines(chunk_size=None):  # each HTTP chunk as it arrives
+                if not line or not line.startswith(b"data:"):
+                    continue
+                body = line[5:].strip()
+                if body == b"[DONE]":
+                    break
+                msg = json.loads(body)
+                if msg.get("choices") and msg["choices"][0].get("text"):
+                    rec.chunk_times.append(time.perf_counter())
+                    chunks_with_text += 1
+                if msg.get("usage"):
+                    rec.output_tokens = int(msg["usage"].get("completion_tokens") or 0)
+    except (requests.RequestException, ValueError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    if not rec.output_tokens:
+        rec.output_tokens = chunks_with_text
+    return rec
+
+
+def run_load(url: str, model: str, prompts: Sequence[Sequence[int]], max_tokens: int, concurrency: int,
+             timeout: float = 300.0) -> tuple[list[RequestRecord], float]:
+    """Send every prompt with at most `concurrency` in flight; returns (records, wall seconds)."""
+    local = threading.local()
+
+    def one(p):
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return stream_request(url, model, p, max_tokens, timeout, local.session)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        records = list(pool.map(one, prompts))
+    return records, time.perf_counter() - t0
