@@ -52,6 +52,30 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     )
 
 
+# --- rtk export ---------------------------------------------------------------------------------
+# format -> "module:function" (imported lazily); each function is f(model_dir, out_dir, echo=...) -> report
+FORMATS = {"onnx": "rtk.export.onnx:export_onnx"}
+
+
+@main.command("export")
+@click.argument("model_dir")
+@click.option("--format", "fmt", required=True, help=f"Output format: {', '.join(FORMATS)}.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
+def export(model_dir: str, fmt: str, out: Path):
+    """Export MODEL_DIR (a standard Llama-family or an rtk-pruned folder) to OUT in FORMAT; the
+    result is reloaded and checked against torch, and nothing is written unless it matches."""
+    if fmt not in FORMATS:
+        raise RtkError(f"--format: unknown format '{fmt}' (known: {', '.join(FORMATS)})")
+    import importlib
+
+    module, func = FORMATS[fmt].split(":")
+    report = getattr(importlib.import_module(module), func)(model_dir, out, echo=click.echo)
+    diffs = report.get("max_abs_diff", {})
+    worst = max(diffs.items(), key=lambda kv: kv[1]) if diffs else None
+    click.echo(f"rtk: wrote {out} ({fmt}) in {report.get('export_seconds', 0):.1f}s"
+               + (f"; validated: max |diff| {worst[1]:.2g} ({worst[0]}) <= {report['atol']:g}" if worst else ""))
+
+
 def run():
     """Entry point: a user error prints one line; Ctrl-C exits 130 without a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
