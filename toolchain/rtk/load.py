@@ -134,7 +134,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never prompt for auto_map
     except Exception as exc:
         raise RtkError(f"model: {path}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
 

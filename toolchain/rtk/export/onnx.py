@@ -135,7 +135,8 @@ def _validation_steps(vocab: int, prompt_len: int = 11, pad: int = 4, decode_ste
 def validate(folder: Path, model: RtkDeciLMForCausalLM, atol: float = ATOL, provider: Optional[str] = None) -> dict:
     """Run ONNX Runtime and torch side by side on fresh shapes (batch 2, prompt of 11 with 4 tokens
     of left padding in one row, then greedy decode steps) and return {output: max |diff|}.
-    Raises RtkError naming the first output over `atol`. Logits at padded positions are ignored."""
+    Raises RtkError naming the first output over `atol`, presents in layer order first (the earliest
+    diverging layer names the culprit), then logits. Logits at padded positions are ignored."""
     from .onnx_runtime import OrtLM
 
     lm = OrtLM(folder, provider=provider)
@@ -151,7 +152,8 @@ def validate(folder: Path, model: RtkDeciLMForCausalLM, atol: float = ATOL, prov
         ref = wrapper(ids, mask, pos, past_t)
         got = lm.run(ids.numpy(), mask.numpy(), pos.numpy(), past_o)
         live = mask[:, -ids.shape[1]:].bool()
-        for name, r, g in zip(out_names, ref, got):
+        order = list(range(1, len(out_names))) + [0]
+        for name, r, g in ((out_names[j], ref[j], got[j]) for j in order):
             diff = (r - torch.from_numpy(g)).abs()
             if name == "logits":
                 diff = diff[live]
@@ -223,7 +225,6 @@ def write_folder(model: RtkDeciLMForCausalLM, tokenizer, folder: Path, atol: flo
                  echo: Callable[[str], None] = lambda s: None) -> dict:
     """Export, describe and validate into an existing (temporary) folder; returns the report."""
     t0 = time.perf_counter()
-    model = model.float().eval()
     export_graph(model, folder / GRAPH)
     export_s = time.perf_counter() - t0
     echo(f"rtk: exported the ONNX graph in {export_s:.1f}s; validating with ONNX Runtime")
