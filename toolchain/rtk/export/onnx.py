@@ -267,4 +267,5 @@ def export_onnx(model_dir: str, out_dir, atol: float = ATOL, echo: Callable[[str
     return report
 
 
-__all__ = ["export_onnx", "export_graph", "validate", "torch_greedy", "KVWrapper", "io_names", "genai_config", "GRAPH", "DATA"]
+__all__ = ["export_onnx", "export_graph", "validate", "torch_greedy", "KVWrapper", "io_names", "genai_config",
+           "GRAPH", "DATA"]
