@@ -75,11 +75,18 @@ def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | 
     from .export import UnknownFormat, UnsupportedOption, run_export
 
     try:
-        s = run_export(fmt, model_dir, out, dtype=dtype, plan=plan, transformers_only=transformers_only)
+        s = run_export(fmt, model_dir, out, dtype=dtype, plan=plan, transformers_only=transformers_only,
+                       echo=click.echo)
     except UnknownFormat as exc:
         raise click.BadParameter(str(exc), param_hint="'--format'") from None
     except UnsupportedOption as exc:
         raise click.UsageError(str(exc)) from None
+    if fmt == "onnx":
+        diffs = s.get("max_abs_diff", {})
+        worst = max(diffs.items(), key=lambda kv: kv[1]) if diffs else None
+        click.echo(f"rtk: wrote {out} (onnx) in {s.get('export_seconds', 0):.1f}s"
+                   + (f"; validated: max |diff| {worst[1]:.2g} ({worst[0]}) <= {s['atol']:g}" if worst else ""))
+        return
     click.echo(f"rtk: wrote {out} ({s['architecture']}, {s['dtype']}, {s['params']:,} parameters, "
                f"{s['weight_bytes']:,} weight bytes; {len(s['removed_sublayers'])} sublayers absent)")
     for line in s.get("verification", []):

@@ -136,8 +136,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        # rtk folders carry auto_map for the model; the tokenizer never needs remote code (and must not prompt)
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never prompt for auto_map
     except Exception as exc:
         raise RtkError(f"model: {path}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
 

@@ -243,10 +243,9 @@ class RtkPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RtkRMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, RtkModel):
-            # a non-persistent buffer: from_pretrained leaves it uninitialized unless set here
+        elif isinstance(module, RtkModel):  # a non-persistent buffer: from_pretrained never loads it
             with torch.no_grad():
-                module.inv_freq.copy_(RtkModel._rope(module.config)[0])
+                module.inv_freq.copy_(RtkModel._rope(module.config)[0].to(module.inv_freq.device))
 
 
 class RtkModel(RtkPreTrainedModel):

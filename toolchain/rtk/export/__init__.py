@@ -11,6 +11,7 @@ from pathlib import Path
 
 FORMATS: dict[str, str] = {
     "safetensors": "rtk.export.safetensors:export_dir",
+    "onnx": "rtk.export.onnx:export_onnx",
 }
 
 
@@ -29,11 +30,13 @@ def exporter(fmt: str):
     return getattr(importlib.import_module(module), func)
 
 
-def run_export(fmt: str, model_dir: str, out: Path, **options) -> dict:
+def run_export(fmt: str, model_dir: str, out: Path, echo=None, **options) -> dict:
     """Dispatch to the format's function; options left at None/False are not passed."""
     fn = exporter(fmt)
     options = {k: v for k, v in options.items() if v not in (None, False)}
     accepted = inspect.signature(fn).parameters
+    if echo is not None and "echo" in accepted:
+        options["echo"] = echo
     for name in options:
         if name not in accepted:
             raise UnsupportedOption(f"--{name.replace('_', '-')} does not apply to --format {fmt}")
