@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/rtk prune $(RECIPE) -o runs/smollm2-demo
+	BIN=$(BIN) bash bench/demo.sh
 
 test: install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)

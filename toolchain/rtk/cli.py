@@ -162,7 +162,7 @@ def _ints(field: str, value: str) -> list[int]:
 
 
 @main.command()
-@click.option("--baseline", required=True, type=click.Path(path_type=Path), help="Original model folder.")
+@click.option("--baseline", required=True, help="Original model folder (or embedded:smollm2 / a .gguf file).")
 @click.option("--candidate", "candidates", required=True, multiple=True, type=click.Path(path_type=Path),
               help="Pruned model folder (repeatable).")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "vllm", "openai"]), default="torch",
@@ -206,6 +206,11 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
     backend = "vllm" if serve else backend
     if endpoints and backend != "openai":
         raise RtkError("--endpoint is for --backend openai")
+    if str(baseline).startswith("embedded:") or str(baseline).endswith(".gguf"):
+        from .load import resolve
+
+        baseline = resolve(str(baseline))
+    baseline = Path(baseline)
     for p in (baseline, *candidates):
         if not p.is_dir():
             raise RtkError(f"--baseline/--candidate: {p}: no such folder")
