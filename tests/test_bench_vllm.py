@@ -14,18 +14,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
-def pruned_dir(smollm2_pruned_dir, tmp_path_factory):
-    """The fixed-plan pruned folder, servable by vLLM: rtk.rewrite.save_native lets
-    save_pretrained overwrite `architectures` with the class name (RtkDeciLMForCausalLM), which
-    vLLM does not know; until that is fixed in rewrite.py, restore DeciLMForCausalLM here."""
-    import shutil
-
-    out = tmp_path_factory.mktemp("pruned-servable") / "model"
-    shutil.copytree(smollm2_pruned_dir, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["architectures"] = ["DeciLMForCausalLM"]
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
+def pruned_dir(smollm2_pruned_dir):
+    """The fixed-plan pruned folder, as `rtk export` writes it (architectures: DeciLMForCausalLM)."""
+    assert json.loads((smollm2_pruned_dir / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
+    return smollm2_pruned_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from rtk.openai_client import greedy, prompt_logprobs
+from rtk.bench.endpoint import greedy, prompt_logprobs
 from rtk.serve import VLLMServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]

@@ -21,18 +21,29 @@ from .metrics import RequestRecord
 CONNECT_TIMEOUT = 5.0
 
 
-def _post(url: str, payload: dict, timeout: float, session: Optional[requests.Session] = None) -> dict:
-    try:
-        r = (session or requests).post(url.rstrip("/") + "/v1/completions", json=payload,
-                                       timeout=(CONNECT_TIMEOUT, timeout))
-    except requests.RequestException as exc:
-        raise RtkError(f"endpoint {url}: request failed ({type(exc).__name__})") from None
-    if r.status_code != 200:
-        raise RtkError(f"endpoint {url}: /v1/completions answered HTTP {r.status_code}: {r.text[:200]}")
-    try:
-        return r.json()
-    except ValueError:
-        raise RtkError(f"endpoint {url}: /v1/completions did not answer JSON") from None
+def _post(url: str, payload: dict, timeout: float, session: Optional[requests.Session] = None,
+          retries: int = 3, backoff: float = 1.0) -> dict:
+    """POST /v1/completions; connection errors, timeouts, 429 and 5xx are retried (bounded, with back-off)."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            r = (session or requests).post(url.rstrip("/") + "/v1/completions", json=payload,
+                                           timeout=(CONNECT_TIMEOUT, timeout))
+        except requests.RequestException as exc:
+            last = f"request failed ({type(exc).__name__})"
+            continue
+        if r.status_code == 429 or r.status_code >= 500:
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+            continue
+        if r.status_code != 200:
+            raise RtkError(f"endpoint {url}: /v1/completions answered HTTP {r.status_code}: {r.text[:200]}")
+        try:
+            return r.json()
+        except ValueError:
+            raise RtkError(f"endpoint {url}: /v1/completions did not answer JSON") from None
+    raise RtkError(f"endpoint {url}: /v1/completions: {last} after {retries + 1} tries")
 
 
 def served_model(url: str, retries: int = 3, timeout: float = 5.0, backoff: float = 0.5) -> str:
