@@ -54,9 +54,9 @@ VARIANTS = [
     Variant("blocks-ppl", "blocks", "progressive", "none", "ppl", "whole layers, greedy by PPL"),
     Variant("blocks-bi", "blocks", "one-shot", "none", "bi", "whole layers, one-shot by block influence"),
 ]
-# cheap variants first, so partial results appear early
-RUN_ORDER = ["params-oneshot", "none-oneshot", "cost-oneshot", "blocks-bi", "blocks-ppl",
-             "params-progressive", "cost-progressive", "none-progressive"]
+# cheap variants first, then the method, so the most telling results appear early
+RUN_ORDER = ["params-oneshot", "none-oneshot", "cost-oneshot", "blocks-bi", "params-progressive",
+             "blocks-ppl", "cost-progressive", "none-progressive"]
 
 
 def select_variants(names: Optional[str]) -> list[Variant]:

@@ -24,6 +24,7 @@ from .errors import RtkError
 from .load import load_model
 from .recipe import Recipe
 from .rewrite import apply_plan, atomic_write_dir, expand, save_native
+from .search import StopRule, check_reachable
 from .score import ModelScorer, candidates, existing_names, total_params
 
 Bench = Callable[[Path], dict]
@@ -119,6 +120,8 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     cost_fn = sublayer_cost_fn(model.config, recipe.cost)
     cands = {k: candidates(model, k, recipe.search.protect, cost_fn) for k in ("sublayers", "blocks")}
     n_total = total_params(model)
+    for v in variants:  # fail before any work when a target cannot be reached
+        check_reachable(cands[v.candidates], StopRule(params_total=n_total, params_removed=max(targets)))
 
     sd = partial / "state"
     sd.mkdir(parents=True, exist_ok=True)
