@@ -137,6 +137,22 @@ def test_nested_prefixes_equal_separate_runs(name):
         prefix_for(big["removed"], 0.9, total)
 
 
+def test_unfinished_search_reports_only_reached_targets():
+    from rtk.ablate import plans
+
+    cands, total = make_cands()
+    v = next(x for x in VARIANTS if x.name == "params-progressive")
+    full = run_search(Scripted(), cands["sublayers"], StopRule(total, params_removed=0.3), v.method, v.normalize)
+    cut = next(k for k in range(len(full["removed"]))
+               if sum(e["params"] for e in full["removed"][: k + 1]) >= 0.1 * total)
+    unfinished = {**full, "removed": full["removed"][: cut + 1], "done": False}
+    rows = plans({v.name: unfinished}, [v], [0.1, 0.2, 0.3], total)
+    assert [r["target"] for r in rows] == [0.1] and rows[0]["search_finished"] is False
+    expected = plans({v.name: full}, [v], [0.1], total)  # the same prefix as the finished search's
+    expected[0]["search_finished"] = False
+    assert rows == expected
+
+
 def test_ranked_removal_follows_ranking_and_measures_each_prefix():
     cands, total = make_cands()
     ranking = {c.name: float((c.layer * 7) % 5) for c in cands["blocks"]}  # ties broken by model order
@@ -287,6 +303,10 @@ def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkey
     r = CliRunner().invoke(main, args)
     assert isinstance(r.exception, RuntimeError) and not out.exists(), r.output
     assert (tmp_path / "abl.partial" / "state" / "search-params-oneshot.json").is_file()
+    r = CliRunner().invoke(main, args + ["--report-only"])
+    assert r.exit_code == 0, r.output
+    so_far = json.loads((tmp_path / "abl.partial" / "ablation.json").read_text())
+    assert so_far["variants"].keys() == {"params-oneshot", "blocks-bi"} and not out.exists()
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output

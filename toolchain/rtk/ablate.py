@@ -225,15 +225,20 @@ def run_all(variants: list[Variant], scorer, cands: dict[str, list[Candidate]], 
 
 
 def plans(states: dict[str, dict], variants: list[Variant], targets: list[float], params_total: int) -> list[dict]:
-    """One row per (variant, target): what was removed, read off the variant's removal order."""
+    """One row per (variant, target): what was removed, read off the variant's removal order. For a
+    search still running, the targets it has reached (its prefixes are final: searches are nested)."""
     rows = []
     for v in variants:
         st = states[v.name]
         for t in targets:
+            if not st.get("done"):  # an unfinished search: only the targets its removals already reached
+                stop = StopRule(params_total=params_total, params_removed=t)
+                if not stop.reached(sum(e["params"] for e in st["removed"]), len(st["removed"])):
+                    continue
             pre = prefix_for(st["removed"], t, params_total)
             rows.append({"variant": v.name, "label": v.label, "target": t, "removed": [e["name"] for e in pre],
                          "calib_ppl": pre[-1]["ppl_after"] if pre else st["ppl_base"],
-                         "calib_ppl_base": st["ppl_base"]})
+                         "calib_ppl_base": st["ppl_base"], "search_finished": bool(st.get("done"))})
     return rows
 
 

@@ -58,8 +58,9 @@ def markdown(res: dict) -> str:
     ]
     for r in res["rows"]:
         b = r.get("bench")
+        mark = "" if r.get("search_finished", True) else " (search unfinished)"
         lines.append(
-            f"| {r['variant']} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
+            f"| {r['variant']}{mark} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
             f"{r['calib_ppl']:.3f} | {len(r['attn_removed'])} | {len(r['mlp_removed'])} | "
             f"{r['decode_speedup_ideal']:.3f} | {r['decode_speedup_ideal_b1']:.3f} | {r['prefill_speedup_ideal']:.3f} | "
             f"{r['kv_cache_ratio']:.0%} | {json.dumps(b) if b else '-'} |")

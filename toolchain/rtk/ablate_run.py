@@ -97,11 +97,15 @@ def _check_out(out: Path, fp: str) -> tuple[Path, bool]:
 
 
 def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list[Variant], progress: bool = True,
-                 echo: Callable[[str], None] = print, bench: Optional[Bench] = None) -> dict:
+                 echo: Callable[[str], None] = print, bench: Optional[Bench] = None, report_only: bool = False) -> dict:
+    """Search, export and evaluate every variant. `report_only`: search nothing; write
+    OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones)."""
     from .ablate_report import write_outputs
 
     out, fp = Path(out), ablation_fingerprint(recipe, targets)
     partial, complete = _check_out(out, fp)
+    if report_only and not partial.is_dir():
+        raise RtkError(f"--report-only: {partial} does not exist (no unfinished ablation to report)")
     if complete:
         done = json.loads((out / "ablation.json").read_text())
         missing = [v.name for v in variants if v.name not in done["variants"]]
@@ -173,6 +177,11 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
         done.append(v)
         write_outputs(result(), partial)
 
+    if report_only:
+        done.extend(v for v in variants if v.name in states)
+        res = result()
+        write_outputs(res, partial)
+        return res
     run_all(variants, scorer, cands, n_total, targets, states,
             save=lambda n, s: write_json_atomic(sd / f"search-{n}.json", s), log=lambda s: echo(f"rtk: {s}"),
             bi=bi, after_variant=after_variant)

@@ -63,9 +63,11 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
               help="Comma-separated subset of: params-progressive, params-oneshot, none-progressive, "
                    "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
 @click.option("--bench", is_flag=True, help="Also run rtk.bench on every exported variant.")
+@click.option("--report-only", is_flag=True,
+              help="Search nothing: write OUT.partial/ablation.md from the work saved so far.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, bench: bool,
+def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, bench: bool, report_only: bool,
            threads: int | None, quiet: bool):
     """Run the method, its ablations (normalize params|none|cost x progressive|one-shot) and whole-layer
     baselines (greedy by PPL, one-shot by block influence) from RECIPE's model at the same parameter
@@ -90,7 +92,10 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
     from .ablate_run import run_ablation
 
     out = out or Path("runs") / f"{recipe.stem}-ablation"
-    res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_fn)
+    res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_fn, report_only=report_only)
+    if report_only:
+        click.echo(f"rtk: {len(res['rows'])} plans so far; wrote {out}.partial/ablation.md")
+        return
     click.echo(f"rtk: {len(res['rows'])} plans ({len(res['variants'])} variants x {len(ts)} targets); "
                f"wrote {out}/ablation.md, {out}/ablation.json, {out}/ppl_vs_params.png, {out}/models/")
 
