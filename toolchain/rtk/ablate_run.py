@@ -1,0 +1,191 @@
+"""`rtk ablate` end to end: load once, search every variant (rtk.ablate), export and evaluate each plan
+the same way, write OUT/{ablation.md, ablation.json, plots, models/}.
+
+OUT.partial/state/ holds what is done (score cache, search states, block influence, evaluations) and
+is rewritten as work completes, so a rerun of the same command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import __version__
+from .ablate import (CachedScorer, Variant, ablation_fingerprint, block_influence, plans, run_all,
+                     write_json_atomic, _key)
+from .cost import H200, ideal_speedup, sublayer_cost_fn
+from .data import token_blocks
+from .errors import RtkError
+from .load import load_model
+from .recipe import Recipe
+from .rewrite import apply_plan, atomic_write_dir, expand, save_native
+from .search import StopRule, check_reachable
+from .score import ModelScorer, candidates, existing_names, total_params
+
+Bench = Callable[[Path], dict]
+
+
+def _load_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _layers(names, kind: str) -> list[int]:
+    return sorted(int(n.split(".")[1]) for n in expand(names) if n.startswith(kind + "."))
+
+
+class Evaluator:
+    """Exports each distinct plan once (models/<variant>-<pct>) and measures it the same way."""
+
+    def __init__(self, model, tokenizer, evalb, recipe: Recipe, root: Path, cache: dict, save: Callable[[], None],
+                 bench: Optional[Bench] = None, echo: Callable[[str], None] = print):
+        self.model, self.tok, self.evalb, self.recipe = model, tokenizer, evalb, recipe
+        self.root, self.cache, self.save, self.bench, self.echo = root, cache, save, bench, echo
+        self.total = total_params(model)
+
+    def measure(self, removed: list[str], name: str) -> dict:
+        key = _key(expand(removed))
+        if key in self.cache and (not removed or (self.root / self.cache[key]["model_dir"]).is_dir()):
+            return self.cache[key]
+        pruned = apply_plan(self.model, removed) if removed else self.model
+        ppl = ModelScorer(pruned, self.evalb, self.recipe.batch_size, progress=False).ppl(frozenset())
+        after = total_params(pruned)
+        final = self.root / "models" / name
+        if removed:
+            tmp = atomic_write_dir(final)
+            save_native(pruned, self.tok, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        cfg, cc = self.model.config, self.recipe.cost
+        dec = ideal_speedup(cfg, removed, cc.batch, cc.context, "decode")
+        rec = {
+            "model_dir": str(final.relative_to(self.root)) if removed else "(dense: " + self.recipe.model + ")",
+            "eval_ppl": ppl, "params_after": after, "params_removed": self.total - after,
+            "params_removed_fraction": (self.total - after) / self.total,
+            "attn_removed": _layers(removed, "attn"), "mlp_removed": _layers(removed, "mlp"),
+            "decode_speedup_ideal": dec["speedup"], "kv_cache_ratio": dec["kv_cache_ratio"],
+            "decode_speedup_ideal_b1": ideal_speedup(cfg, removed, 1, cc.context, "decode")["speedup"],
+            "prefill_speedup_ideal": ideal_speedup(cfg, removed, 1, cc.context, "prefill")["speedup"],
+        }
+        if self.bench is not None and removed:
+            rec["bench"] = self.bench(final)
+        self.cache[key] = rec
+        self.save()
+        self.echo(f"rtk: evaluated {name}: {rec['params_removed_fraction']:.1%} removed, eval PPL {ppl:.3f}")
+        return rec
+
+
+def _check_out(out: Path, fp: str) -> tuple[Path, bool]:
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():
+        res = out / "ablation.json"
+        if not res.is_file():
+            raise RtkError(f"-o {out}: folder exists and is not an rtk ablation; choose another")
+        if json.loads(res.read_text()).get("fingerprint") != fp:
+            raise RtkError(f"-o {out}: holds an ablation of a different recipe or targets; choose another folder")
+        return partial, True
+    meta = partial / "state" / "meta.json"
+    if partial.exists() and _load_json(meta, {}).get("fingerprint") != fp:
+        raise RtkError(f"-o {out}: {partial} holds an unfinished ablation of a different recipe or targets; "
+                       "remove it or choose another folder")
+    return partial, False
+
+
+def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list[Variant], progress: bool = True,
+                 echo: Callable[[str], None] = print, bench: Optional[Bench] = None, report_only: bool = False) -> dict:
+    """Search, export and evaluate every variant. `report_only`: search nothing; write
+    OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones)."""
+    from .ablate_report import write_outputs
+
+    out, fp = Path(out), ablation_fingerprint(recipe, targets)
+    partial, complete = _check_out(out, fp)
+    if report_only and not partial.is_dir():
+        raise RtkError(f"--report-only: {partial} does not exist (no unfinished ablation to report)")
+    if complete:
+        done = json.loads((out / "ablation.json").read_text())
+        missing = [v.name for v in variants if v.name not in done["variants"]]
+        if missing:
+            raise RtkError(f"-o {out}: complete without variant(s) {', '.join(missing)}; choose another folder")
+        echo(f"rtk: {out} already holds this ablation")
+        return done
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    model, tokenizer, path = load_model(recipe.model, recipe.dtype, recipe.device)
+    bad = [p for p in recipe.search.protect if p not in existing_names(model)]
+    if bad:
+        raise RtkError(f"search.protect: {', '.join(bad)} does not exist in this model")
+    calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
+    evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
+    cost_fn = sublayer_cost_fn(model.config, recipe.cost)
+    cands = {k: candidates(model, k, recipe.search.protect, cost_fn) for k in ("sublayers", "blocks")}
+    n_total = total_params(model)
+    for v in variants:  # fail before any work when a target cannot be reached
+        check_reachable(cands[v.candidates], StopRule(params_total=n_total, params_removed=max(targets)))
+
+    sd = partial / "state"
+    sd.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sd / "meta.json", {"fingerprint": fp, "targets": targets})
+    (partial / "recipe.yaml").write_text(recipe.to_yaml())
+    inner = ModelScorer(model, calib, recipe.batch_size, recipe.reuse_activations, progress)
+    scorer = CachedScorer(inner, _load_json(sd / "scores.json", {}))
+    scorer.on_new = lambda: write_json_atomic(sd / "scores.json", scorer.cache)
+    if scorer.cache:
+        echo(f"rtk: resuming {partial}: {len(scorer.cache)} PPLs already measured")
+    states = {v.name: _load_json(sd / f"search-{v.name}.json", None) for v in variants}
+    states = {k: s for k, s in states.items() if s is not None}
+
+    def bi() -> dict[str, float]:
+        got = _load_json(sd / "block_influence.json", None)
+        if got is None:
+            got = block_influence(model, calib, recipe.batch_size)
+            write_json_atomic(sd / "block_influence.json", got)
+        return got
+
+    evals = _load_json(sd / "evals.json", {})
+    ev = Evaluator(model, tokenizer, evalb, recipe, partial, evals, lambda: write_json_atomic(sd / "evals.json", evals),
+                   bench, echo)
+    dense = ev.measure([], "dense")
+    done: list[Variant] = []
+
+    def result() -> dict:
+        rows = plans(states, done, targets, n_total)
+        for r in rows:
+            r.update(ev.measure(r["removed"], f"{r['variant']}-{round(r['target'] * 100)}"))
+        return {
+            "rtk_version": __version__, "fingerprint": fp, "model": recipe.model, "model_path": path,
+            "recipe": recipe.model_dump(mode="json"), "targets": targets, "params_total": n_total,
+            "variants": {v.name: {"label": v.label, "candidates": v.candidates, "method": v.method,
+                                  "normalize": v.normalize, "rank": v.rank,
+                                  "order": [e["name"] for e in states[v.name]["removed"]]} for v in done},
+            "dense": {**dense, "calib_ppl": scorer.ppl(frozenset())},
+            "rows": rows, "calibration": calib_info, "eval": eval_info,
+            "cost_model": {"hardware": H200.name, "batch": recipe.cost.batch, "context": recipe.cost.context},
+            "scoring": {"ppl_evaluations": inner.evaluations, "cache_hits": scorer.hits,
+                        "cache_misses": scorer.misses, "seconds": round(inner.seconds, 1),
+                        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                        "dtype": recipe.dtype, "device": recipe.device},
+            "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+            "block_influence": _load_json(sd / "block_influence.json", None),
+        }
+
+    def after_variant(v: Variant, st: dict) -> None:
+        done.append(v)
+        write_outputs(result(), partial)
+
+    if report_only:
+        done.extend(v for v in variants if v.name in states)
+        res = result()
+        write_outputs(res, partial)
+        return res
+    run_all(variants, scorer, cands, n_total, targets, states,
+            save=lambda n, s: write_json_atomic(sd / f"search-{n}.json", s), log=lambda s: echo(f"rtk: {s}"),
+            bi=bi, after_variant=after_variant)
+    res = result()
+    write_outputs(res, partial)
+    partial.rename(out)
+    return res
