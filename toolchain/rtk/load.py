@@ -135,8 +135,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    kw = {}
+    cfg = Path(path) / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "nemotron-nas":
+        kw["config"] = RtkDeciConfig.from_pretrained(path)  # transformers does not know the model type
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never prompt for auto_map
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)  # never prompt for auto_map
     except Exception as exc:
         raise RtkError(f"model: {path}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
 
