@@ -4,6 +4,7 @@
 # Every step is skipped when its output already exists, so a rerun continues where it stopped.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
+export RTK_DATA_DIR=${RTK_DATA_DIR:-$(cd .. && pwd)/shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 OUT=${OUT:-runs/smollm2-demo}          # rtk prune output (OUT/model is the servable folder)
 RUN=${RUN:-runs/smollm2-demo-bench}    # exports and bench results
 LIMIT=${LIMIT:-50}
