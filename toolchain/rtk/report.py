@@ -27,7 +27,7 @@ def _heatmap(plan: dict, out: Path) -> str:
         im = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-vmax, vmax=vmax)
         ax.set_xticks([0, 1], ["attn", "mlp"])
         ax.set_ylabel("layer")
-        ax.set_title(title + " at step 0", fontsize=9)
+        ax.set_title(title + " at step 0\n(colour clipped at the 95th percentile of |value|)", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
         for e in plan["removed"]:
             cols = [0, 1] if e["kind"] == "layer" else [0 if e["kind"] == "attn" else 1]
