@@ -115,9 +115,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     torch_dtype = DTYPES[dtype]
     try:
         if hf_config.model_type == "nemotron-nas":
-            model = RtkDeciLMForCausalLM.from_pretrained(path, dtype=torch_dtype)
-            # inv_freq is a non-persistent buffer: from_pretrained leaves it uninitialized
-            model.model.inv_freq = RtkModel._rope(model.config)[0]
+            model = RtkDeciLMForCausalLM.from_pretrained(path, dtype=torch_dtype)  # RoPE set in _init_weights
         else:
             from transformers import AutoModelForCausalLM
 
