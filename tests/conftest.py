@@ -75,3 +75,20 @@ def smollm2_pruned_dir(smollm2_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-pruned") / "model"
     export_model(apply_plan(model, SMOLLM2_PLAN), tok, out, original=model, source=path)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with SmolLM2's tokenizer (so real WikiText token blocks work)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(smollm2_dir) / f, out / f)
+    return out

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -255,21 +254,6 @@ def test_cost_counts_biases_and_gqa_like_the_model():
 
 
 # ---------------------------------------------------------------- end to end on a tiny model
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama with SmolLM2's tokenizer (so real WikiText token blocks work)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(smollm2_dir) / f, out / f)
-    return out
-
 
 def _recipe(tmp_path, model) -> Path:
     p = tmp_path / "r.yaml"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +27,66 @@ def winners(res: dict) -> dict:
                         for o in rows)
         if not dominated:
             out["pareto"].append(f"{r['variant']}@{r['target']:.0%}")
+    mrows = [r for r in rows if math.isfinite(measured(r))]
+    if mrows:
+        out["measured_pareto"] = [
+            f"{r['variant']}@{r['target']:.0%}" for r in mrows
+            if not any(o["eval_ppl"] <= r["eval_ppl"] and measured(o) >= measured(r)
+                       and (o["eval_ppl"], measured(o)) != (r["eval_ppl"], measured(r)) for o in mrows)]
+        out["equal_measured_speed"] = equal_speed(res)
+        for t in res["targets"]:
+            rt = [r for r in mrows if r["target"] == t]
+            if rt:
+                out.setdefault("measured_speed", {})[str(t)] = max(rt, key=measured)["variant"]
+                zs = [r for r in rt if math.isfinite(zero_shot_avg(r))]
+                if zs:
+                    out.setdefault("zero_shot", {})[str(t)] = max(zs, key=zero_shot_avg)["variant"]
+    return out
+
+
+MEASURED = "short"  # the workload whose tokens/s speedup decides "equal measured speed"
+
+
+def measured(r: dict, workload: str = MEASURED, what: str = "throughput") -> float:
+    """Median served speedup of a row (rtk ablate --bench), NaN where not measured."""
+    try:
+        return float(r["bench"]["served"]["speedup"][workload][what]["median"])
+    except (KeyError, TypeError):
+        return math.nan
+
+
+def zero_shot_avg(r: dict) -> float:
+    try:
+        return float(r["bench"]["zero_shot"]["avg_acc"])
+    except (KeyError, TypeError):
+        return math.nan
+
+
+def ppl_at_speed(points: list[tuple[float, float]], speed: float) -> float:
+    """log-linear interpolation of PPL at a measured speedup along one variant's points
+    [(speedup, ppl)] (the dense model is (1, dense PPL)); NaN outside the points' range."""
+    pts = sorted(points)
+    for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
+        if s0 <= speed <= s1:
+            if s1 == s0:
+                return min(p0, p1)
+            f = (speed - s0) / (s1 - s0)
+            return math.exp(math.log(p0) + f * (math.log(p1) - math.log(p0)))
+    return math.nan
+
+
+def equal_speed(res: dict, speeds=(1.05, 1.10, 1.15, 1.20, 1.25, 1.30, 1.40, 1.50)) -> dict:
+    """Per measured speedup: each variant's interpolated eval PPL and the lowest (where >= 2 variants reach it)."""
+    by_var: dict[str, list] = {}
+    for r in res["rows"]:
+        if math.isfinite(measured(r)):
+            by_var.setdefault(r["variant"], [(1.0, res["dense"]["eval_ppl"])]).append((measured(r), r["eval_ppl"]))
+    out = {}
+    for sp in speeds:
+        got = {v: ppl_at_speed(pts, sp) for v, pts in by_var.items()}
+        got = {v: p for v, p in got.items() if math.isfinite(p)}
+        if len(got) >= 2:
+            out[f"{sp:.2f}"] = {"ppl": got, "winner": min(got, key=got.get)}
     return out
 
 
@@ -53,22 +115,31 @@ def markdown(res: dict) -> str:
         f"Dense: eval PPL {d['eval_ppl']:.3f}, calibration PPL {d['calib_ppl']:.3f}.",
         "",
         f"| variant | target | params removed | eval PPL | calib PPL | attn removed | MLP removed | "
-        f"decode x (B={cm['batch']}) | decode x (B=1) | prefill x | KV cache | measured |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"decode x (B={cm['batch']}) | decode x (B=1) | prefill x | KV cache |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
-        b = r.get("bench")
         mark = "" if r.get("search_finished", True) else " (search unfinished)"
         lines.append(
             f"| {r['variant']}{mark} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
             f"{r['calib_ppl']:.3f} | {len(r['attn_removed'])} | {len(r['mlp_removed'])} | "
             f"{r['decode_speedup_ideal']:.3f} | {r['decode_speedup_ideal_b1']:.3f} | {r['prefill_speedup_ideal']:.3f} | "
-            f"{r['kv_cache_ratio']:.0%} | {json.dumps(b) if b else '-'} |")
+            f"{r['kv_cache_ratio']:.0%} |")
+    lines += measured_section(res, w)
     lines += ["", "## Winners", ""]
     for t in res["targets"]:
         if str(t) in w["ppl"]:
             lines.append(f"- {t:.0%} removed: lowest eval PPL **{w['ppl'][str(t)]}**; highest ideal decode speedup "
                          f"**{w['speed'][str(t)]}**.")
+    for t, v in w.get("measured_speed", {}).items():
+        lines.append(f"- {float(t):.0%} removed: highest measured speedup (vLLM, {MEASURED} workload, tokens/s) "
+                     f"**{v}**; best zero-shot average **{w.get('zero_shot', {}).get(t, '-')}**.")
+    for sp, e in w.get("equal_measured_speed", {}).items():
+        ppls = ", ".join(f"{k} {x:.1f}" for k, x in sorted(e["ppl"].items(), key=lambda kv: kv[1]))
+        lines.append(f"- At a measured {sp}x ({MEASURED} workload tokens/s, interpolated): lowest eval PPL "
+                     f"**{e['winner']}** ({ppls}).")
+    if w.get("measured_pareto"):
+        lines.append(f"- Not dominated on (eval PPL, measured speedup): {', '.join(w['measured_pareto'])}.")
     lines += [f"- Not dominated on (eval PPL, ideal decode speedup): {', '.join(w['pareto'])}.", "",
               "## What each variant removed", "",
               "| variant | target | attention layers | MLP layers | model |", "|---|---:|---|---|---|"]
@@ -81,7 +152,56 @@ def markdown(res: dict) -> str:
                      f"normalize {v['normalize']}, rank by {v['rank']}); order: {' '.join(v['order'])}")
     lines += ["", "![PPL vs parameters removed](ppl_vs_params.png)", "",
               "![ideal decode speedup vs PPL](speedup_vs_ppl.png)", ""]
+    if w.get("measured_pareto"):
+        lines += ["![measured speedup vs PPL](measured_speedup_vs_ppl.png)", ""]
     return "\n".join(lines)
+
+
+def _ratio(st: dict) -> str:
+    if not st or not math.isfinite(st.get("median", math.nan)):
+        return "-"
+    if len(st["rounds"]) > 1:
+        return f"{st['median']:.3f} [{st['min']:.3f}, {st['max']:.3f}]"
+    return f"{st['median']:.3f}"
+
+
+def measured_section(res: dict, w: dict) -> list[str]:
+    """The table of `rtk ablate --bench` measurements, with how they were made."""
+    conf = res.get("bench_config")
+    rows = [r for r in res["rows"] if r.get("bench")]
+    if not conf or not rows:
+        return []
+    wls = conf["workloads"]
+    d = res["dense"].get("bench", {}).get("zero_shot", {})
+    ws = "; ".join(f"**{x['name']}** = {x['num_prompts']} random-token prompts of {x['input_len']} tokens, "
+                   f"{x['output_len']} generated, {x['concurrency']} in flight" for x in wls)
+    lines = ["", "## Measured (rtk ablate --bench)", "",
+             f"- Speed: each model served by vLLM (OpenAI /v1/completions, streamed, {conf['dtype']}) and loaded "
+             f"with {ws}; the dense model's server stays up and each round runs dense then candidate with the "
+             f"same prompts ({conf['rounds']} rounds per model; speedup = median of per-round ratios "
+             "[min, max]). tokens/s x = output tokens/s ratio; TPOT x and TTFT x = dense / candidate latency.",
+             f"- Zero-shot: {', '.join(conf['tasks']) or 'none'}, first {conf['limit']} documents each "
+             f"(lm-eval style acc), {conf['quality_backend']}, {conf['dtype']}; average of task accuracies"
+             + (f"; dense {d['avg_acc']:.3f} ± {d['avg_acc_stderr']:.3f}." if d else "."),
+             "- Eval PPL as above (torch, in process).", ""]
+    head = "| variant | target | params removed | eval PPL | zero-shot avg |"
+    sep = "|---|---:|---:|---:|---:|"
+    for x in wls:
+        head += f" {x['name']} tok/s x | {x['name']} TPOT x | {x['name']} TTFT x |"
+        sep += "---:|---:|---:|"
+    lines += [head + " ideal decode x (B=1) |", sep + "---:|"]
+    if d:
+        lines.append(f"| dense | 0% | 0.0% | {res['dense']['eval_ppl']:.3f} | {d['avg_acc']:.3f} |"
+                     + " 1 | 1 | 1 |" * len(wls) + " 1 |")
+    for r in rows:
+        b = r["bench"]
+        sp = b.get("served", {}).get("speedup", {})
+        cells = "".join(f" {_ratio(sp.get(x['name'], {}).get('throughput'))} | "
+                        f"{_ratio(sp.get(x['name'], {}).get('tpot'))} | {_ratio(sp.get(x['name'], {}).get('ttft'))} |"
+                        for x in wls)
+        lines.append(f"| {r['variant']} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
+                     f"{zero_shot_avg(r):.3f} |{cells} {r['decode_speedup_ideal_b1']:.3f} |")
+    return lines
 
 
 def plots(res: dict, out: Path) -> None:
@@ -101,7 +221,7 @@ def plots(res: dict, out: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "ppl_vs_params.png", dpi=110)
+    _replace(out / "ppl_vs_params.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
     cm = res["cost_model"]
@@ -118,13 +238,56 @@ def plots(res: dict, out: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "speedup_vs_ppl.png", dpi=110)
+    _replace(out / "speedup_vs_ppl.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
+
+
+def measured_plot(res: dict, out: Path) -> bool:
+    by_var: dict[str, list] = {}
+    for r in res["rows"]:
+        if math.isfinite(measured(r)):
+            by_var.setdefault(r["variant"], []).append(r)
+    if not by_var:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    d = res["dense"]["eval_ppl"]
+    for name, rows in by_var.items():
+        pts = sorted([(1.0, d)] + [(measured(r), r["eval_ppl"]) for r in rows])
+        ax.plot([p for _, p in pts], [s for s, _ in pts], marker="o", ms=4, label=name,
+                ls="-" if "progressive" in name or name == "blocks-ppl" else "--")
+        for r in rows:
+            ax.annotate(f"{r['target']:.0%}", (r["eval_ppl"], measured(r)), fontsize=6, xytext=(2, 2),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("eval PPL (log scale)")
+    conf = res.get("bench_config", {})
+    wl = next((x for x in conf.get("workloads", []) if x["name"] == MEASURED), None)
+    desc = (f"{wl['num_prompts']}x{wl['input_len']} in/{wl['output_len']} out, c={wl['concurrency']}" if wl else "")
+    ax.set_ylabel(f"measured speedup (vLLM output tok/s, {MEASURED})")
+    ax.set_title(f"speed vs quality, measured: {res['model']} served by vLLM ({desc})", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a temporary file beside `path`, then rename (no half-written output)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_outputs(res: dict, out: Path) -> None:
     out = Path(out)
     res = {**res, "winners": winners(res)}
-    (out / "ablation.json").write_text(json.dumps(res, indent=1))
-    (out / "ablation.md").write_text(markdown(res))
+    _replace(out / "ablation.json", lambda p: p.write_text(json.dumps(res, indent=1)))
+    _replace(out / "ablation.md", lambda p: p.write_text(markdown(res)))
     plots(res, out)
+    if any(r.get("bench") for r in res["rows"]):
+        _replace(out / "measured_speedup_vs_ppl.png", lambda p: measured_plot(res, p))

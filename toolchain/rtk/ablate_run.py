@@ -23,11 +23,10 @@ from .data import token_blocks
 from .errors import RtkError
 from .load import load_model
 from .recipe import Recipe
-from .rewrite import apply_plan, atomic_write_dir, expand, save_native
+from .rewrite import apply_plan, expand
 from .search import StopRule, check_reachable
 from .score import ModelScorer, candidates, existing_names, total_params
 
-Bench = Callable[[Path], dict]
 
 
 def _load_json(path: Path, default):
@@ -42,9 +41,9 @@ class Evaluator:
     """Exports each distinct plan once (models/<variant>-<pct>) and measures it the same way."""
 
     def __init__(self, model, tokenizer, evalb, recipe: Recipe, root: Path, cache: dict, save: Callable[[], None],
-                 bench: Optional[Bench] = None, echo: Callable[[str], None] = print):
-        self.model, self.tok, self.evalb, self.recipe = model, tokenizer, evalb, recipe
-        self.root, self.cache, self.save, self.bench, self.echo = root, cache, save, bench, echo
+                 echo: Callable[[str], None] = print, source: Optional[str] = None):
+        self.model, self.tok, self.evalb, self.recipe, self.source = model, tokenizer, evalb, recipe, source
+        self.root, self.cache, self.save, self.echo = root, cache, save, echo
         self.total = total_params(model)
 
     def measure(self, removed: list[str], name: str) -> dict:
@@ -55,12 +54,14 @@ class Evaluator:
         ppl = ModelScorer(pruned, self.evalb, self.recipe.batch_size, progress=False).ppl(frozenset())
         after = total_params(pruned)
         final = self.root / "models" / name
-        if removed:
-            tmp = atomic_write_dir(final)
-            save_native(pruned, self.tok, tmp)
+        if removed:  # exported as `rtk prune` exports: verified, servable by vLLM, atomic
+            from .export.safetensors import export_model
+
             if final.exists():
                 shutil.rmtree(final)
-            tmp.rename(final)
+            export_model(pruned, self.tok, final, original=self.model, source=self.source, transformers_only=True,
+                         plan={"model": self.recipe.model, "removed": sorted(expand(removed)), "params_total": self.total,
+                               "params_removed": self.total - after, "variant": name})
         cfg, cc = self.model.config, self.recipe.cost
         dec = ideal_speedup(cfg, removed, cc.batch, cc.context, "decode")
         rec = {
@@ -72,12 +73,59 @@ class Evaluator:
             "decode_speedup_ideal_b1": ideal_speedup(cfg, removed, 1, cc.context, "decode")["speedup"],
             "prefill_speedup_ideal": ideal_speedup(cfg, removed, 1, cc.context, "prefill")["speedup"],
         }
-        if self.bench is not None and removed:
-            rec["bench"] = self.bench(final)
         self.cache[key] = rec
         self.save()
         self.echo(f"rtk: evaluated {name}: {rec['params_removed_fraction']:.1%} removed, eval PPL {ppl:.3f}")
         return rec
+
+
+def attach_bench(res: dict, root: Path) -> dict:
+    """Put the measurements saved in ROOT/state/bench.json (if any) on the dense record and the rows."""
+    saved = _load_json(Path(root) / "state" / "bench.json", None)
+    if saved:
+        got = saved["models"]
+        if "dense" in got:
+            res["dense"]["bench"] = got["dense"]
+        for r in res["rows"]:
+            if r["model_dir"] in got:
+                r["bench"] = got[r["model_dir"]]
+        res["bench_config"] = saved["config"]
+    return res
+
+
+def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = print) -> dict:
+    """Measure the dense model and every distinct plan's folder with `bench` (an
+    rtk.bench.ablation.AblationBench), dense first. Each result is saved in ROOT/state/bench.json as it
+    completes, so a rerun measures only what is missing; settings that differ from the saved ones are refused."""
+    path = Path(root) / "state" / "bench.json"
+    conf = bench.describe()
+    saved = _load_json(path, None)
+    if saved is not None and saved.get("config") != conf:
+        raise RtkError(f"--bench: {path} holds measurements made with other settings; "
+                       "remove it to measure again")
+    saved = saved or {"config": conf, "models": {}}
+    folders = {"dense": str(res["model_path"])}
+    for r in res["rows"]:
+        folders.setdefault(r["model_dir"], str(Path(root) / r["model_dir"]))
+    bench.dense_dir = folders["dense"]
+    try:
+        for i, (key, folder) in enumerate(folders.items(), start=1):
+            if key in saved["models"]:
+                continue
+            echo(f"rtk: bench {i}/{len(folders)}: {key}")
+            t0 = time.perf_counter()
+            rec = bench.measure(folder, dense=key == "dense")
+            rec["seconds"] = round(time.perf_counter() - t0, 1)
+            saved["models"][key] = rec
+            write_json_atomic(path, saved)
+            zs = rec["zero_shot"]
+            sp = rec.get("served", {}).get("speedup", {})
+            echo(f"rtk:   zero-shot avg acc {zs['avg_acc']:.3f} ({zs['docs']} docs)"
+                 + "".join(f"; {w} tok/s x{v['throughput']['median']:.3f}" for w, v in sp.items())
+                 + f" ({rec['seconds']:.0f} s)")
+    finally:
+        bench.close()
+    return attach_bench(res, root)
 
 
 def _check_out(out: Path, fp: str) -> tuple[Path, bool]:
@@ -97,9 +145,11 @@ def _check_out(out: Path, fp: str) -> tuple[Path, bool]:
 
 
 def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list[Variant], progress: bool = True,
-                 echo: Callable[[str], None] = print, bench: Optional[Bench] = None, report_only: bool = False) -> dict:
+                 echo: Callable[[str], None] = print, bench=None, report_only: bool = False) -> dict:
     """Search, export and evaluate every variant. `report_only`: search nothing; write
-    OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones)."""
+    OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones).
+    `bench` (rtk.bench.ablation.AblationBench): then measure every exported model with it (also when OUT
+    is already complete: the measurements are added to it)."""
     from .ablate_report import write_outputs
 
     out, fp = Path(out), ablation_fingerprint(recipe, targets)
@@ -111,7 +161,12 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
         missing = [v.name for v in variants if v.name not in done["variants"]]
         if missing:
             raise RtkError(f"-o {out}: complete without variant(s) {', '.join(missing)}; choose another folder")
-        echo(f"rtk: {out} already holds this ablation")
+        if bench is None:
+            echo(f"rtk: {out} already holds this ablation")
+            return done
+        echo(f"rtk: {out} already holds this ablation; measuring its models")
+        done = bench_models(done, out, bench, echo)
+        write_outputs(done, out)
         return done
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -148,7 +203,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
 
     evals = _load_json(sd / "evals.json", {})
     ev = Evaluator(model, tokenizer, evalb, recipe, partial, evals, lambda: write_json_atomic(sd / "evals.json", evals),
-                   bench, echo)
+                   echo, source=path)
     dense = ev.measure([], "dense")
     done: list[Variant] = []
 
@@ -156,7 +211,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
         rows = plans(states, done, targets, n_total)
         for r in rows:
             r.update(ev.measure(r["removed"], f"{r['variant']}-{round(r['target'] * 100)}"))
-        return {
+        res = {
             "rtk_version": __version__, "fingerprint": fp, "model": recipe.model, "model_path": path,
             "recipe": recipe.model_dump(mode="json"), "targets": targets, "params_total": n_total,
             "variants": {v.name: {"label": v.label, "candidates": v.candidates, "method": v.method,
@@ -172,6 +227,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
             "block_influence": _load_json(sd / "block_influence.json", None),
         }
+        return attach_bench(res, partial)
 
     def after_variant(v: Variant, st: dict) -> None:
         done.append(v)
@@ -187,5 +243,8 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
             bi=bi, after_variant=after_variant)
     res = result()
     write_outputs(res, partial)
+    if bench is not None:
+        res = bench_models(res, partial, bench, echo)
+        write_outputs(res, partial)
     partial.rename(out)
     return res

@@ -251,13 +251,21 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
 @click.option("--variants", default=None,
               help="Comma-separated subset of: params-progressive, params-oneshot, none-progressive, "
                    "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
-@click.option("--bench", is_flag=True, help="Also run rtk.bench on every exported variant.")
+@click.option("--bench", is_flag=True,
+              help="Then measure every exported model: zero-shot accuracy (torch) and served speed vs the dense "
+                   "model under vLLM on a short and a KV-heavy workload (rtk.bench.ablation). Also adds "
+                   "measurements to a complete OUT.")
+@click.option("--bench-tasks", default="all", show_default=True, help="Zero-shot tasks for --bench (or none).")
+@click.option("--bench-limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="First N documents of each zero-shot task for --bench.")
+@click.option("--bench-rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Interleaved dense/candidate speed rounds per model for --bench.")
 @click.option("--report-only", is_flag=True,
               help="Search nothing: write OUT.partial/ablation.md from the work saved so far.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, bench: bool, report_only: bool,
-           threads: int | None, quiet: bool):
+def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, bench: bool, bench_tasks: str,
+           bench_limit: int, bench_rounds: int, report_only: bool, threads: int | None, quiet: bool):
     """Run the method, its ablations (normalize params|none|cost x progressive|one-shot) and whole-layer
     baselines (greedy by PPL, one-shot by block influence) from RECIPE's model at the same parameter
     targets; export and evaluate each; write OUT/{ablation.md, ablation.json, plots, models/}.
@@ -268,20 +276,24 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
 
     rec = load_recipe(recipe)
     ts, vs = parse_targets(targets), select_variants(variants)
-    bench_fn = None
-    if bench:
-        try:
-            from .bench import bench_for_ablation as bench_fn
-        except ImportError:
-            raise RtkError("--bench: this build has no rtk.bench.bench_for_ablation(model_dir) yet") from None
+    out = out or Path("runs") / f"{recipe.stem}-ablation"
+    bench_obj = None
+    if bench and not report_only:
+        from .bench.ablation import AblationBench, AblationBenchConfig
+        from .bench.tasks import parse_tasks
+
+        tasks = [] if bench_tasks.strip() == "none" else parse_tasks(bench_tasks)
+        log_dir = out.with_name(out.name + "-bench-logs")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        bench_obj = AblationBench(AblationBenchConfig(tasks=tasks, limit=bench_limit, rounds=bench_rounds,
+                                                      dtype=rec.dtype), log_dir, echo=click.echo)
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     from .ablate_run import run_ablation
 
-    out = out or Path("runs") / f"{recipe.stem}-ablation"
-    res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_fn, report_only=report_only)
+    res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_obj, report_only=report_only)
     if report_only:
         click.echo(f"rtk: {len(res['rows'])} plans so far; wrote {out}.partial/ablation.md")
         return

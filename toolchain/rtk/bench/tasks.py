@@ -140,6 +140,7 @@ def loglikelihoods(token_logprobs, tokenizer, docs: Sequence[Doc], batch: int = 
             ci, co = split_tokens(tokenizer, ctx, cont)
             reqs.append((d, c, ci + co, len(ci)))
     out = [[0.0] * len(doc.continuations) for doc in docs]
+    reqs.sort(key=lambda r: -len(r[2]))  # similar lengths share a batch: little padding (as lm-eval)
     for s in range(0, len(reqs), batch):
         chunk = reqs[s: s + batch]
         lps = token_logprobs([r[2] for r in chunk])

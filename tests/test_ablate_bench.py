@@ -1,0 +1,149 @@
+"""rtk ablate --bench: the measurement stage on a complete ablation (tiny model, scripted server),
+the arithmetic of speedups and of "PPL at equal measured speed"."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rtk.ablate_report import equal_speed, ppl_at_speed
+from rtk.bench.ablation import AblationBench, AblationBenchConfig, Workload, speedups
+from rtk.bench.cost import read_shape
+
+WL = (Workload("short", 2, 8, 4, 1), Workload("kv-heavy", 2, 16, 4, 2))
+
+
+class FakeServed:
+    """A 'server' whose speed is a fixed function of the folder's parameter count: output tokens/s
+    = 1e9 / params, TPOT = params / 1e6 ms, TTFT = 2 * TPOT; the dense one drifts by `drift` per round."""
+
+    opened: list["FakeServed"] = []
+    loads: list[tuple[str, int, int]] = []
+
+    def __init__(self, folder, log_dir, dtype):
+        from rtk.load import load_tokenizer
+
+        self.folder, self.params = folder, read_shape(folder).params()
+        self.tokenizer = load_tokenizer(folder)
+        self.vocab_size = len(self.tokenizer)
+        self.closed = False
+        FakeServed.opened.append(self)
+
+    def serve_load(self, prompts, output_len, concurrency):
+        assert not self.closed
+        FakeServed.loads.append((self.folder, len(prompts[0]), concurrency))
+        tpot = self.params / 1e6
+        return {"median_ttft_ms": 2 * tpot, "median_tpot_ms": tpot, "median_itl_ms": tpot,
+                "median_e2el_ms": 2 * tpot + (output_len - 1) * tpot, "output_throughput": 1e9 / self.params,
+                "request_throughput": 1.0, "completed": len(prompts), "failed": 0, "duration_s": 1.0}
+
+    def close(self):
+        self.closed = True
+
+
+def test_speedups_are_per_round_ratios():
+    w = (Workload("short", 1, 1, 1, 1),)
+    base = [{"short": {"output_throughput": 10.0, "median_tpot_ms": 4.0, "median_ttft_ms": 8.0}},
+            {"short": {"output_throughput": 20.0, "median_tpot_ms": 2.0, "median_ttft_ms": 4.0}}]
+    cand = [{"short": {"output_throughput": 12.0, "median_tpot_ms": 3.0, "median_ttft_ms": 8.0}},
+            {"short": {"output_throughput": 26.0, "median_tpot_ms": 1.6, "median_ttft_ms": 2.0}}]
+    s = speedups(base, cand, w)["short"]
+    assert s["throughput"]["rounds"] == pytest.approx([1.2, 1.3])
+    assert s["tpot"]["rounds"] == pytest.approx([4 / 3, 1.25])  # dense / candidate latency
+    assert s["ttft"]["rounds"] == pytest.approx([1.0, 2.0]) and s["ttft"]["spread_includes_1"] is True
+    assert s["throughput"]["median"] == pytest.approx(1.25)
+
+
+def test_ppl_at_equal_measured_speed_by_hand():
+    pts = [(1.0, 10.0), (1.2, 20.0), (1.5, 80.0)]
+    assert ppl_at_speed(pts, 1.1) == pytest.approx(math.sqrt(10 * 20))  # halfway in log PPL
+    assert ppl_at_speed(pts, 1.35) == pytest.approx(40.0)
+    assert math.isnan(ppl_at_speed(pts, 1.6))
+    res = {"dense": {"eval_ppl": 10.0}, "rows": [
+        {"variant": "a", "eval_ppl": 20.0, "bench": {"served": {"speedup": {"short": {"throughput": {"median": 1.2}}}}}},
+        {"variant": "b", "eval_ppl": 15.0, "bench": {"served": {"speedup": {"short": {"throughput": {"median": 1.1}}}}}},
+        {"variant": "b", "eval_ppl": 30.0, "bench": {"served": {"speedup": {"short": {"throughput": {"median": 1.3}}}}}},
+    ]}
+    e = equal_speed(res, speeds=(1.10, 1.20, 1.25))
+    assert e["1.10"]["winner"] == "a" and e["1.10"]["ppl"]["b"] == pytest.approx(15.0)
+    assert e["1.10"]["ppl"]["a"] == pytest.approx(math.sqrt(200))
+    assert e["1.20"]["winner"] == "a" and e["1.20"]["ppl"]["b"] == pytest.approx(math.sqrt(15 * 30))
+    assert "1.25" not in e  # only b reaches 1.25
+
+
+def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_folder, monkeypatch):
+    import rtk.bench.ablation as ab
+    from rtk.cli import main
+
+    from test_ablate import _recipe  # the tiny recipe of the ablate end-to-end test
+
+    rec, out = _recipe(tmp_path, tiny_folder), tmp_path / "abl"
+    base = ["ablate", str(rec), "-o", str(out), "--targets", "0.01,0.03", "--variants",
+            "params-oneshot,blocks-bi", "--quiet"]
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code == 0, r.output
+    before = json.loads((out / "ablation.json").read_text())
+    folders = {row["model_dir"] for row in before["rows"]}
+
+    FakeServed.opened, FakeServed.loads = [], []
+    real_init = ab.AblationBench.__init__
+    crash = {"after": 2}
+
+    def init(self, cfg, log_dir, echo=print, **kw):
+        cfg.workloads = WL
+        real_init(self, cfg, log_dir, echo, open_served=FakeServed)
+        real_measure = self.measure
+
+        def measure(folder, dense=False):
+            if crash["after"] == 0:
+                raise RuntimeError("simulated crash")
+            crash["after"] -= 1
+            return real_measure(folder, dense)
+        self.measure = measure
+
+    monkeypatch.setattr(ab.AblationBench, "__init__", init)
+    args = base + ["--bench", "--bench-tasks", "piqa,arc_easy", "--bench-limit", "3", "--bench-rounds", "2"]
+    r = CliRunner().invoke(main, args)
+    assert isinstance(r.exception, RuntimeError), r.output  # dense + one model measured, then a crash
+    saved = json.loads((out / "state" / "bench.json").read_text())
+    assert len(saved["models"]) == 2 and "dense" in saved["models"]
+    assert FakeServed.opened and all(f.closed for f in FakeServed.opened)  # closed on the crash too
+    crash["after"] = 10 ** 6
+    opened_before = len(FakeServed.opened)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "measuring its models" in r.output
+    res = json.loads((out / "ablation.json").read_text())
+    saved = json.loads((out / "state" / "bench.json").read_text())
+    assert set(saved["models"]) == {"dense"} | folders  # each distinct plan measured once, nothing twice
+    # the resumed run measured only what was missing: dense server + one server per remaining folder
+    assert len(FakeServed.opened) - opened_before == 1 + len(folders) - 1
+    assert all(f.closed for f in FakeServed.opened)
+    dense_params = read_shape(str(tiny_folder)).params()
+    for row in res["rows"]:
+        b = row["bench"]
+        p = read_shape(str(out / row["model_dir"])).params()
+        assert p == res["params_total"] - row["params_removed"]
+        for w in WL:
+            sp = b["served"]["speedup"][w.name]
+            assert sp["throughput"]["rounds"] == pytest.approx([dense_params / p] * 2)
+            assert sp["tpot"]["median"] == pytest.approx(dense_params / p)
+        zs = b["zero_shot"]
+        assert set(zs["tasks"]) == {"piqa", "arc_easy"} and zs["docs"] == 6
+        assert zs["avg_acc"] == pytest.approx((zs["tasks"]["piqa"]["acc"] + zs["tasks"]["arc_easy"]["acc"]) / 2)
+    # every load used the configured workloads, interleaved dense / candidate
+    assert {(n, c) for _, n, c in FakeServed.loads} == {(8, 1), (16, 2)}
+    md = (out / "ablation.md").read_text()
+    assert "## Measured (rtk ablate --bench)" in md and "short tok/s x" in md and "kv-heavy TTFT x" in md
+    assert "highest measured speedup" in md
+    assert (out / "measured_speedup_vs_ppl.png").stat().st_size > 0
+    # the same command again measures nothing; other settings are refused
+    n = len(FakeServed.opened)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and len(FakeServed.opened) == n, r.output
+    r = CliRunner().invoke(main, args[:-2] + ["--bench-rounds", "1"])
+    assert r.exit_code == 1 and "holds measurements made with other settings" in r.output
