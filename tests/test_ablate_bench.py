@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from rtk.ablate_report import equal_speed, ppl_at_speed
-from rtk.bench.ablation import AblationBench, AblationBenchConfig, Workload, speedups
-from rtk.bench.cost import read_shape
+from rtk.bench.ablation import Workload, speedups
+from rtk.bench.cost import read_config
+from rtk.cost import model_params
 
 WL = (Workload("short", 2, 8, 4, 1), Workload("kv-heavy", 2, 16, 4, 2))
 
@@ -27,7 +26,7 @@ class FakeServed:
     def __init__(self, folder, log_dir, dtype):
         from rtk.load import load_tokenizer
 
-        self.folder, self.params = folder, read_shape(folder).params()
+        self.folder, self.params = folder, model_params(read_config(folder))
         self.tokenizer = load_tokenizer(folder)
         self.vocab_size = len(self.tokenizer)
         self.closed = False
@@ -123,10 +122,10 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
     # the resumed run measured only what was missing: dense server + one server per remaining folder
     assert len(FakeServed.opened) - opened_before == 1 + len(folders) - 1
     assert all(f.closed for f in FakeServed.opened)
-    dense_params = read_shape(str(tiny_folder)).params()
+    dense_params = model_params(read_config(str(tiny_folder)))
     for row in res["rows"]:
         b = row["bench"]
-        p = read_shape(str(out / row["model_dir"])).params()
+        p = model_params(read_config(str(out / row["model_dir"])))
         assert p == res["params_total"] - row["params_removed"]
         for w in WL:
             sp = b["served"]["speedup"][w.name]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -54,31 +53,54 @@ def test_ratio_stats_round_by_round():
     assert ratio_stats([10.0], [9.0])["spread_includes_1"] is None
 
 
-def _cfg(layers, **kw):
-    return {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 16,
-            "vocab_size": 10, "tie_word_embeddings": True, "num_hidden_layers": layers, **kw}
+def test_ideal_speedup_by_hand(tmp_path):
+    """The bench's ideal speedup comes from rtk.cost's roofline (hand counts below, 4-byte elements)."""
+    from transformers import LlamaConfig
+
+    from rtk.arch import rtk_config_from_hf
+    from rtk.cost import Hardware, model_params, workload_cost
+    from rtk.rewrite import pruned_config
+
+    hf = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
+                     vocab_size=10, tie_word_embeddings=True, num_hidden_layers=2)
+    dense = rtk_config_from_hf(hf)
+    pruned = pruned_config(dense, ["attn.0"])
+    # attn: q,o 2*8*8 + k,v 2*8*4 + norm 8 = 200; mlp: 3*8*16 + 8 = 392; embedding 80 (tied); final norm 8
+    assert model_params(dense) == 2 * (200 + 392) + 80 + 8 and model_params(pruned) == model_params(dense) - 200
+    w = workload_cost(dense, prompt_len=3, output_len=2, batch=1, hw=Hardware(bytes_per_el=4))
+    # prefill, 3 tokens: per layer attn 2*3*200 + core 4*2 heads*4*(3*4/2) = 1200 + 192, MLP 2*3*392 = 2352;
+    # LM head for the last token 2*80
+    assert w["prefill_flops"] == 2 * (1200 + 192 + 2352) + 160
+    # decode at contexts 3 and 4, per step bytes: per layer attn 800 + KV 2*C*1*4*4 = 32C, MLP 1568; head 320
+    assert w["decode_bytes"] == sum(2 * (800 + 32 * c + 1568) + 320 for c in (3, 4))
+    assert w["decode_flops"] == sum(2 * (400 + 32 * c + 784) + 160 for c in (3, 4))
+    assert w["kv_bytes_per_token"] == 2 * 32
+    i = cost.ideal(dense, pruned, 3, 2, dtype_bytes=4)
+    assert i["ideal_prefill_speedup"] == pytest.approx(7648 / (7648 - 1392))
+    assert i["ideal_decode_speedup"] == pytest.approx(10560 / (10560 - 1600 - 32 * 7))
+    assert i["ideal_decode_flops_speedup"] == pytest.approx(5504 / (5504 - 800 - 32 * 7))
+    assert i["kv_bytes_ratio"] == pytest.approx(0.5) and i["param_ratio"] == pytest.approx(1072 / 1272)
+    # read from folders: a standard Llama folder and the same config as an rtk (DeciLM) folder
+    hf.save_pretrained(tmp_path / "llama")
+    pruned.save_pretrained(tmp_path / "deci")
+    got = cost.ideal(cost.read_config(tmp_path / "llama"), cost.read_config(tmp_path / "deci"), 3, 2, dtype_bytes=4)
+    assert got["ideal_decode_speedup"] == pytest.approx(i["ideal_decode_speedup"])
+    assert cost.read_config(tmp_path) is None  # no config.json
 
 
-def test_ideal_speedup_by_hand():
-    dense = cost.shape_of(_cfg(2))
-    # layer 0 without attention, layer 1 complete (nemotron-nas block_configs)
-    blocks = [{"attention": {"no_op": True}, "ffn": {"no_op": False, "intermediate_size": 16}},
-              {"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": False, "intermediate_size": 16}}]
-    pruned = cost.shape_of(_cfg(2, block_configs=blocks))
-    # attn: q,o 2*8*8 + k,v 2*8*4 + norm 8 = 200; mlp: 3*8*16 + 8 = 392; embed 80 (tied); final norm 8
-    assert dense.params() == 2 * (200 + 392) + 80 + 8
-    assert pruned.params() == dense.params() - 200
-    # matmul weights per token: dense 2*(192+384) + head 80 = 1232; pruned 1232 - 192 = 1040
-    assert dense.matmul_params() == 1232 and pruned.matmul_params() == 1040
-    w = cost.workload_cost(dense, prompt_len=3, output_len=2, batch=1)
-    # prefill: 2*1232*3 + 4 * (2 layers * 2 heads * 4) * (3*4/2) = 7392 + 384
-    assert w["prefill_flops"] == 7392 + 384
-    # decode contexts 3 and 4; bytes: 4 * (1232 * 2 + kv width (2 layers * 2 * 1 head * 4 = 16) * 7)
-    assert w["decode_bytes"] == 4 * (1232 * 2 + 16 * 7)
-    i = cost.ideal(dense, pruned, 3, 2)
-    assert i["ideal_prefill_speedup"] == pytest.approx((7392 + 384) / (2 * 1040 * 3 + 4 * 8 * 6))
-    assert i["ideal_decode_speedup"] == pytest.approx((1232 * 2 + 16 * 7) / (1040 * 2 + 8 * 7))
-    assert i["kv_bytes_ratio"] == pytest.approx(0.5)
+def test_model_params_equals_loaded_model():
+    from rtk.arch import rtk_config_from_hf
+    from rtk.cost import model_params
+    from rtk.rewrite import apply_plan
+    from rtk.score import total_params
+
+    from conftest import tiny_hf, tiny_rtk
+
+    for arch, tie in (("llama", True), ("qwen2", False)):
+        m = tiny_rtk(arch, tie=tie)
+        assert model_params(rtk_config_from_hf(tiny_hf(arch, tie=tie).config)) == total_params(m)
+        p = apply_plan(m, ["attn.1", "mlp.2", "layer.3"])
+        assert model_params(p.config) == total_params(p)
 
 
 def _free_port() -> int:

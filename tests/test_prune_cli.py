@@ -100,7 +100,7 @@ def test_resume_yields_the_same_plan(tmp_path, tiny_dir, method):
     # a different recipe into a used folder is refused
     other = recipe(tmp_path, tiny_dir, search__target={"sublayers": 2})
     res = run("prune", other, "-o", part, "--quiet")
-    assert res.exit_code == 1 and "holds the result of a different recipe" in res.output
+    assert res.exit_code == 1 and "holds a run of a different recipe" in res.output
 
 
 def _bad(tmp_path, tiny_dir, **over):

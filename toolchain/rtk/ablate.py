@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -180,12 +179,6 @@ def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:
         d["search"].pop(k, None)
     d["targets"] = targets
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def run_variant_search(v: Variant, scorer, cands: dict[str, list[Candidate]], stop: StopRule,

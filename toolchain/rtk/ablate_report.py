@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .outdir import replace_atomic  # noqa: E402
 
 
 def winners(res: dict) -> dict:
@@ -221,7 +222,7 @@ def plots(res: dict, out: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _replace(out / "ppl_vs_params.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    replace_atomic(out / "ppl_vs_params.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
     cm = res["cost_model"]
@@ -238,7 +239,7 @@ def plots(res: dict, out: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _replace(out / "speedup_vs_ppl.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    replace_atomic(out / "speedup_vs_ppl.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -273,21 +274,11 @@ def measured_plot(res: dict, out: Path) -> bool:
     return True
 
 
-def _replace(path: Path, write) -> None:
-    """Write through a temporary file beside `path`, then rename (no half-written output)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(res: dict, out: Path) -> None:
     out = Path(out)
     res = {**res, "winners": winners(res)}
-    _replace(out / "ablation.json", lambda p: p.write_text(json.dumps(res, indent=1)))
-    _replace(out / "ablation.md", lambda p: p.write_text(markdown(res)))
+    replace_atomic(out / "ablation.json", lambda p: p.write_text(json.dumps(res, indent=1)))
+    replace_atomic(out / "ablation.md", lambda p: p.write_text(markdown(res)))
     plots(res, out)
     if any(r.get("bench") for r in res["rows"]):
-        _replace(out / "measured_speedup_vs_ppl.png", lambda p: measured_plot(res, p))
+        replace_atomic(out / "measured_speedup_vs_ppl.png", lambda p: measured_plot(res, p))

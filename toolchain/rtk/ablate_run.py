@@ -16,21 +16,17 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
-from .ablate import (CachedScorer, Variant, ablation_fingerprint, block_influence, plans, run_all,
-                     write_json_atomic, _key)
+from .ablate import CachedScorer, Variant, ablation_fingerprint, block_influence, plans, run_all, _key
 from .cost import H200, ideal_speedup, sublayer_cost_fn
 from .data import token_blocks
 from .errors import RtkError
 from .load import load_model
+from .outdir import check_out, load_json, write_json_atomic
 from .recipe import Recipe
 from .rewrite import apply_plan, expand
 from .search import StopRule, check_reachable
 from .score import ModelScorer, candidates, existing_names, total_params
 
-
-
-def _load_json(path: Path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def _layers(names, kind: str) -> list[int]:
@@ -81,7 +77,7 @@ class Evaluator:
 
 def attach_bench(res: dict, root: Path) -> dict:
     """Put the measurements saved in ROOT/state/bench.json (if any) on the dense record and the rows."""
-    saved = _load_json(Path(root) / "state" / "bench.json", None)
+    saved = load_json(Path(root) / "state" / "bench.json", None)
     if saved:
         got = saved["models"]
         if "dense" in got:
@@ -99,7 +95,7 @@ def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = pri
     completes, so a rerun measures only what is missing; settings that differ from the saved ones are refused."""
     path = Path(root) / "state" / "bench.json"
     conf = bench.describe()
-    saved = _load_json(path, None)
+    saved = load_json(path, None)
     if saved is not None and saved.get("config") != conf:
         raise RtkError(f"--bench: {path} holds measurements made with other settings; "
                        "remove it to measure again")
@@ -128,22 +124,6 @@ def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = pri
     return attach_bench(res, root)
 
 
-def _check_out(out: Path, fp: str) -> tuple[Path, bool]:
-    partial = out.with_name(out.name + ".partial")
-    if out.exists():
-        res = out / "ablation.json"
-        if not res.is_file():
-            raise RtkError(f"-o {out}: folder exists and is not an rtk ablation; choose another")
-        if json.loads(res.read_text()).get("fingerprint") != fp:
-            raise RtkError(f"-o {out}: holds an ablation of a different recipe or targets; choose another folder")
-        return partial, True
-    meta = partial / "state" / "meta.json"
-    if partial.exists() and _load_json(meta, {}).get("fingerprint") != fp:
-        raise RtkError(f"-o {out}: {partial} holds an unfinished ablation of a different recipe or targets; "
-                       "remove it or choose another folder")
-    return partial, False
-
-
 def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list[Variant], progress: bool = True,
                  echo: Callable[[str], None] = print, bench=None, report_only: bool = False) -> dict:
     """Search, export and evaluate every variant. `report_only`: search nothing; write
@@ -153,7 +133,8 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     from .ablate_report import write_outputs
 
     out, fp = Path(out), ablation_fingerprint(recipe, targets)
-    partial, complete = _check_out(out, fp)
+    partial, complete = check_out(out, fp, "ablation.json", "state/meta.json", "ablation",
+                                  "a different recipe or targets")
     if report_only and not partial.is_dir():
         raise RtkError(f"--report-only: {partial} does not exist (no unfinished ablation to report)")
     if complete:
@@ -187,21 +168,21 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     write_json_atomic(sd / "meta.json", {"fingerprint": fp, "targets": targets})
     (partial / "recipe.yaml").write_text(recipe.to_yaml())
     inner = ModelScorer(model, calib, recipe.batch_size, recipe.reuse_activations, progress)
-    scorer = CachedScorer(inner, _load_json(sd / "scores.json", {}))
+    scorer = CachedScorer(inner, load_json(sd / "scores.json", {}))
     scorer.on_new = lambda: write_json_atomic(sd / "scores.json", scorer.cache)
     if scorer.cache:
         echo(f"rtk: resuming {partial}: {len(scorer.cache)} PPLs already measured")
-    states = {v.name: _load_json(sd / f"search-{v.name}.json", None) for v in variants}
+    states = {v.name: load_json(sd / f"search-{v.name}.json", None) for v in variants}
     states = {k: s for k, s in states.items() if s is not None}
 
     def bi() -> dict[str, float]:
-        got = _load_json(sd / "block_influence.json", None)
+        got = load_json(sd / "block_influence.json", None)
         if got is None:
             got = block_influence(model, calib, recipe.batch_size)
             write_json_atomic(sd / "block_influence.json", got)
         return got
 
-    evals = _load_json(sd / "evals.json", {})
+    evals = load_json(sd / "evals.json", {})
     ev = Evaluator(model, tokenizer, evalb, recipe, partial, evals, lambda: write_json_atomic(sd / "evals.json", evals),
                    echo, source=path)
     dense = ev.measure([], "dense")
@@ -225,7 +206,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
                         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                         "dtype": recipe.dtype, "device": recipe.device},
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
-            "block_influence": _load_json(sd / "block_influence.json", None),
+            "block_influence": load_json(sd / "block_influence.json", None),
         }
         return attach_bench(res, partial)
 

@@ -124,6 +124,26 @@ def model_cost(config, batch: int, context: int, phase: str = "decode", removed:
             "kv_cache_bytes": kv_cache, "seconds": sum(k.seconds(hw) for k in kernels)}
 
 
+def model_params(config) -> int:
+    """Every parameter of the model: its sublayers (as above, norms and biases included), the embedding,
+    the LM head unless tied, the final norm; equals rtk.score.total_params of the loaded model."""
+    body = sum(_dims(config, i)["P_attn"] + _dims(config, i)["P_mlp"] for i in range(config.num_hidden_layers))
+    vh = config.vocab_size * config.hidden_size
+    return body + vh * (1 if config.tie_word_embeddings else 2) + config.hidden_size
+
+
+def workload_cost(config, prompt_len: int, output_len: int, batch: int = 1, hw: Hardware = H200) -> dict:
+    """A whole request workload: prefill of `batch` prompts of `prompt_len` tokens, then `output_len`
+    decode steps at contexts prompt_len, prompt_len + 1, ... (sums of model_cost over the steps)."""
+    pre = model_cost(config, batch, prompt_len, "prefill", hw=hw)
+    steps = [model_cost(config, batch, prompt_len + t, "decode", hw=hw) for t in range(output_len)]
+    return {"prefill_flops": pre["flops"], "prefill_seconds": pre["seconds"],
+            "decode_flops": sum(x["flops"] for x in steps), "decode_bytes": sum(x["bytes"] for x in steps),
+            "decode_seconds": sum(x["seconds"] for x in steps),
+            "kv_bytes_per_token": model_cost(config, 1, 1, "decode", hw=hw)["kv_cache_bytes"],
+            "params": model_params(config)}
+
+
 def ideal_speedup(config, removed: Iterable[str], batch: int, context: int, phase: str = "decode",
                   hw: Hardware = H200) -> dict:
     """Dense vs pruned cost of one step for the workload, and time(dense) / time(pruned)."""

@@ -12,7 +12,6 @@ without attention hold no cache at all.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

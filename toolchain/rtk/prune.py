@@ -6,7 +6,6 @@ OUT only when complete, so OUT is never half-written and a rerun of the same rec
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -19,6 +18,7 @@ from . import __version__
 from .data import token_blocks
 from .errors import RtkError
 from .load import load_model
+from .outdir import check_out, write_json_atomic
 from .recipe import Recipe
 from .rewrite import apply_plan, expand
 from .score import ModelScorer, candidates, existing_names, total_params
@@ -31,30 +31,10 @@ class SearchPaused(Exception):
     """--max-steps reached: the state is saved and a rerun continues."""
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _check_out(out: Path, recipe: Recipe) -> tuple[Path, bool]:
     """Returns (partial dir, already complete). Refuses a folder made by another recipe."""
-    partial = out.with_name(out.name + ".partial")
-    fp = recipe.fingerprint()
-    if out.exists():
-        plan = out / "plan.json"
-        if not plan.is_file():
-            raise RtkError(f"-o {out}: folder exists and is not an rtk output; choose another")
-        if json.loads(plan.read_text()).get("recipe_fingerprint") != fp:
-            raise RtkError(f"-o {out}: holds the result of a different recipe; choose another folder")
-        return partial, True
-    if partial.exists():
-        state = partial / STATE
-        got = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
-        if got != fp:
-            raise RtkError(f"-o {out}: {partial} holds an unfinished run of a different recipe; "
-                           "remove it or choose another folder")
-    return partial, False
+    return check_out(out, recipe.fingerprint(), "plan.json", STATE, "run", "a different recipe",
+                     result_key="recipe_fingerprint")
 
 
 def _measure_line(info: dict, recipe: Recipe, model_name: str) -> str:
@@ -101,7 +81,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
     steps_at_start = len(saved["state"]["removed"]) if saved else 0
 
     def save(state):
-        write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state})
+        write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state}, indent=2)
         if max_steps is not None and not state["done"] and len(state["removed"]) - steps_at_start >= max_steps:
             raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
                                f"state in {partial}; rerun the same command to continue")
@@ -152,7 +132,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
                             transformers_only=True)
     if not exported["vllm_servable"]:
         echo(f"rtk: note: {exported['vllm']}")
-    write_json_atomic(partial / "plan.json", plan)
+    write_json_atomic(partial / "plan.json", plan, indent=2)
     from .report import write_report
 
     write_report(plan, partial)

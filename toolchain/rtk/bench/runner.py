@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import RtkError
+from ..cost import model_params
 from . import cost
 from .backends import open_backend, ppl, random_prompts
 from .endpoint import served_model
@@ -166,10 +167,10 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
         for url in cfg.endpoints:  # fail before any work when one is dead or wrong
             served_model(url)
     labels = ["baseline"] + [f"candidate{j}" for j in range(1, len(models))]
-    shapes = [cost.read_shape(m) for m in models]
+    shapes = [cost.read_config(m) for m in models]
     result = {"config": asdict(cfg), "serving": cfg.backend in ("vllm", "openai"),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "models": [{"label": lab, "path": str(m), "params": s.params() if s else None, "speed": []}
+              "models": [{"label": lab, "path": str(m), "params": model_params(s) if s else None, "speed": []}
                          for lab, m, s in zip(labels, models, shapes)]}
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     result["ratios"] = ratios(result, cfg)
     ideal = {}
     for j in range(1, len(models)):
-        if shapes[0] and shapes[j]:
+        if shapes[0] is not None and shapes[j] is not None:
             p, o = (cfg.input_len, cfg.output_len) if result["serving"] else (cfg.prompt_len, cfg.gen_len)
             batches = cfg.concurrency if result["serving"] else cfg.batch_sizes
             ideal[labels[j]] = {f"batch{n}": cost.ideal(shapes[0], shapes[j], p, o, n,

