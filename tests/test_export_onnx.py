@@ -107,6 +107,25 @@ def test_ort_logprobs_ppl_greedy_match_torch(exported, case):
         for _ in range(10):
             ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
     assert lm.greedy(prompt, 10) == ids[len(prompt):] == torch_greedy(model, prompt, 10)
+    # a batch decodes each row as it would alone
+    batch = [prompt, [9, 8, 7, 6, 5], [100, 3, 3, 3, 60]]
+    assert lm.greedy_batch(batch, 6) == [torch_greedy(model, p, 6) for p in batch]
+    with pytest.raises(RtkError, match="equal lengths"):
+        lm.greedy_batch([prompt, prompt[:3]], 2)
+
+
+def test_onnx_bench_backend_decodes_a_real_batch(exported, monkeypatch):
+    from rtk.bench.backends import OnnxBackend
+
+    folder, _, _ = exported["pruned"]
+    b = OnnxBackend(str(folder))
+    calls = []
+    real = b.lm.greedy_batch
+    monkeypatch.setattr(b.lm, "greedy_batch", lambda ps, n: calls.append((len(ps), n)) or real(ps, n))
+    r = b.speed(3, prompt_len=8, gen_len=4, repeats=2, warmup=1)
+    assert calls == [(3, 2), (3, 1), (3, 5), (3, 1), (3, 5)]  # one batched call per timing, never row by row
+    assert r["batch"] == 3 and r["prefill"]["repeats"] == 2
+    assert r["prefill"]["tokens_per_s"] > 0 and r["decode"]["tokens_per_s"] > 0
 
 
 def genai_greedy(folder, prompt, n):

@@ -179,3 +179,15 @@ def test_real_smollm2_small_run(tmp_path, smollm2_dir):
     assert len(plan["steps"][0]["scores"]) == 59  # 30 MLPs + 29 attentions (attn.0 protected)
     assert 5 < plan["eval"]["ppl_base"] < 100
     assert plan["eval"]["ppl_final"] > 0 and "attn.0" not in plan["removed_sublayers"]
+
+
+def test_sigterm_exits_like_ctrl_c():
+    """SIGTERM unwinds like Ctrl-C (finally blocks stop the servers rtk started): exit 130, one line."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time, rtk.cli as c\n"
+            "c.main = lambda **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))\n"
+            "c.run()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
+    assert r.returncode == 130 and r.stderr.strip() == "rtk: interrupted", r.stderr

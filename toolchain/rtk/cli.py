@@ -301,9 +301,16 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
                f"wrote {out}/ablation.md, {out}/ablation.json, {out}/ppl_vs_params.png, {out}/models/")
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: servers rtk started are stopped, partial work stays resumable
+
+
 def run():
-    """Entry point: a user error prints one line; Ctrl-C exits 130 without a traceback."""
+    """Entry point: a user error prints one line; Ctrl-C or SIGTERM exits 130 without a traceback."""
+    import signal
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main(standalone_mode=True)
     except KeyboardInterrupt:

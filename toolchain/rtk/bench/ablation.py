@@ -117,7 +117,7 @@ class AblationBench:
 
     def describe(self) -> dict:
         return {**self.cfg.describe(), "quality_backend": "torch (rtk model class, in process)",
-                "speed_backend": "vLLM OpenAI-compatible server, /v1/completions streamed"}
+                "speed_backend": "vLLM OpenAI-compatible server (prefix caching off), /v1/completions streamed"}
 
     def quality(self, folder: str) -> dict:
         t0 = time.perf_counter()

@@ -108,14 +108,13 @@ class OnnxBackend:
 
     def speed(self, batch: int, prompt_len: int, gen_len: int, repeats: int = 3, warmup: int = 1,
               seed: int = 0) -> dict:
-        """OrtLM decodes one sequence at a time: batch b runs b prompts one after another
-        (tokens/s over all of them). Prefill = greedy(prompt, 1); decode = greedy(prompt, 1 + n) - prefill."""
+        """Batch b = b equal-length random prompts decoded together (OrtLM.greedy_batch, KV cache).
+        Prefill = greedy_batch(prompts, 1); decode = greedy_batch(prompts, 1 + n) - prefill."""
         prompts = random_prompts(self.vocab_size, batch, prompt_len, seed)
 
         def timed(n):
             t0 = time.perf_counter()
-            for p in prompts:
-                self.lm.greedy(p, n)
+            self.lm.greedy_batch(prompts, n)
             return time.perf_counter() - t0
 
         for _ in range(warmup):
@@ -125,7 +124,7 @@ class OnnxBackend:
             a = timed(1)
             pre.append(a)
             dec.append(max(timed(1 + gen_len) - a, 1e-9))
-        return {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "sequential": True,
+        return {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
                 "prefill": median_speed(batch * prompt_len, pre), "decode": median_speed(batch * gen_len, dec)}
 
     def close(self) -> None:
@@ -181,8 +180,11 @@ class VLLMBackend(EndpointBackend):
         from ..serve import VLLMServer
 
         log = Path(log_dir) / f"vllm-{Path(folder).resolve().name}-{os.getpid()}.log" if log_dir else None
+        # benchmark servers: no prefix cache, so a prompt seen before (a warm-up, the same prompts sent
+        # for another model) is computed again like any new one
+        kw_server = {"extra": ("--no-enable-prefix-caching",), **(server_kw or {})}
         self.server = VLLMServer(folder, startup_timeout=startup_timeout, log_path=log,
-                                 max_model_len=max_model_len, dtype=dtype, **(server_kw or {}))
+                                 max_model_len=max_model_len, dtype=dtype, **kw_server)
         self.server.__enter__()
         try:
             super().__init__(folder, self.server.url, **kw)

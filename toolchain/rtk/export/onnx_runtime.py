@@ -5,6 +5,7 @@ generation with the KV cache.
     lm.token_logprobs([[1, 2, 3], [4, 5]]) # log p(token_t | tokens_<t), t >= 1
     lm.ppl(blocks)                         # blocks: LongTensor [N, T]
     lm.greedy([1, 2, 3], 16)               # exactly 16 new token ids (no stop at EOS)
+    lm.greedy_batch([[1, 2], [3, 4]], 16)  # equal-length prompts decoded as one batch
 """
 from __future__ import annotations
 
@@ -99,18 +100,25 @@ class OrtLM:
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy decoding with the KV cache: prefill once, then one token per call."""
-        if not prompt_ids:
+        return self.greedy_batch([prompt_ids], max_new_tokens)[0]
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding of equal-length prompts as one batch: one prefill call for all of them, then one
+        call per step for the whole batch (no padding needed)."""
+        if not prompts or not prompts[0]:
             raise RtkError("greedy: the prompt is empty")
-        ids = np.asarray([prompt_ids], np.int64)
-        n = ids.shape[1]
-        past, new = self.empty_past(1), []
+        if len({len(p) for p in prompts}) != 1:
+            raise RtkError("greedy_batch: prompts must have equal lengths")
+        ids = np.asarray(prompts, np.int64)
+        b, n = ids.shape
+        past, new = self.empty_past(b), []
         for _ in range(max_new_tokens):
-            pos = np.arange(n - ids.shape[1], n, dtype=np.int64)[None]
-            logits, *past = self.run(ids, np.ones((1, n), np.int64), pos, past)
-            new.append(int(logits[0, -1].argmax()))
-            ids = np.asarray([[new[-1]]], np.int64)
+            pos = np.broadcast_to(np.arange(n - ids.shape[1], n, dtype=np.int64), (b, ids.shape[1]))
+            logits, *past = self.run(ids, np.ones((b, n), np.int64), pos, past)
+            new.append(logits[:, -1].argmax(-1).astype(np.int64))
+            ids = new[-1][:, None]
             n += 1
-        return new
+        return np.stack(new, 1).tolist() if new else [[] for _ in prompts]
 
 
 __all__ = ["OrtLM", "default_provider"]
