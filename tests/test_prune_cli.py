@@ -181,13 +181,21 @@ def test_real_smollm2_small_run(tmp_path, smollm2_dir):
     assert plan["eval"]["ppl_final"] > 0 and "attn.0" not in plan["removed_sublayers"]
 
 
-def test_sigterm_exits_like_ctrl_c():
-    """SIGTERM unwinds like Ctrl-C (finally blocks stop the servers rtk started): exit 130, one line."""
+def test_sigterm_unwinds_and_exits_143():
+    """SIGTERM unwinds the stack (finally blocks run: servers rtk started are stopped): exit 143, one line."""
     import subprocess
     import sys
 
-    code = ("import os, signal, time, rtk.cli as c\n"
-            "c.main = lambda **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))\n"
+    code = ("import os, signal, sys, time, rtk.cli as c\n"
+            "@c.main.command()\n"
+            "def hang():\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(30)\n"
+            "    finally:\n"
+            "        print('cleaned up')\n"
+            "sys.argv = ['rtk', 'hang']\n"
             "c.run()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
-    assert r.returncode == 130 and r.stderr.strip() == "rtk: interrupted", r.stderr
+    assert r.returncode == 143 and r.stderr.strip() == "rtk: terminated", r.stderr
+    assert r.stdout.strip() == "cleaned up"

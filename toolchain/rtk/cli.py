@@ -302,11 +302,13 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
 
 
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: servers rtk started are stopped, partial work stays resumable
+    """SIGTERM unwinds the stack (finally blocks stop the servers rtk started; partial work stays resumable)."""
+    click.echo("rtk: terminated", err=True)
+    raise SystemExit(143)
 
 
 def run():
-    """Entry point: a user error prints one line; Ctrl-C or SIGTERM exits 130 without a traceback."""
+    """Entry point: a user error prints one line; Ctrl-C (130) and SIGTERM (143) exit without a traceback."""
     import signal
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
