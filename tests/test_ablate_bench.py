@@ -67,11 +67,21 @@ def test_ppl_at_equal_measured_speed_by_hand():
         {"variant": "b", "eval_ppl": 15.0, "bench": {"served": {"speedup": {"short": {"throughput": {"median": 1.1}}}}}},
         {"variant": "b", "eval_ppl": 30.0, "bench": {"served": {"speedup": {"short": {"throughput": {"median": 1.3}}}}}},
     ]}
+    # c: its 30% point (1.25x, PPL 90) is slower and worse than its 20% point (1.3x, 50): not on its curve
+    res["rows"] += [{"variant": "c", "eval_ppl": p, "bench": {"served": {"speedup": {"short": {"throughput": {"median": x}}}}}}
+                    for x, p in ((1.3, 50.0), (1.25, 90.0))]
+    assert equal_speed(res, speeds=(1.2,))["1.20"]["ppl"]["c"] == pytest.approx(10 * 5 ** (2 / 3))
+    res["rows"] = res["rows"][:3]
     e = equal_speed(res, speeds=(1.10, 1.20, 1.25))
     assert e["1.10"]["winner"] == "a" and e["1.10"]["ppl"]["b"] == pytest.approx(15.0)
     assert e["1.10"]["ppl"]["a"] == pytest.approx(math.sqrt(200))
     assert e["1.20"]["winner"] == "a" and e["1.20"]["ppl"]["b"] == pytest.approx(math.sqrt(15 * 30))
     assert "1.25" not in e  # only b reaches 1.25
+    for r in res["rows"]:  # another workload is read from its own speedups
+        r["bench"]["served"]["speedup"]["kv"] = {"throughput": {"median": 2 * r["bench"]["served"]["speedup"]["short"]["throughput"]["median"] - 1}}
+    k = equal_speed(res, speeds=(1.20, 1.30, 1.50), workload="kv")
+    assert k["1.20"]["ppl"]["a"] == pytest.approx(math.sqrt(200)) and "1.50" not in k  # a reaches 1.4 only
+    assert k["1.30"]["ppl"]["a"] == pytest.approx(10 * 2 ** 0.75) and k["1.30"]["winner"] == "a"
 
 
 def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_folder, monkeypatch):

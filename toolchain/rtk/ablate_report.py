@@ -35,6 +35,8 @@ def winners(res: dict) -> dict:
             if not any(o["eval_ppl"] <= r["eval_ppl"] and measured(o) >= measured(r)
                        and (o["eval_ppl"], measured(o)) != (r["eval_ppl"], measured(r)) for o in mrows)]
         out["equal_measured_speed"] = equal_speed(res)
+        others = [x["name"] for x in res.get("bench_config", {}).get("workloads", []) if x["name"] != MEASURED]
+        out["equal_measured_speed_other"] = {w: equal_speed(res, workload=w) for w in others}
         for t in res["targets"]:
             rt = [r for r in mrows if r["target"] == t]
             if rt:
@@ -76,12 +78,18 @@ def ppl_at_speed(points: list[tuple[float, float]], speed: float) -> float:
     return math.nan
 
 
-def equal_speed(res: dict, speeds=(1.05, 1.10, 1.15, 1.20, 1.25, 1.30, 1.40, 1.50)) -> dict:
-    """Per measured speedup: each variant's interpolated eval PPL and the lowest (where >= 2 variants reach it)."""
+def equal_speed(res: dict, speeds=(1.05, 1.10, 1.15, 1.20, 1.25, 1.30, 1.40, 1.50), workload: str = MEASURED) -> dict:
+    """Per measured speedup (`workload` tokens/s): each variant's eval PPL interpolated along its
+    efficient points (dense included; a point slower and worse than another of the same variant is
+    dropped) and the lowest, where >= 2 variants reach that speed."""
     by_var: dict[str, list] = {}
     for r in res["rows"]:
-        if math.isfinite(measured(r)):
-            by_var.setdefault(r["variant"], [(1.0, res["dense"]["eval_ppl"])]).append((measured(r), r["eval_ppl"]))
+        if math.isfinite(measured(r, workload)):
+            by_var.setdefault(r["variant"], [(1.0, res["dense"]["eval_ppl"])]).append(
+                (measured(r, workload), r["eval_ppl"]))
+    # a point another point of the same variant beats on both speed and PPL is not on its curve
+    by_var = {v: [a for a in pts if not any(b != a and b[0] >= a[0] and b[1] <= a[1] for b in pts)]
+              for v, pts in by_var.items()}
     out = {}
     for sp in speeds:
         got = {v: ppl_at_speed(pts, sp) for v, pts in by_var.items()}
@@ -139,6 +147,10 @@ def markdown(res: dict) -> str:
         ppls = ", ".join(f"{k} {x:.1f}" for k, x in sorted(e["ppl"].items(), key=lambda kv: kv[1]))
         lines.append(f"- At a measured {sp}x ({MEASURED} workload tokens/s, interpolated): lowest eval PPL "
                      f"**{e['winner']}** ({ppls}).")
+    for wl, eq in w.get("equal_measured_speed_other", {}).items():
+        for sp, e in eq.items():
+            lines.append(f"- At a measured {sp}x ({wl} workload tokens/s, interpolated): lowest eval PPL "
+                         f"**{e['winner']}** ({', '.join(f'{k} {x:.1f}' for k, x in sorted(e['ppl'].items(), key=lambda kv: kv[1]))}).")
     if w.get("measured_pareto"):
         lines.append(f"- Not dominated on (eval PPL, measured speedup): {', '.join(w['measured_pareto'])}.")
     lines += [f"- Not dominated on (eval PPL, ideal decode speedup): {', '.join(w['pareto'])}.", "",
