@@ -22,18 +22,10 @@ def winners(res: dict) -> dict:
             out["ppl"][str(t)] = min(rows, key=lambda r: r["eval_ppl"])["variant"]
             out["speed"][str(t)] = max(rows, key=lambda r: r["decode_speedup_ideal"])["variant"]
     rows = res["rows"]
-    for r in rows:
-        dominated = any(o["eval_ppl"] <= r["eval_ppl"] and o["decode_speedup_ideal"] >= r["decode_speedup_ideal"]
-                        and (o["eval_ppl"], o["decode_speedup_ideal"]) != (r["eval_ppl"], r["decode_speedup_ideal"])
-                        for o in rows)
-        if not dominated:
-            out["pareto"].append(f"{r['variant']}@{r['target']:.0%}")
+    out["pareto"] = front(rows, lambda r: r["decode_speedup_ideal"])
     mrows = [r for r in rows if math.isfinite(measured(r))]
     if mrows:
-        out["measured_pareto"] = [
-            f"{r['variant']}@{r['target']:.0%}" for r in mrows
-            if not any(o["eval_ppl"] <= r["eval_ppl"] and measured(o) >= measured(r)
-                       and (o["eval_ppl"], measured(o)) != (r["eval_ppl"], measured(r)) for o in mrows)]
+        out["measured_pareto"] = front(mrows, measured)
         out["equal_measured_speed"] = equal_speed(res)
         others = [x["name"] for x in res.get("bench_config", {}).get("workloads", []) if x["name"] != MEASURED]
         out["equal_measured_speed_other"] = {w: equal_speed(res, workload=w) for w in others}
@@ -45,6 +37,13 @@ def winners(res: dict) -> dict:
                 if zs:
                     out.setdefault("zero_shot", {})[str(t)] = max(zs, key=zero_shot_avg)["variant"]
     return out
+
+
+def front(rows: list[dict], speed) -> list[str]:
+    """'variant@target' of the rows no other row beats on both eval PPL (lower) and `speed(row)` (higher)."""
+    key = [(r["eval_ppl"], speed(r)) for r in rows]
+    return [f"{r['variant']}@{r['target']:.0%}" for r, (p, v) in zip(rows, key)
+            if not any(q <= p and u >= v and (q, u) != (p, v) for q, u in key)]
 
 
 MEASURED = "short"  # the workload whose tokens/s speedup decides "equal measured speed"
@@ -143,14 +142,11 @@ def markdown(res: dict) -> str:
     for t, v in w.get("measured_speed", {}).items():
         lines.append(f"- {float(t):.0%} removed: highest measured speedup (vLLM, {MEASURED} workload, tokens/s) "
                      f"**{v}**; best zero-shot average **{w.get('zero_shot', {}).get(t, '-')}**.")
-    for sp, e in w.get("equal_measured_speed", {}).items():
-        ppls = ", ".join(f"{k} {x:.1f}" for k, x in sorted(e["ppl"].items(), key=lambda kv: kv[1]))
-        lines.append(f"- At a measured {sp}x ({MEASURED} workload tokens/s, interpolated): lowest eval PPL "
-                     f"**{e['winner']}** ({ppls}).")
-    for wl, eq in w.get("equal_measured_speed_other", {}).items():
+    for wl, eq in [(MEASURED, w.get("equal_measured_speed", {})), *w.get("equal_measured_speed_other", {}).items()]:
         for sp, e in eq.items():
+            ppls = ", ".join(f"{k} {x:.1f}" for k, x in sorted(e["ppl"].items(), key=lambda kv: kv[1]))
             lines.append(f"- At a measured {sp}x ({wl} workload tokens/s, interpolated): lowest eval PPL "
-                         f"**{e['winner']}** ({', '.join(f'{k} {x:.1f}' for k, x in sorted(e['ppl'].items(), key=lambda kv: kv[1]))}).")
+                         f"**{e['winner']}** ({ppls}).")
     if w.get("measured_pareto"):
         lines.append(f"- Not dominated on (eval PPL, measured speedup): {', '.join(w['measured_pareto'])}.")
     lines += [f"- Not dominated on (eval PPL, ideal decode speedup): {', '.join(w['pareto'])}.", "",
