@@ -16,7 +16,7 @@ import torch
 from rtk.data import token_blocks
 from rtk.load import load_model
 from rtk.recipe import DataSpec
-from rtk.score import ModelScorer, candidates
+from rtk.scoring import ModelScorer, candidates
 
 
 def main():

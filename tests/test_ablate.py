@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rtk.ablate import (RUN_ORDER, VARIANTS, CachedScorer, block_influence, parse_targets, prefix_for,
+from rtk.ablate.variants import (RUN_ORDER, VARIANTS, CachedScorer, block_influence, parse_targets, prefix_for,
                         ranked_removal, run_all, select_variants)
 from rtk.cost import Hardware, ideal_speedup, model_cost, sublayer_cost, sublayer_cost_fn, sublayer_kernels
 from rtk.errors import RtkError
@@ -137,7 +137,7 @@ def test_nested_prefixes_equal_separate_runs(name):
 
 
 def test_unfinished_search_reports_only_reached_targets():
-    from rtk.ablate import plans
+    from rtk.ablate.variants import plans
 
     cands, total = make_cands()
     v = next(x for x in VARIANTS if x.name == "params-progressive")
@@ -208,7 +208,7 @@ HW = Hardware(name="toy", bandwidth=100.0, peak_flops=1000.0, bytes_per_el=2)
 def test_cost_model_against_hand_counts():
     cfg = _small_config()
     # params: attn q 8*8 + k 8*4 + v 8*4 + o 8*8 + norm 8 = 200; mlp 3*8*16 + norm 8 = 392
-    from rtk.score import candidates
+    from rtk.scoring import candidates
 
     model = RtkDeciLMForCausalLM(cfg)
     cs = {c.name: c.params for c in candidates(model)}
@@ -244,7 +244,7 @@ def test_cost_model_against_hand_counts():
 
 
 def test_cost_counts_biases_and_gqa_like_the_model():
-    from rtk.score import candidates
+    from rtk.scoring import candidates
 
     cfg = _small_config(attention_bias=True, qkv_bias=True, mlp_bias=True)
     model = RtkDeciLMForCausalLM(cfg)
@@ -268,7 +268,7 @@ cost: {{batch: 4, context: 256}}
 
 
 def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkeypatch):
-    from rtk import ablate_report
+    from rtk.ablate import outputs as ablate_report
     from rtk.cli import main
 
     rec, out = _recipe(tmp_path, tiny_folder), tmp_path / "abl"
@@ -310,7 +310,7 @@ def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkey
     from rtk.data import token_blocks
     from rtk.load import load_model
     from rtk.recipe import load_recipe
-    from rtk.score import ModelScorer
+    from rtk.scoring import ModelScorer
 
     row = res["rows"][-1]
     m, tok, _ = load_model(str(out / row["model_dir"]))

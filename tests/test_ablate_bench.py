@@ -8,8 +8,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from rtk.ablate_report import equal_speed, ppl_at_speed
-from rtk.bench.ablation import Workload, speedups
+from rtk.ablate.outputs import equal_speed, ppl_at_speed
+from rtk.ablate.measure import Workload, speedups
 from rtk.bench.cost import read_config
 from rtk.cost import model_params
 
@@ -85,7 +85,7 @@ def test_ppl_at_equal_measured_speed_by_hand():
 
 
 def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_folder, monkeypatch):
-    import rtk.bench.ablation as ab
+    import rtk.ablate.measure as ab
     from rtk.cli import main
 
     from test_ablate import _recipe  # the tiny recipe of the ablate end-to-end test

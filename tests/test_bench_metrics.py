@@ -92,7 +92,7 @@ def test_model_params_equals_loaded_model():
     from rtk.arch import rtk_config_from_hf
     from rtk.cost import model_params
     from rtk.rewrite import apply_plan
-    from rtk.score import total_params
+    from rtk.scoring import total_params
 
     from conftest import tiny_hf, tiny_rtk
 

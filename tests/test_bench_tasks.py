@@ -128,7 +128,7 @@ def test_torch_backend_logprobs_and_ppl(smollm2_dir, data_dir):
     from rtk.bench.backends import TorchBackend, ppl
     from rtk.data import token_blocks
     from rtk.recipe import DataSpec
-    from rtk.score import ModelScorer
+    from rtk.scoring import ModelScorer
 
     b = TorchBackend(str(smollm2_dir))
     seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]

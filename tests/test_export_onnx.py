@@ -20,7 +20,7 @@ from rtk.export.onnx import ATOL, export_onnx, torch_greedy, validate
 from rtk.export.onnx_runtime import OrtLM
 from rtk.load import load_model
 from rtk.rewrite import apply_plan, save_native
-from rtk.score import ModelScorer
+from rtk.scoring import ModelScorer
 
 PRUNE = ["attn.1", "mlp.1", "attn.2"]  # layer 1 has nothing left, layer 2 has no attention
 

@@ -261,7 +261,7 @@ def test_prune_writes_model_through_export(tmp_path):
     text = "The quick brown fox jumps over the lazy dog. " * 40
     (tmp_path / "calib.txt").write_text(text)
     (tmp_path / "eval.txt").write_text(text.upper())
-    recipe = {"model": str(dense), "batch_size": 2,
+    recipe = {"model": str(dense), "scoring": {"batch_size": 2},
               "data": {"calibration": {"source": str(tmp_path / "calib.txt"), "samples": 2, "seq_len": 32},
                        "evaluation": {"source": str(tmp_path / "eval.txt"), "samples": 2, "seq_len": 32}},
               "search": {"target": {"sublayers": 3}}}

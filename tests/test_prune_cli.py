@@ -29,7 +29,7 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
 
 
 def recipe(tmp_path, model_, **over):
-    r = {"model": str(model_), "batch_size": 2,
+    r = {"model": str(model_), "scoring": {"batch_size": 2},
          "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 3, "seq_len": 32},
                   "evaluation": {"source": "wikitext2", "split": "test", "samples": 3, "seq_len": 48}},
          "search": {"method": "progressive", "normalize": "params", "target": {"sublayers": 3},
@@ -74,7 +74,7 @@ def test_prune_writes_plan_model_report(tmp_path, tiny_dir):
     from rtk.data import token_blocks
     from rtk.load import load_model
     from rtk.recipe import DataSpec
-    from rtk.score import ModelScorer
+    from rtk.scoring import ModelScorer
 
     model, tok, _ = load_model(str(out / "model"))
     blocks, _ = token_blocks(tok, DataSpec(source="wikitext2", split="test", samples=3, seq_len=48), "eval")
@@ -166,7 +166,7 @@ def test_shipped_recipes_validate():
 
 @pytest.mark.e2e
 def test_real_smollm2_small_run(tmp_path, smollm2_dir):
-    r = {"model": "embedded:smollm2", "batch_size": 2,
+    r = {"model": "embedded:smollm2", "scoring": {"batch_size": 2},
          "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 64},
                   "evaluation": {"source": "wikitext2", "split": "test", "samples": 4, "seq_len": 128}},
          "search": {"method": "progressive", "target": {"sublayers": 2}}}

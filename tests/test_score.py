@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_rtk
-from rtk.score import ModelScorer, candidates, total_params
+from rtk.scoring import ModelScorer, candidates, total_params
 from rtk.rewrite import apply_plan
 
 

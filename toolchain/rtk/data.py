@@ -1,12 +1,22 @@
-"""Text -> deterministic token blocks for perplexity.
+"""Text -> deterministic token blocks for perplexity (calibration, evaluation, healing).
 
-`source: wikitext2` reads $RTK_DATA_DIR/wikitext-2-raw/{valid,test}.txt when RTK_DATA_DIR is set,
-else the hub dataset (wikitext / wikitext-2-raw-v1). Any other source is a path to a .txt file.
+Sources (`DataSpec.source`):
+- `wikitext2`: $RTK_DATA_DIR/wikitext-2-raw/{valid,test}.txt when RTK_DATA_DIR is set, else the hub
+  dataset (wikitext / wikitext-2-raw-v1);
+- a `.jsonl` file: one JSON object per line, the text under `field`; records joined by a blank line;
+- `hub:<dataset id>`: a Hugging Face dataset (`subset`, `split`, `field`), streamed: records are read in
+  order until there are enough tokens, so a corpus as large as C4 costs only what is used;
+- any other path: a UTF-8 text file.
+
+Blocks are cut from the tokenized text: from files, evenly spaced over the whole text; from the hub, one
+after another from its first records.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -14,48 +24,142 @@ from .errors import RtkError
 from .recipe import DataSpec
 
 HUB_SPLITS = {"valid": "validation", "test": "test"}
+RECORD_SEP = "\n\n"
+
+
+def _wikitext(spec: DataSpec, field: str) -> tuple[str, str, str]:
+    name = f"WikiText-2 raw {spec.split} (wiki.{spec.split}.raw)"
+    root = os.environ.get("RTK_DATA_DIR")
+    if root:
+        path = Path(root) / "wikitext-2-raw" / f"{spec.split}.txt"
+        if not path.is_file():
+            raise RtkError(f"{field}: {path} not found (RTK_DATA_DIR={root})")
+        return path.read_text(encoding="utf-8"), str(path), name
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=HUB_SPLITS[spec.split])
+    except Exception as exc:
+        raise RtkError(f"{field}: WikiText-2 needs RTK_DATA_DIR or the hub dataset "
+                       f"'wikitext/wikitext-2-raw-v1' ({type(exc).__name__}: {exc})") from None
+    # hub rows are the file's lines, with "" for blank " \n" lines
+    return "".join(r if r else " \n" for r in ds["text"]), "hub:wikitext/wikitext-2-raw-v1", name
+
+
+def _record_text(rec, key: str, where: str, field: str) -> str:
+    if not isinstance(rec, dict):
+        raise RtkError(f"{field}: {where} is not a JSON object")
+    if key not in rec:
+        keys = ", ".join(list(rec)[:8]) or "none"
+        raise RtkError(f"{field}.field: '{key}' is not in {where} (its keys: {keys})")
+    text = rec[key]
+    if not isinstance(text, str):
+        raise RtkError(f"{field}.field: '{key}' of {where} is {type(text).__name__}, not text")
+    return text
+
+
+def _jsonl(spec: DataSpec, field: str) -> tuple[str, str, str]:
+    path = Path(spec.source).expanduser()
+    if not path.is_file():
+        raise RtkError(f"{field}.source: {spec.source}: no such file")
+    texts = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise RtkError(f"{field}.source: {spec.source}: line {n} is not JSON") from None
+                texts.append(_record_text(rec, spec.field, f"line {n} of {path.name}", field))
+    except UnicodeDecodeError:
+        raise RtkError(f"{field}.source: {spec.source}: not UTF-8 text") from None
+    if not texts:
+        raise RtkError(f"{field}.source: {spec.source}: holds no records")
+    return RECORD_SEP.join(texts), str(path), f"{path.name} (field '{spec.field}', {len(texts):,} records)"
+
+
+def _hub_records(spec: DataSpec, field: str) -> Iterator[str]:
+    dataset = spec.source[4:]
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise RtkError(f"{field}.source: {spec.source} needs the datasets package (pip install rtk[hub])") from None
+    try:
+        ds = load_dataset(dataset, spec.subset, split=spec.split, streaming=True)
+    except ValueError as exc:  # datasets names the splits it has: "Bad split: x. Available splits: [...]"
+        raise RtkError(f"{field}: {spec.source}" + (f" ({spec.subset})" if spec.subset else "")
+                       + f": {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise RtkError(f"{field}.source: cannot open {spec.source}" + (f" ({spec.subset})" if spec.subset else "")
+                       + f" [{spec.split}] ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for n, rec in enumerate(ds, 1):
+        yield _record_text(rec, spec.field, f"record {n} of {spec.source} [{spec.split}]", field)
 
 
 def read_text(spec: DataSpec, field: str) -> tuple[str, str]:
-    """Returns (text, where it came from)."""
-    if spec.source == "wikitext2":
-        root = os.environ.get("RTK_DATA_DIR")
-        if root:
-            path = Path(root) / "wikitext-2-raw" / f"{spec.split}.txt"
-            if not path.is_file():
-                raise RtkError(f"{field}: {path} not found (RTK_DATA_DIR={root})")
-            return path.read_text(encoding="utf-8"), str(path)
-        try:
-            from datasets import load_dataset
+    """(text, where it came from) of a file source (wikitext2, .jsonl, text file)."""
+    text, where, _ = _read_file_source(spec, field)
+    return text, where
 
-            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=HUB_SPLITS[spec.split])
-        except Exception as exc:
-            raise RtkError(f"{field}: WikiText-2 needs RTK_DATA_DIR or the hub dataset "
-                           f"'wikitext/wikitext-2-raw-v1' ({type(exc).__name__}: {exc})") from None
-        # hub rows are the file's lines, with "" for blank " \n" lines
-        return "".join(r if r else " \n" for r in ds["text"]), "hub:wikitext/wikitext-2-raw-v1"
+
+def _read_file_source(spec: DataSpec, field: str) -> tuple[str, str, str]:
+    if spec.kind == "wikitext2":
+        return _wikitext(spec, field)
+    if spec.kind == "jsonl":
+        return _jsonl(spec, field)
     path = Path(spec.source).expanduser()
     if not path.is_file():
-        raise RtkError(f"{field}.source: {spec.source}: no such file (use 'wikitext2' or a .txt path)")
+        raise RtkError(f"{field}.source: {spec.source}: no such file (use 'wikitext2', a .txt or .jsonl path, "
+                       "or hub:<dataset id>)")
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        return path.read_text(encoding="utf-8"), str(path), path.name
     except UnicodeDecodeError:
         raise RtkError(f"{field}.source: {spec.source}: not UTF-8 text") from None
 
 
+def _too_few(field: str, where: str, n_tokens: int, spec: DataSpec) -> RtkError:
+    return RtkError(f"{field}: {where} has {n_tokens:,} tokens, too few for {spec.samples} blocks of "
+                    f"{spec.seq_len} (at most {n_tokens // spec.seq_len}); lower samples or seq_len")
+
+
+def _hub_ids(tokenizer, spec: DataSpec, field: str) -> torch.Tensor:
+    need = spec.samples * spec.seq_len
+    parts, have = [], 0
+    for text in _hub_records(spec, field):
+        ids = tokenizer((RECORD_SEP if parts else "") + text, add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor(ids, dtype=torch.long))
+        have += len(ids)
+        if have >= need:
+            break
+    if have < need:
+        raise _too_few(field, f"{spec.source} [{spec.split}]", have, spec)
+    return torch.cat(parts)
+
+
 def token_blocks(tokenizer, spec: DataSpec, field: str) -> tuple[torch.Tensor, dict]:
-    """[samples, seq_len] token ids: blocks cut from the tokenized text, evenly spaced."""
-    text, where = read_text(spec, field)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    n_avail = ids.numel() // spec.seq_len
-    if n_avail < spec.samples:
-        raise RtkError(
-            f"{field}: {where} has {ids.numel():,} tokens, too few for {spec.samples} blocks of "
-            f"{spec.seq_len} (at most {n_avail}); lower samples or seq_len"
-        )
-    starts = torch.linspace(0, n_avail - 1, spec.samples).round().long() * spec.seq_len
-    blocks = torch.stack([ids[s: s + spec.seq_len] for s in starts.tolist()])
-    info = {"source": spec.source, "file": where, "split": spec.split, "samples": spec.samples,
+    """[samples, seq_len] token ids, and where they came from (`file`: this machine's path or hub id;
+    `text`: a name for the text that is the same on every machine, for model cards)."""
+    if spec.kind == "hub":
+        ids = _hub_ids(tokenizer, spec, field)
+        where = f"{spec.source}" + (f"/{spec.subset}" if spec.subset else "")
+        name = f"{spec.source[4:]}" + (f" ({spec.subset})" if spec.subset else "") + \
+            f" [{spec.split}], field '{spec.field}', first records"
+        starts = [i * spec.seq_len for i in range(spec.samples)]
+    else:
+        text, where, name = _read_file_source(spec, field)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        n_avail = ids.numel() // spec.seq_len
+        if n_avail < spec.samples:
+            raise _too_few(field, where, ids.numel(), spec)
+        starts = (torch.linspace(0, n_avail - 1, spec.samples).round().long() * spec.seq_len).tolist()
+    blocks = torch.stack([ids[s: s + spec.seq_len] for s in starts])
+    info = {"source": spec.source, "file": where, "text": name, "split": spec.split, "samples": spec.samples,
             "seq_len": spec.seq_len, "tokens": int(blocks.numel()),
             "predicted_tokens": int(spec.samples * (spec.seq_len - 1))}
+    if spec.field is not None:
+        info["field"] = spec.field
+    if spec.subset is not None:
+        info["subset"] = spec.subset
     return blocks, info

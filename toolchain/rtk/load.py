@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from .arch import check_supported, rtk_config_from_hf
+from .device import DTYPES
 from .errors import RtkError
 from .modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, RtkModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:

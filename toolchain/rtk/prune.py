@@ -21,7 +21,7 @@ from .load import load_model
 from .outdir import check_out, write_json_atomic
 from .recipe import Recipe
 from .rewrite import apply_plan, expand
-from .score import ModelScorer, candidates, existing_names, total_params
+from .scoring import ModelScorer, make_scorer, candidates, existing_names, total_params
 from .search import StopRule, check_reachable, run_search
 
 STATE = "search_state.json"
@@ -45,6 +45,9 @@ def _measure_line(info: dict, recipe: Recipe, model_name: str) -> str:
 
 def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[str], None] = print,
               max_steps: int | None = None) -> dict:
+    from .device import resolve_runtime
+
+    recipe = resolve_runtime(recipe)  # device and dtype checked and made concrete before any work
     out = Path(out)
     partial, complete = _check_out(out, recipe)
     if complete:
@@ -86,15 +89,15 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
             raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
                                f"state in {partial}; rerun the same command to continue")
 
-    scorer = ModelScorer(model, calib, recipe.batch_size, recipe.reuse_activations, progress)
+    scorer = make_scorer(model, calib, recipe.scoring, progress)
     state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
                        state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"))
     removed_names = [e["name"] for e in state["removed"]]
     pruned = apply_plan(model, removed_names)
 
-    eval_scorer = ModelScorer(model, evalb, recipe.batch_size, progress=False)
+    eval_scorer = ModelScorer(model, evalb, recipe.scoring.batch_size, progress=False)
     eval_base = eval_scorer.ppl(frozenset())
-    eval_final = ModelScorer(pruned, evalb, recipe.batch_size, progress=False).ppl(frozenset())
+    eval_final = ModelScorer(pruned, evalb, recipe.scoring.batch_size, progress=False).ppl(frozenset())
     n_after = total_params(pruned)
     model_name = recipe.model if not recipe.model.startswith("embedded:") else \
         "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
@@ -118,7 +121,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         "removed_sublayers": sorted(expand(removed_names), key=lambda n: (int(n.split(".")[1]), n)),
         "steps": state["steps"],
         "scoring": {"candidate_evaluations": scorer.evaluations, "seconds": round(scorer.seconds, 1),
-                    "reuse_activations": recipe.reuse_activations, "threads": torch.get_num_threads(),
+                    "engine": recipe.scoring.engine, "reuse_activations": recipe.scoring.reuse_activations, "threads": torch.get_num_threads(),
                     "machine": platform.processor() or platform.machine()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }

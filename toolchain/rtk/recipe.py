@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -22,16 +23,76 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    """Where text comes from and how it is cut into token blocks."""
+    """Where text comes from and how it is cut into token blocks.
 
-    source: str = Field("wikitext2", description="'wikitext2' or a path to a .txt file")
-    split: Literal["valid", "test"] = "valid"
+    `source`: `wikitext2` (WikiText-2 raw; `split` valid | test), a `.jsonl` file (one JSON object per
+    line, the text under `field`), any other path (a plain UTF-8 text file), or `hub:<dataset id>`
+    (a Hugging Face dataset, streamed: `subset` is its config name, `split` its split, `field` the text
+    column; needs `pip install rtk[hub]` and the hub)."""
+
+    source: str = Field("wikitext2", description="'wikitext2', a .txt or .jsonl path, or hub:<dataset id>")
+    split: Optional[str] = Field(None, description="wikitext2: valid | test (default valid); hub: the split "
+                                 "(default train); not used for files")
+    subset: Optional[str] = Field(None, description="hub: the dataset's config name (e.g. 'en' for allenai/c4)")
+    field: Optional[str] = Field(None, description="jsonl / hub: the key that holds the text (default 'text')")
     samples: int = Field(8, gt=0, description="number of token blocks")
     seq_len: int = Field(128, gt=1, description="tokens per block")
 
+    @property
+    def kind(self) -> str:
+        """wikitext2 | hub | jsonl | text"""
+        if self.source == "wikitext2":
+            return "wikitext2"
+        if self.source.startswith("hub:"):
+            return "hub"
+        return "jsonl" if self.source.lower().endswith(".jsonl") else "text"
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self):
+        kind = self.kind
+        if kind == "wikitext2":
+            if self.split is None:
+                self.split = "valid"
+            if self.split not in ("valid", "test"):
+                raise ValueError(f"split: WikiText-2 has 'valid' and 'test' here (no train), got '{self.split}'")
+        elif kind == "hub":
+            if not self.source[4:].strip():
+                raise ValueError("source: 'hub:' needs a dataset id, e.g. hub:allenai/c4")
+            self.split = self.split or "train"
+        elif self.split is not None:
+            raise ValueError(f"split: applies to wikitext2 and hub: sources, not to the file {self.source}")
+        if kind in ("wikitext2", "text"):
+            if self.field is not None:
+                raise ValueError(f"field: applies to .jsonl and hub: sources, not to {self.source}")
+            if self.subset is not None:
+                raise ValueError(f"subset: applies to hub: sources, not to {self.source}")
+        else:
+            self.field = self.field or "text"
+            if kind == "jsonl" and self.subset is not None:
+                raise ValueError(f"subset: applies to hub: sources, not to {self.source}")
+        return self
+
+    def text_id(self) -> tuple:
+        """What identifies the text itself (not how it is cut): two specs with the same id read the same text."""
+        src = self.source
+        if self.kind in ("jsonl", "text"):
+            src = str(Path(src).expanduser().resolve())
+        return (self.kind, src, self.split, self.subset, self.field)
+
     def describe(self) -> str:
-        src = "WikiText-2 raw" if self.source == "wikitext2" else self.source
-        return f"{src} [{self.split}], {self.samples} blocks x {self.seq_len} tokens"
+        if self.kind == "wikitext2":
+            src = f"WikiText-2 raw [{self.split}]"
+        elif self.kind == "hub":
+            src = f"{self.source}" + (f"/{self.subset}" if self.subset else "") + f" [{self.split}] .{self.field}"
+        elif self.kind == "jsonl":
+            src = f"{Path(self.source).name} .{self.field}"
+        else:
+            src = Path(self.source).name
+        return f"{src}, {self.samples} blocks x {self.seq_len} tokens"
+
+
+def same_text(a: DataSpec, b: DataSpec) -> bool:
+    return a.text_id() == b.text_id()
 
 
 class DataConfig(_Strict):
@@ -41,10 +102,11 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _different_splits(self):
         c, e = self.calibration, self.evaluation
-        if c.source == e.source and c.split == e.split:
+        if same_text(c, e):
             raise ValueError(
                 "calibration and evaluation use the same text "
-                f"({c.source} [{c.split}]); calibrate on one split and report on another"
+                f"({c.source}" + (f" [{c.split}]" if c.split else "") + "); calibrate on one split and "
+                "report on another"
             )
         return self
 
@@ -119,22 +181,97 @@ class CostConfig(_Strict):
     context: int = Field(2048, gt=0)
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+                 "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value) -> int:
+    """'8GB' (10^9), '512MiB' (2^20), '1.5 GiB' or a number of bytes, as accelerate's max_memory reads them."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '8GB' or '512MiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _MEMORY_UNITS:
+            raise ValueError(f"expected a size like '8GB' or '512MiB', got {value!r}")
+        n = float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return int(n)
+
+
+class ScoringConfig(_Strict):
+    """How the PPLs of a search step are computed. None of these change the plan (tested), so a run may
+    resume with other values."""
+
+    engine: Literal["layer-major", "per-candidate"] = Field(
+        "per-candidate", description="layer-major: one pass over the layers per step, every candidate's "
+        "activation stream batched through each layer; per-candidate: one candidate after another")
+    batch_size: int = Field(4, gt=0, description="token blocks per forward pass")
+    reuse_activations: bool = Field(True, description="per-candidate: start each candidate from the cached "
+                                    "input of its layer (layer-major always does)")
+    memory: str = Field("8GB", description="budget for activation streams on the scoring device")
+    streams: Literal["device", "cpu"] = Field(
+        "device", description="where activation streams wait between layers: device (past the budget, "
+        "candidates go in groups) or cpu (pinned host memory, moved through each layer in budget-sized parts)")
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "none", description="none: the model on the device; cpu: layers in host memory, moved to the device "
+        "one at a time; disk: each layer read from the safetensors files when it is used")
+    workers: int = Field(1, ge=1, description="> 1: Ray actors, the candidates of each step shared among them")
+    ray_address: Optional[str] = Field(None, description="an existing Ray cluster (ray start --head); "
+                                       "null starts a local one")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        parse_bytes(v)
+        return v
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_bytes(self.memory)
+
+    @model_validator(mode="after")
+    def _engine_options(self):
+        if not self.reuse_activations and self.engine != "per-candidate":
+            raise ValueError("reuse_activations: false applies to engine: per-candidate only "
+                             "(the layer-major engine always starts a candidate at its layer)")
+        if self.offload != "none" and self.engine != "layer-major":
+            raise ValueError(f"offload: {self.offload} streams each layer once per step and needs "
+                             "engine: layer-major")
+        if self.ray_address is not None and self.workers < 2:
+            raise ValueError("ray_address: set workers: 2 or more to use a Ray cluster")
+        return self
+
+
+DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
+
+
 class Recipe(_Strict):
     model: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    batch_size: int = Field(4, gt=0, description="token blocks per forward pass while scoring")
-    reuse_activations: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when it is there)")
     data: DataConfig = DataConfig()
     search: SearchConfig = SearchConfig()
+    scoring: ScoringConfig = ScoringConfig()
     cost: CostConfig = CostConfig()
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(DEVICE_RE, v):
+            raise ValueError(f"'{v}' is not one of auto, cpu, cuda, cuda:N")
+        return v
+
     def fingerprint(self) -> str:
-        """What must match for a resume: everything that changes the plan."""
+        """What must match for a resume: everything that changes the plan (not the scoring engine, not where
+        it runs; the dtype once resolved, since float16 and float32 scores differ)."""
         d = self.model_dump(mode="json")
         d["data"].pop("evaluation", None)
-        d.pop("batch_size", None)
-        d.pop("reuse_activations", None)
+        for k in ("scoring", "device"):
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

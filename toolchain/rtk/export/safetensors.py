@@ -24,7 +24,7 @@ from ..errors import RtkError
 from ..load import DTYPES
 from ..modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
 from ..rewrite import atomic_write_dir, expand, save_native
-from ..score import total_params
+from ..scoring import total_params
 from .card import model_card
 from .verify import verify
 

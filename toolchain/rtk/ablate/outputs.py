@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .outdir import replace_atomic  # noqa: E402
+from ..outdir import replace_atomic  # noqa: E402
 
 
 def winners(res: dict) -> dict:

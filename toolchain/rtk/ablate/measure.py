@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import RtkError
-from .metrics import ratio_stats
-from .tasks import TASKS, load_task, loglikelihoods, score
+from ..bench.metrics import ratio_stats
+from ..bench.tasks import TASKS, load_task, loglikelihoods, score
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,13 @@ def speedups(base_rounds: list[dict], cand_rounds: list[dict], workloads) -> dic
 
 
 def _default_open(folder: str, log_dir: Path, dtype: str):
-    from .backends import VLLMBackend
+    from ..bench.backends import VLLMBackend
 
     return VLLMBackend(folder, log_dir=log_dir, dtype=dtype)
 
 
 def _default_quality(folder: str, dtype: str):
-    from .backends import TorchBackend
+    from ..bench.backends import TorchBackend
 
     return TorchBackend(folder, dtype)
 
@@ -131,7 +131,7 @@ class AblationBench:
         return q
 
     def _prompts(self, backend, w: Workload, rnd: int) -> list[list[int]]:
-        from .backends import random_prompts
+        from ..bench.backends import random_prompts
 
         tok = backend.tokenizer
         avoid = [t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None]

@@ -1,4 +1,4 @@
-"""`rtk ablate` end to end: load once, search every variant (rtk.ablate), export and evaluate each plan
+"""`rtk ablate` end to end: load once, search every variant (rtk.ablate.variants), export and evaluate each plan
 the same way, write OUT/{ablation.md, ablation.json, plots, models/}.
 
 OUT.partial/state/ holds what is done (score cache, search states, block influence, evaluations) and
@@ -15,17 +15,17 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__
-from .ablate import CachedScorer, Variant, ablation_fingerprint, block_influence, plans, run_all, _key
-from .cost import H200, ideal_speedup, sublayer_cost_fn
-from .data import token_blocks
-from .errors import RtkError
-from .load import load_model
-from .outdir import check_out, load_json, write_json_atomic
-from .recipe import Recipe
-from .rewrite import apply_plan, expand
-from .search import StopRule, check_reachable
-from .score import ModelScorer, candidates, existing_names, total_params
+from .. import __version__
+from .variants import CachedScorer, Variant, ablation_fingerprint, block_influence, plans, run_all, _key
+from ..cost import H200, ideal_speedup, sublayer_cost_fn
+from ..data import token_blocks
+from ..errors import RtkError
+from ..load import load_model
+from ..outdir import check_out, load_json, write_json_atomic
+from ..recipe import Recipe
+from ..rewrite import apply_plan, expand
+from ..search import StopRule, check_reachable
+from ..scoring import ModelScorer, make_scorer, candidates, existing_names, total_params
 
 
 
@@ -47,11 +47,11 @@ class Evaluator:
         if key in self.cache and (not removed or (self.root / self.cache[key]["model_dir"]).is_dir()):
             return self.cache[key]
         pruned = apply_plan(self.model, removed) if removed else self.model
-        ppl = ModelScorer(pruned, self.evalb, self.recipe.batch_size, progress=False).ppl(frozenset())
+        ppl = ModelScorer(pruned, self.evalb, self.recipe.scoring.batch_size, progress=False).ppl(frozenset())
         after = total_params(pruned)
         final = self.root / "models" / name
         if removed:  # exported as `rtk prune` exports: verified, servable by vLLM, atomic
-            from .export.safetensors import export_model
+            from ..export.safetensors import export_model
 
             if final.exists():
                 shutil.rmtree(final)
@@ -91,7 +91,7 @@ def attach_bench(res: dict, root: Path) -> dict:
 
 def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = print) -> dict:
     """Measure the dense model and every distinct plan's folder with `bench` (an
-    rtk.bench.ablation.AblationBench), dense first. Each result is saved in ROOT/state/bench.json as it
+    rtk.ablate.measure.AblationBench), dense first. Each result is saved in ROOT/state/bench.json as it
     completes, so a rerun measures only what is missing; settings that differ from the saved ones are refused."""
     path = Path(root) / "state" / "bench.json"
     conf = bench.describe()
@@ -130,10 +130,12 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
                  echo: Callable[[str], None] = print, bench=None, report_only: bool = False) -> dict:
     """Search, export and evaluate every variant. `report_only`: search nothing; write
     OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones).
-    `bench` (rtk.bench.ablation.AblationBench): then measure every exported model with it (also when OUT
+    `bench` (rtk.ablate.measure.AblationBench): then measure every exported model with it (also when OUT
     is already complete: the measurements are added to it)."""
-    from .ablate_report import write_outputs
+    from ..device import resolve_runtime
+    from .outputs import write_outputs
 
+    recipe = resolve_runtime(recipe)
     out, fp = Path(out), ablation_fingerprint(recipe, targets)
     partial, complete = check_out(out, fp, "ablation.json", "state/meta.json", "ablation",
                                   "a different recipe or targets")
@@ -169,7 +171,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     sd.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sd / "meta.json", {"fingerprint": fp, "targets": targets})
     (partial / "recipe.yaml").write_text(recipe.to_yaml())
-    inner = ModelScorer(model, calib, recipe.batch_size, recipe.reuse_activations, progress)
+    inner = make_scorer(model, calib, recipe.scoring, progress)
     scorer = CachedScorer(inner, load_json(sd / "scores.json", {}))
     scorer.on_new = lambda: write_json_atomic(sd / "scores.json", scorer.cache)
     if scorer.cache:
@@ -180,7 +182,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     def bi() -> dict[str, float]:
         got = load_json(sd / "block_influence.json", None)
         if got is None:
-            got = block_influence(model, calib, recipe.batch_size)
+            got = block_influence(model, calib, recipe.scoring.batch_size)
             write_json_atomic(sd / "block_influence.json", got)
         return got
 

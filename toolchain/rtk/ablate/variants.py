@@ -28,9 +28,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import RtkError
-from .recipe import Recipe
-from .search import Candidate, StopRule, check_reachable, run_search
+from ..errors import RtkError
+from ..recipe import Recipe
+from ..search import Candidate, StopRule, check_reachable, run_search
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def ranked_removal(ranking: dict[str, float], cands: list[Candidate], stop: Stop
 def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:
     d = recipe.model_dump(mode="json")
     d["data"].pop("evaluation", None)
-    for k in ("batch_size", "reuse_activations"):
+    for k in ("scoring", "device"):  # neither changes a plan
         d.pop(k, None)
     for k in ("method", "normalize", "target", "candidates"):
         d["search"].pop(k, None)
