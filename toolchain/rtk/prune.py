@@ -131,10 +131,9 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
     from .export.safetensors import export_model
 
     exported = export_model(pruned, tokenizer, model_dir, original=model, plan=plan,
-                            recipe_yaml=(partial / "recipe.yaml").read_text(), source=path,
-                            transformers_only=True)
-    if not exported["vllm_servable"]:
-        echo(f"rtk: note: {exported['vllm']}")
+                            recipe_yaml=(partial / "recipe.yaml").read_text(), source=path)
+    if exported["vllm_plugin"]:
+        echo(f"rtk: note: the model is {exported['vllm']}")
     write_json_atomic(partial / "plan.json", plan, indent=2)
     from .report import write_report
 
