@@ -113,3 +113,11 @@ def test_no_vllm_path_is_refused_with_the_list(folders, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "per_layer_config": {str(i): {"skip": ["attention"]}
                                                                              for i in range(4)}}))
     _fails([bad], f"Error: model: {bad}/config.json: no layer has attention; vLLM cannot serve this model")
+
+
+def test_readme_image_line_is_the_generated_one():
+    from conftest import REPO
+    from rtk.deploy import PLUGIN_DOCKERFILE, PLUGIN_IMAGE
+
+    text = (REPO / "deploy" / "README.md").read_text()
+    assert f"```dockerfile\n{PLUGIN_DOCKERFILE}```" in text and f"`{PLUGIN_IMAGE}`" in text

@@ -14,8 +14,6 @@ Llama / Mistral / Qwen2 / Qwen3 config whose `per_layer_config` lists the remove
   whichever sublayer comes first, so a model whose first sublayer is an MLP (layer 0's attention removed)
   runs; stock vLLM's DeciLM assumes attention comes first and crashes there.
 """
-from __future__ import annotations
-
 from collections.abc import Iterable
 from itertools import islice
 
@@ -95,7 +93,8 @@ class RtkDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
-@support_torch_compile
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0})
 class RtkModel(nn.Module):
     hf_to_vllm_mapper = LlamaModel.hf_to_vllm_mapper  # q/k/v -> qkv_proj, gate/up -> gate_up_proj
 
