@@ -129,11 +129,12 @@ def vllm_blocker(config: RtkDeciConfig) -> Optional[str]:
 
 def choose_layout(config: RtkDeciConfig, requested: Optional[str] = None) -> str:
     """standard, else native (stock vLLM's DeciLM), else plugin (rtk's vLLM plugin); `requested`
-    ('per-layer-config') forces that layout. A model no layout serves is an RtkError saying what each serves."""
+    ('per-layer-config', or 'plugin') forces that layout. A model no layout serves is an RtkError saying what
+    each serves."""
     base = getattr(config, "rtk_base_model_type", None) or "none"
-    if requested == "per-layer-config":
+    if requested in PER_LAYER:
         if per_layer_base(config) is None:
-            raise RtkError(f"--format per-layer-config: the model (base model_type '{base}') is not expressible as a "
+            raise RtkError(f"--format {requested}: the model (base model_type '{base}') is not expressible as a "
                            f"standard {', '.join(BASE_ARCHS)} config with per_layer_config skips")
         return requested
     if standard_base(config):
