@@ -186,3 +186,29 @@ def test_bad_data_specs(tmp_path, tiny_folder):
     assert msg.startswith("Error: data.calibration") and "allenai/c4" in msg
     msg = _bad(tmp_path, tiny_folder, data__calibration={"source": "wikitext2", "samples": 2, "seq_len": 4096})
     assert "data.calibration.seq_len: 4096 is longer than the model's max_position_embeddings (2048)" in msg
+
+
+def test_hub_dataset_source_streams_records(tmp_path, smollm2_dir):
+    """`source: hub:NAME` goes through datasets.load_dataset(NAME, subset, split=..., streaming=True); a local
+    dataset folder takes the same path offline (splits from file names, as on the hub)."""
+    from rtk.data import token_blocks
+    from rtk.errors import RtkError
+    from rtk.load import load_tokenizer
+    from rtk.recipe import DataSpec
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "train.jsonl").write_text("".join(json.dumps({"text": f"record {i}: " + "the quick brown fox " * 20, "n": i})
+                                            + "\n" for i in range(30)))
+    (ds / "validation.jsonl").write_text(json.dumps({"text": "validation text " * 50}) + "\n")
+    tok = load_tokenizer(str(smollm2_dir))
+    b, info = token_blocks(tok, DataSpec(source=f"hub:{ds}", samples=3, seq_len=32), "data.calibration")
+    assert b.shape == (3, 32) and info["split"] == "train" and info["field"] == "text"
+    first = tok("record 0: " + "the quick brown fox " * 20, add_special_tokens=False)["input_ids"]
+    assert b[0].tolist() == first[:32]  # the first records, in order
+    with pytest.raises(RtkError, match=r"Bad split: test\. Available splits: \['train', 'validation'\]"):
+        token_blocks(tok, DataSpec(source=f"hub:{ds}", split="test", samples=3, seq_len=32), "data.calibration")
+    with pytest.raises(RtkError, match=r"field: 'body' is not in record 1 of .* \(its keys: text, n\)"):
+        token_blocks(tok, DataSpec(source=f"hub:{ds}", field="body", samples=3, seq_len=32), "data.calibration")
+    with pytest.raises(RtkError, match="too few for 300 blocks of 32"):
+        token_blocks(tok, DataSpec(source=f"hub:{ds}", samples=300, seq_len=32), "data.calibration")
