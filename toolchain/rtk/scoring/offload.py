@@ -135,25 +135,20 @@ class WeightFiles:
     """The tensors of a safetensors checkpoint folder (one file or an index of shards), by name."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+        self.folder = Path(folder).resolve()
         index = self.folder / "model.safetensors.index.json"
-        single = self.folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            weight_map = None
+            files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        elif (self.folder / "model.safetensors").is_file():
+            files = [self.folder / "model.safetensors"]
         else:
             files = sorted(self.folder.glob("*.safetensors"))
-            if not files:
-                raise RtkError(f"scoring.offload: disk: {self.folder} has no .safetensors weights")
-            weight_map = None
+        if not files:
+            raise RtkError(f"scoring.offload: disk: {self.folder} has no .safetensors weights")
         from safetensors import safe_open
 
         self.file_of: dict[str, Path] = {}
-        files = sorted(set(weight_map.values())) if weight_map else (
-            [single] if single.is_file() else sorted(self.folder.glob("*.safetensors")))
         for f in files:
-            f = self.folder / f
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
                     self.file_of[k] = f
