@@ -19,9 +19,10 @@ SMOLLM2_PLAN = ["attn.5", "attn.9", "attn.17", "attn.22", "mlp.12", "attn.20", "
 
 
 def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
-    """A random tiny standard HF model: llama | mistral | qwen2 (GQA: 4 heads, 2 KV heads)."""
+    """A random tiny standard HF model: llama | mistral | qwen2 | qwen3 (GQA: 4 heads, 2 KV heads; qwen3 with
+    head_dim 24 != 64 / 4 and random q/k norm weights)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
@@ -36,6 +37,12 @@ def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 
         for layer in model.model.layers:  # make the q/k/v biases matter
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                             **common))
+        for layer in model.model.layers:  # make the per-head q/k norms matter
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.5)
     else:
         raise ValueError(arch)
     return model.eval()

@@ -96,7 +96,7 @@ def test_model_params_equals_loaded_model():
 
     from conftest import tiny_hf, tiny_rtk
 
-    for arch, tie in (("llama", True), ("qwen2", False)):
+    for arch, tie in (("llama", True), ("qwen2", False), ("qwen3", False)):
         m = tiny_rtk(arch, tie=tie)
         assert model_params(rtk_config_from_hf(tiny_hf(arch, tie=tie).config)) == total_params(m)
         p = apply_plan(m, ["attn.1", "mlp.2", "layer.3"])

@@ -248,7 +248,8 @@ def test_layer0_attention_removed_is_refused(tmp_path):
     model = fake_model(tmp_path / "m", 4, [(None, 64), (1, 64)])
     _fails([model], f"Error: model: {model}/config.json: layer 0 keeps its MLP but no attention comes before "
                     f"it (block_configs[0].attention.no_op); stock vLLM's nemotron-nas model cannot serve that: "
-                    f"prune with protect: [attn.0]")
+                    f"re-export the folder (rtk export {model} -o NEW) for rtk's vLLM plugin, or prune with "
+                    f"protect: [attn.0]")
     # a layer removed entirely before the first attention is fine for vLLM
     assert rtk("deploy", "vllm", fake_model(tmp_path / "ok", 4, [(None, None), (1, 64)])).exit_code == 0
 

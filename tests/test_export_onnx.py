@@ -191,7 +191,7 @@ def test_unknown_format(tmp_path):
     res = run_cli(tmp_path, "--format", "tflite", "-o", tmp_path / "out")
     assert res.exit_code == 2  # a usage error, listing every format
     assert res.output.strip().splitlines()[-1] == ("Error: Invalid value for '--format': unknown format 'tflite'; "
-                                                   "rtk exports: safetensors, onnx")
+                                                   "rtk exports: safetensors, onnx, per-layer-config")
     assert not (tmp_path / "out").exists()
 
 
@@ -209,7 +209,7 @@ def test_unsupported_model(tmp_path):
     res = run_cli(tmp_path / "gpt2", "--format", "onnx", "-o", tmp_path / "out")
     assert res.exit_code == 1
     assert res.output.startswith(f"Error: model: {tmp_path / 'gpt2'}: architecture 'gpt2' is not supported; "
-                                 "rtk supports: llama, mistral, qwen2, nemotron-nas (rtk-pruned)")
+                                 "rtk supports: llama, mistral, qwen2, qwen3, nemotron-nas (rtk-pruned)")
     assert not (tmp_path / "out").exists()
 
 

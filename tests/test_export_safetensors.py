@@ -65,7 +65,7 @@ def reload(folder: Path):
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("plan", [HETERO, LAYERS], ids=["hetero", "layers"])
 def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
     original = tiny_rtk(arch, tie=tie)
@@ -74,7 +74,13 @@ def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is tie
-    if plan is HETERO:
+    if plan is HETERO and arch == "qwen3":  # DeciLM has no q/k norms: rtk's vLLM plugin format
+        assert s["layout"] == "plugin" and s["vllm_plugin"] and (out / "modeling_rtk.py").is_file()
+        assert cfg["architectures"] == ["RtkForCausalLM"] and cfg["model_type"] == "qwen3"
+        assert cfg["head_dim"] == 24 and cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
+        assert cfg["per_layer_config"] == {"1": {"skip": ["attention"]}, "2": {"skip": ["attention", "mlp"]},
+                                           "3": {"skip": ["mlp"]}}
+    elif plan is HETERO:
         assert s["layout"] == "native" and (out / "modeling_rtk.py").is_file()
         assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
         assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
@@ -84,7 +90,8 @@ def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
             (False, 2, False, 96), (True, None, False, 96), (True, None, True, None), (False, 2, True, None)]
         assert not any("ffn_mult" in b["ffn"] for b in cfg["block_configs"])
     else:
-        want = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+        want = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}[arch]
         assert s["layout"] == "standard" and cfg["architectures"] == [want] and cfg["model_type"] == arch
         assert cfg["num_hidden_layers"] == 2 and "auto_map" not in cfg
         assert not (out / "modeling_rtk.py").exists()
@@ -132,14 +139,13 @@ def test_weight_bytes_shrink_with_parameters(tmp_path, dtype, width):
 def test_verification_mismatch_fails_and_leaves_nothing(tmp_path, monkeypatch):
     import rtk.export.safetensors as st
 
-    real = st._state_dict
+    real = st.write_shards
 
-    def corrupt(model, dtype, keep_layers=None):
-        sd = real(model, dtype, keep_layers)
-        sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] + 0.5
-        return sd
+    def corrupt(out, specs, tensor, shard_bytes):  # one weight written wrong
+        bad = "model.layers.0.mlp.down_proj.weight"
+        return real(out, specs, lambda k: tensor(k) + 0.5 if k == bad else tensor(k), shard_bytes)
 
-    monkeypatch.setattr(st, "_state_dict", corrupt)
+    monkeypatch.setattr(st, "write_shards", corrupt)
     original = tiny_rtk("llama")
     with pytest.raises(RtkError, match=r"export verification failed: logits of the reloaded model differ from "
                                        r"the in-memory pruned model by [0-9.e+-]+ \(tolerance [0-9.e+-]+\)"):
@@ -147,31 +153,52 @@ def test_verification_mismatch_fails_and_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_first_sublayer_mlp_is_refused_for_vllm(tmp_path):
-    from rtk.serve import vllm_args
+def test_first_sublayer_mlp_goes_to_the_plugin_format(tmp_path):
+    """Stock vLLM's DeciLM crashes when an MLP comes before any attention: such plans (attn.0 removed) are
+    written in rtk's vLLM plugin format; a whole layer 0 removed is still a standard checkpoint."""
+    from transformers import AutoConfig, LlamaConfig
 
     original = tiny_rtk("llama")
     for plan, first in ((["attn.0"], "mlp.0"), (["layer.0", "attn.1"], "mlp.1")):
         pruned = apply_plan(original, plan)
         assert vllm_blocker(pruned.config) == first
-        with pytest.raises(RtkError) as err:
-            export_model(pruned, None, tmp_path / "v")
-        assert err.value.message == (
-            f"plan: stock vLLM 0.32 cannot serve this folder: its first remaining sublayer is {first} (an MLP "
-            "before any attention), and vLLM's DeciLM layer crashes there; keep attn.0 (search.protect) or pass "
-            "--transformers-only to write a folder for transformers and rtk only")
-        assert not (tmp_path / "v").exists()
-    s = export_model(pruned, None, tmp_path / "t", original=original, transformers_only=True)
-    assert s["vllm_servable"] is False
-    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
-    assert cfg["rtk_vllm_servable"] is False
-    assert "cannot serve" in (tmp_path / "t" / "README.md").read_text()
-    torch.testing.assert_close(probe(reload(tmp_path / "t")), probe(original, skip=["attn.0", "mlp.0", "attn.1"]))
-    with pytest.raises(RtkError, match="first remaining sublayer is mlp.1"):
-        vllm_args(tmp_path / "t")
-    # whole layer 0 gone: a standard checkpoint, which vLLM serves
+        s = export_model(pruned, None, tmp_path / first, original=original)
+        assert s["layout"] == "plugin" and s["architecture"] == "RtkForCausalLM" and s["vllm_plugin"]
+        assert s["vllm"] == ("served by rtk's vLLM plugin (RtkForCausalLM): `pip install rtk` next to vLLM 0.32 "
+                             "(or build the image in deploy/README.md)")
+        cfg = AutoConfig.from_pretrained(tmp_path / first)  # transformers' own per_layer_config parsing
+        assert type(cfg) is LlamaConfig and cfg.is_heterogeneous
+        skips = [cfg.per_layer_config[i].skip for i in range(4)]
+        assert skips == ([["attention"], [], [], []] if first == "mlp.0" else [["attention", "mlp"], ["attention"], [], []])
+        torch.testing.assert_close(probe(reload(tmp_path / first)), probe(original, skip=s["removed_sublayers"]),
+                                   atol=1e-5, rtol=1e-5)
+        card = (tmp_path / first / "README.md").read_text()
+        assert "pip install rtk  # next to vLLM" in card and "trust_remote_code=True" in card
     s = export_model(apply_plan(original, ["layer.0"]), None, tmp_path / "l0", original=original)
-    assert s["layout"] == "standard" and s["vllm_servable"]
+    assert s["layout"] == "standard" and not s["vllm_plugin"]
+
+
+def test_no_vllm_format_is_refused_with_the_list(tmp_path):
+    """A nemotron-nas model rtk did not make (no base architecture) whose first sublayer is an MLP: neither
+    stock vLLM's DeciLM nor rtk's plugin can serve it, and nothing is written."""
+    from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
+
+    cfg = tiny_rtk("llama").config.to_dict()
+    cfg.pop("rtk_base_model_type")
+    torch.manual_seed(0)
+    foreign = RtkDeciLMForCausalLM(RtkDeciConfig(**cfg)).eval()
+    with pytest.raises(RtkError) as err:
+        export_model(apply_plan(foreign, ["attn.0"]), None, tmp_path / "v")
+    assert err.value.message == (
+        "plan: no vLLM format serves this model: stock vLLM 0.32's DeciLM cannot (its first remaining sublayer is "
+        "mlp.0 (an MLP before any attention), and vLLM's DeciLM layer crashes there), and rtk's vLLM plugin serves "
+        "standard llama, mistral, qwen2, qwen3 configs whose removed modules are listed per layer, which this model "
+        "(base model_type 'none') is not")
+    with pytest.raises(RtkError, match="--format per-layer-config: the model \\(base model_type 'none'\\) is not"):
+        export_model(apply_plan(foreign, ["attn.1"]), None, tmp_path / "v", layout="per-layer-config")
+    assert list(tmp_path.iterdir()) == []
+    # what it can serve, it still writes: attention first -> DeciLM
+    assert export_model(apply_plan(foreign, ["attn.1"]), None, tmp_path / "d")["layout"] == "native"
 
 
 def last_line(result) -> str:

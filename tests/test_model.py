@@ -6,7 +6,7 @@ from conftest import tiny_hf, tiny_rtk
 from rtk.load import from_hf
 from rtk.rewrite import apply_plan
 
-ARCHS = [("llama", True), ("llama", False), ("mistral", True), ("qwen2", False)]
+ARCHS = [("llama", True), ("llama", False), ("mistral", True), ("qwen2", False), ("qwen3", False), ("qwen3", True)]
 
 
 def _inputs(batch=2, t=9, vocab=128, seed=1):

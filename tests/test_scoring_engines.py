@@ -129,7 +129,7 @@ def test_memory_budget_too_small_is_one_line():
 def test_write_safetensors_streams_a_readable_file(tmp_path):
     from safetensors.torch import load_file
 
-    from rtk.export.streamed import write_shards
+    from rtk.export.shards import write_shards
 
     ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c.d": torch.arange(4)}
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]

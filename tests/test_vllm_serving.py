@@ -62,9 +62,8 @@ def test_served_architecture(served):
     assert arch == (["DeciLMForCausalLM"] if kind == "pruned" else ["LlamaForCausalLM"])
 
 
-def test_prompt_logprobs_match_transformers(served, reference):
-    kind, _, server = served
-    model, prompts = reference
+def assert_logprobs_match(kind: str, server, model, prompts) -> None:
+    """Per-token prompt log-probs of the server within 1e-3 of transformers' (also used by test_vllm_plugin)."""
     for ids in prompts:
         got = prompt_logprobs(server.url, server.model_name, ids)
         want = hf_prompt_logprobs(model, ids)
@@ -74,8 +73,15 @@ def test_prompt_logprobs_match_transformers(served, reference):
         assert diff <= 1e-3, f"max |log-prob difference| {diff:.2e} over {len(ids)} tokens"
 
 
-def test_greedy_ids_match_transformers(served, reference):
-    _, _, server = served
-    model, prompts = reference
+def assert_greedy_match(server, model, prompts) -> None:
     for ids in prompts:
         assert greedy(server.url, server.model_name, ids, N_GREEDY) == hf_greedy(model, ids, N_GREEDY)
+
+
+def test_prompt_logprobs_match_transformers(served, reference):
+    kind, _, server = served
+    assert_logprobs_match(kind, server, *reference)
+
+
+def test_greedy_ids_match_transformers(served, reference):
+    assert_greedy_match(served[2], *reference)

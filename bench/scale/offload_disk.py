@@ -33,7 +33,7 @@ def make_model(folder: Path, layers: int, hidden: int, inter: int, heads: int, k
     """A random Llama folder; returns its weight bytes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rtk.export.streamed import write_shards
+    from rtk.export.shards import write_shards
     from rtk.load import resolve
 
     smol = Path(resolve("embedded:smollm2"))
@@ -73,7 +73,8 @@ def prune(model: Path, work: Path, name: str, scoring: dict, steps: int) -> dict
     rp = work / f"{name}.yaml"
     rp.write_text(yaml.safe_dump(r, sort_keys=False))
     out = work / name
-    shutil.rmtree(out, ignore_errors=True)
+    for d in (out, out.with_name(out.name + ".partial")):  # a fresh run, not a resumed one
+        shutil.rmtree(d, ignore_errors=True)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-c", "from rtk.cli import run; run()", "prune", str(rp), "-o",
            str(out), "--quiet"]
     t0 = time.perf_counter()

@@ -70,9 +70,7 @@ from .export import FORMATS as _EXPORT_FORMATS  # noqa: E402  (a dict of names: 
               help="Weight dtype (default: the dtype MODEL_DIR stores).")
 @click.option("--plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A plan.json from `rtk prune`: remove its sublayers from MODEL_DIR before exporting.")
-@click.option("--transformers-only", is_flag=True,
-              help="Write a model that stock vLLM cannot serve (MLP before any attention) anyway.")
-def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | None, transformers_only: bool):
+def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | None):
     """Export MODEL_DIR (any folder rtk loads, e.g. OUT/model or a dense model) to -o OUT.
 
     The export is reloaded from disk and its logits compared with the model in memory (and with the
@@ -80,8 +78,7 @@ def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | 
     from .export import UnknownFormat, UnsupportedOption, run_export
 
     try:
-        s = run_export(fmt, model_dir, out, dtype=dtype, plan=plan, transformers_only=transformers_only,
-                       echo=click.echo)
+        s = run_export(fmt, model_dir, out, dtype=dtype, plan=plan, echo=click.echo)
     except UnknownFormat as exc:
         raise click.BadParameter(str(exc), param_hint="'--format'") from None
     except UnsupportedOption as exc:
@@ -96,6 +93,7 @@ def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | 
                f"{s['weight_bytes']:,} weight bytes; {len(s['removed_sublayers'])} sublayers absent)")
     for line in s.get("verification", []):
         click.echo(f"rtk: verified: {line}")
+    click.echo(f"rtk: vLLM: {s['vllm']}")
 
 # --- rtk deploy -------------------------------------------------------------------------------
 @main.group()

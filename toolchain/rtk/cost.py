@@ -59,6 +59,7 @@ def _dims(config, i: int) -> dict:
         qkv_bias = bool(config.qkv_bias)  # as modeling_rtk and vLLM: q/k/v biases follow qkv_bias
         p = h * heads * d + 2 * h * kv * d + heads * d * h + h  # q, k, v, o, input norm
         p += (heads * d + 2 * kv * d) * qkv_bias + h * bool(config.attention_bias)
+        p += 2 * d * bool(getattr(config, "qk_norm", False))  # Qwen3's per-head q/k RMSNorm weights
         out.update(K=kv, P_attn=p)
     if not b["ffn"]["no_op"]:
         inter = b["ffn"]["intermediate_size"]

@@ -17,10 +17,16 @@ from typing import Optional
 
 import yaml
 
+from . import __version__
 from .errors import RtkError
-from .serve import TARGETS, needs_remote_code, vllm_args
+from .modeling_rtk import BASE_ARCHS, SKIP_NAMES
+from .serve import TARGETS, needs_remote_code, plugin_args, vllm_args
+from .vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the vLLM release whose CPU build the tests run (tests check)
+# folders that need rtk's vLLM plugin: vLLM's image with rtk installed next to vLLM
+PLUGIN_IMAGE = f"rtk-vllm-openai:{VLLM_IMAGE.split(':')[1]}-rtk{__version__}"
+PLUGIN_DOCKERFILE = f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir rtk=={__version__}\n"
 API_MODULE = "vllm.entrypoints.openai.api_server"
 CONTAINER_MODEL = "/model"
 FORMATS = ("command", "compose", "k8s", "ray")
@@ -39,6 +45,7 @@ class ModelInfo:
     max_positions: Optional[int]
     remote_code: bool
     size_bytes: int
+    plugin: Optional[list] = None  # None: stock vLLM serves it; else rtk's plugin does, with these extra args
 
 
 def _positive_int(cfg: dict, key: str, where: str) -> int:
@@ -85,11 +92,41 @@ def inspect_model(model_dir: str | Path) -> ModelInfo:
             kv.setdefault(heads // group, []).append(i)
         _check_first_sublayer(blocks, where)
     else:
-        kv[cfg.get("num_key_value_heads") or heads] = list(range(layers))
+        kv[cfg.get("num_key_value_heads") or heads] = _attention_layers(cfg, layers, where)
     max_pos = cfg.get("max_position_embeddings")
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
     return ModelInfo(str(model_dir), layers, heads, kv, max_pos if isinstance(max_pos, int) else None,
-                     needs_remote_code(p), size)
+                     needs_remote_code(p), size, plugin_args(p))
+
+
+def _attention_layers(cfg: dict, layers: int, where: str) -> list[int]:
+    """The layers of a standard config that keep their attention. A config with per_layer_config skips
+    (or architectures [RtkForCausalLM]) is served by rtk's vLLM plugin, which reads the base architectures
+    in its table only; anything else no vLLM path serves."""
+    plc = cfg.get("per_layer_config") or {}
+    needs_plugin = cfg.get("architectures") == [PLUGIN_ARCH] or any(
+        isinstance(v, dict) and v.get("skip") for v in plc.values()) if isinstance(plc, dict) else True
+    if not needs_plugin:
+        return list(range(layers))
+    mt = cfg.get("model_type")
+    if mt not in BASE_ARCHS:
+        raise RtkError(f"{where}/config.json: model_type {mt!r} with {cfg.get('architectures')} and per-layer skips: "
+                       f"neither stock vLLM nor rtk's vLLM plugin serves it (the plugin serves "
+                       f"{', '.join(BASE_ARCHS)}; stock vLLM serves rtk's nemotron-nas folders)")
+    if not isinstance(plc, dict):
+        raise RtkError(f"{where}/config.json: 'per_layer_config' must map layer indices to overrides")
+    skips = {}
+    for key, over in plc.items():
+        i = int(key) if str(key).isdigit() else -1
+        skip = (over or {}).get("skip", []) if isinstance(over, dict) else None
+        if not 0 <= i < layers or not isinstance(skip, list) or set(skip) - set(SKIP_NAMES):
+            raise RtkError(f"{where}/config.json: per_layer_config[{key!r}] must be a layer index below {layers} "
+                           f"with a skip list of {' / '.join(SKIP_NAMES)} (got {over!r})")
+        skips[i] = set(skip)
+    keep = [i for i in range(layers) if "attention" not in skips.get(i, ())]
+    if not keep:
+        raise RtkError(f"{where}/config.json: no layer has attention; vLLM cannot serve this model")
+    return keep
 
 
 def _check_first_sublayer(blocks: list, where: str) -> None:
@@ -101,7 +138,8 @@ def _check_first_sublayer(blocks: list, where: str) -> None:
         if not (block.get("ffn") or {}).get("no_op"):
             raise RtkError(f"{where}/config.json: layer {i} keeps its MLP but no attention comes before it "
                            f"(block_configs[{i}].attention.no_op); stock vLLM's nemotron-nas model cannot "
-                           f"serve that: prune with protect: [attn.0]")
+                           f"serve that: re-export the folder (rtk export {where.split(': ', 1)[1]} -o NEW) for "
+                           f"rtk's vLLM plugin, or prune with protect: [attn.0]")
     raise RtkError(f"{where}/config.json: no layer has attention; stock vLLM cannot serve this model")
 
 
@@ -166,7 +204,19 @@ class Deployment:
         return vllm_args(model_path, port=self.port, host=host, dtype=self.dtype,
                          max_model_len=self.max_model_len, served_name=self.served_name, tensor_parallel=self.tp,
                          pipeline_parallel=self.pp, enforce_eager=TARGETS[self.device].enforce_eager,
-                         trust_remote_code=self.info.remote_code, executor_backend=backend)
+                         trust_remote_code=self.info.remote_code, executor_backend=backend,
+                         plugin=self.info.plugin or [])
+
+    @property
+    def image(self) -> str:
+        """vLLM's image, or (rtk's plugin needed) that image with rtk installed (PLUGIN_DOCKERFILE)."""
+        return VLLM_IMAGE if self.info.plugin is None else PLUGIN_IMAGE
+
+    def image_spec(self) -> dict:
+        """compose: the image, built from PLUGIN_DOCKERFILE where rtk's plugin is needed."""
+        if self.info.plugin is None:
+            return {"image": VLLM_IMAGE}
+        return {"image": PLUGIN_IMAGE, "build": {"context": ".", "dockerfile_inline": PLUGIN_DOCKERFILE}}
 
     def argv(self, python: str = "python") -> list[str]:
         """The local command line (for --format command and --run)."""
@@ -220,6 +270,12 @@ def render(d: Deployment, fmt: str, out_file: Optional[Path] = None) -> str:
 
 
 def render_command(d: Deployment) -> str:
+    note = "" if d.info.plugin is None else (f"# {d.served_name} needs rtk's vLLM plugin ({PLUGIN_ARCH}): "
+                                             "pip install rtk next to vLLM\n")
+    return note + _command_text(d)
+
+
+def _command_text(d: Deployment) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in d.env.items())
     argv = d.argv()
     lines, cur = [], [env, *map(shlex.quote, argv[:3])] if env else list(map(shlex.quote, argv[:3]))
@@ -242,8 +298,14 @@ def _header(d: Deployment, kind: str, out_file: Optional[Path]) -> str:
                f"VLLM_HOST_IP=<its ip> docker compose -f {out_file or 'FILE'} --profile worker up -d",
         "k8s": f"kubectl apply -f {out_file or 'FILE'}   # then copy the model into the PVC (deploy/README.md)",
     }[kind]
+    plugin = ""
+    if d.info.plugin is not None:
+        build = ("docker compose builds it from build.dockerfile_inline" if kind != "k8s" else
+                 f"build and push it first: printf '{PLUGIN_DOCKERFILE.encode('unicode_escape').decode()}' | "
+                 f"docker build -t {PLUGIN_IMAGE} -  (then set image: to the pushed name)")
+        plugin = f"# Needs rtk's vLLM plugin ({PLUGIN_ARCH}): image {PLUGIN_IMAGE} = {VLLM_IMAGE} + pip install rtk; {build}\n"
     return (f"# Generated by: {d.invocation}\n# vLLM serving '{d.served_name}' ({d.gpus} GPU(s): tensor-parallel "
-            f"{d.tp} x pipeline-parallel {d.pp}) on port {d.port}.\n# {how}\n")
+            f"{d.tp} x pipeline-parallel {d.pp}) on port {d.port}.\n{plugin}# {how}\n")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -266,7 +328,7 @@ def _gpu_reservation(count: int) -> dict:
 
 def _compose_service(d: Deployment, src: str) -> dict:
     return {
-        "image": VLLM_IMAGE,
+        **d.image_spec(),
         "entrypoint": ["python3", "-m", API_MODULE],
         "command": d.args(CONTAINER_MODEL, "0.0.0.0"),
         "ports": [f"{d.port}:{d.port}"],
@@ -289,7 +351,7 @@ def _ray_compose(d: Deployment, src: str) -> dict:
     serve = " ".join(shlex.quote(a) for a in ["python3", "-m", API_MODULE,
                                                *d.args(CONTAINER_MODEL, "0.0.0.0", backend="ray")])
     common = {
-        "image": VLLM_IMAGE,
+        **d.image_spec(),
         "network_mode": "host",
         "ipc": "host",
         "volumes": [{"type": "bind", "source": src, "target": CONTAINER_MODEL, "read_only": True}],
@@ -320,7 +382,7 @@ def _k8s(d: Deployment) -> list[dict]:
            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{gib}Gi"}}}}
     container = {
         "name": "vllm",
-        "image": VLLM_IMAGE,
+        "image": d.image,
         "command": ["python3", "-m", API_MODULE],
         "args": d.args(CONTAINER_MODEL, "0.0.0.0"),
         "env": [{"name": k, "value": v} for k, v in {"HF_HUB_OFFLINE": "1", **d.env}.items()],
@@ -366,8 +428,9 @@ def run_local(d: Deployment, echo, python: str, log_path: Optional[Path] = None,
     stop it (the server runs in its own process group, so a terminal's Ctrl-C reaches only rtk)."""
     import signal
 
-    from .serve import VLLMServer, port_in_use
+    from .serve import VLLMServer, port_in_use, preflight
 
+    preflight(d.info.path, d.env)
     if port_in_use(d.port):
         raise RtkError(f"--port {d.port}: already in use on 127.0.0.1")
     server = VLLMServer(d.info.path, port=d.port, command=d.argv(python), env=d.env, log_path=log_path,

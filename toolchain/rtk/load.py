@@ -116,6 +116,9 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     try:
         if hf_config.model_type == "nemotron-nas":
             model = RtkDeciLMForCausalLM.from_pretrained(path, dtype=torch_dtype)  # RoPE set in _init_weights
+        elif getattr(hf_config, "is_heterogeneous", False):  # per_layer_config: the standard class would
+            # build the skipped modules and leave them random, rtk's class builds only what exists
+            model = RtkDeciLMForCausalLM.from_pretrained(path, config=rtk_config_from_hf(hf_config), dtype=torch_dtype)
         else:
             from transformers import AutoModelForCausalLM
 

@@ -3,16 +3,20 @@
 
 The config is the Nemotron-NAS / DeciLM format that vLLM serves natively
 (`architectures: ["DeciLMForCausalLM"]`, `model_type: "nemotron-nas"`, one `block_configs`
-entry per layer). This file is self-contained (torch + transformers only): rtk writes it beside
-exported weights so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-loads them, and rtk itself imports it as `rtk.modeling_rtk`.
+entry per layer), or a standard Llama / Mistral / Qwen2 / Qwen3 config whose `per_layer_config`
+names the removed modules of each layer (`{"3": {"skip": ["attention"]}}`, the schema of
+transformers' heterogeneous configs); `config_from_standard` turns the second into the first.
+This file is self-contained (torch + transformers only): rtk writes it beside exported weights so
+that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads them, and rtk
+itself imports it as `rtk.modeling_rtk`.
 
 Key/value caches are indexed by *attention* index (0..n_attn-1), not by layer index, so layers
 without attention hold no cache at all.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +54,37 @@ def make_block(n_heads_in_group: Optional[int], intermediate_size: Optional[int]
     }
 
 
+# How each standard architecture's config maps onto this model: q/k/v biases, the o_proj bias, and
+# Qwen3's per-head RMSNorm of q and k (applied before RoPE). Llama's attention_bias is a bias on q, k,
+# v *and* o; Qwen2 always has q/k/v biases and no o bias; Qwen3's attention_bias covers q, k, v and o.
+@dataclass(frozen=True)
+class BaseArch:
+    hf_class: str  # the architectures[] entry of a standard checkpoint
+    qkv_bias: Callable[[object], bool]
+    o_bias: Callable[[object], bool]
+    qk_norm: bool = False
+    # standard-config keys that pin behaviour rtk relies on (no sliding window)
+    fixed: dict = field(default_factory=dict)
+    # the inverse: an rtk config -> the standard config's keys for its biases
+    standard: Callable[[object], dict] = lambda r: {}
+
+
+def _attention_bias(c) -> bool:
+    return bool(getattr(c, "attention_bias", False))
+
+
+BASE_ARCHS: dict[str, BaseArch] = {
+    "llama": BaseArch("LlamaForCausalLM", _attention_bias, _attention_bias,
+                      standard=lambda r: {"attention_bias": bool(r.attention_bias), "mlp_bias": bool(r.mlp_bias)}),
+    "mistral": BaseArch("MistralForCausalLM", lambda c: False, lambda c: False, fixed={"sliding_window": None}),
+    "qwen2": BaseArch("Qwen2ForCausalLM", lambda c: True, lambda c: False, fixed={"use_sliding_window": False}),
+    "qwen3": BaseArch("Qwen3ForCausalLM", _attention_bias, _attention_bias, qk_norm=True,
+                      fixed={"use_sliding_window": False},
+                      standard=lambda r: {"attention_bias": bool(r.attention_bias)}),
+}
+SKIP_NAMES = {"attention": "attn", "mlp": "mlp"}  # per_layer_config skip entry -> rtk sublayer kind
+
+
 class RtkDeciConfig(PretrainedConfig):
     model_type = "nemotron-nas"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -71,6 +106,7 @@ class RtkDeciConfig(PretrainedConfig):
         attention_bias: bool = False,
         qkv_bias: bool = False,
         mlp_bias: bool = False,
+        qk_norm: bool = False,
         block_configs: Optional[list] = None,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
@@ -93,6 +129,7 @@ class RtkDeciConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.qkv_bias = qkv_bias
         self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         if block_configs is None:
@@ -108,6 +145,51 @@ class RtkDeciConfig(PretrainedConfig):
         out = super().to_dict()
         out["block_configs"] = [_plain(b) for b in self.block_configs]
         return out
+
+
+def layer_skips(config) -> list[set]:
+    """Per layer, the per_layer_config `skip` entries of a standard config (empty sets if homogeneous)."""
+    n = config.num_hidden_layers
+    if not getattr(config, "is_heterogeneous", False):
+        return [set() for _ in range(n)]
+    out = []
+    for i in range(n):
+        skip = set(getattr(config.per_layer_config[i], "skip", None) or ())
+        unknown = skip - set(SKIP_NAMES)
+        if unknown:
+            raise ValueError(f"per_layer_config[{i}].skip: {sorted(unknown)} cannot be skipped "
+                             f"(this model skips: {', '.join(SKIP_NAMES)})")
+        out.append(skip)
+    return out
+
+
+def config_from_standard(c, **extra) -> RtkDeciConfig:
+    """The rtk config of a standard Llama / Mistral / Qwen2 / Qwen3 config; its per_layer_config `skip`
+    lists ("attention", "mlp") become absent sublayers."""
+    mt = getattr(c, "model_type", None)
+    if mt not in BASE_ARCHS:
+        raise ValueError(f"model_type '{mt}' is not one of {', '.join(BASE_ARCHS)}")
+    spec = BASE_ARCHS[mt]
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    rope = getattr(c, "rope_parameters", None) or {"rope_type": "default",
+                                                    "rope_theta": getattr(c, "rope_theta", 10000.0)}
+    blocks = [make_block(None if "attention" in skip else heads // kv,
+                         None if "mlp" in skip else c.intermediate_size) for skip in layer_skips(c)]
+    return RtkDeciConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+        intermediate_size=c.intermediate_size,
+        hidden_act="silu" if c.hidden_act in ("silu", "swish") else c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=dict(rope), attention_bias=spec.o_bias(c), qkv_bias=spec.qkv_bias(c),
+        mlp_bias=bool(getattr(c, "mlp_bias", False)), qk_norm=spec.qk_norm, block_configs=blocks,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
+        pad_token_id=getattr(c, "pad_token_id", None), architectures=["DeciLMForCausalLM"],
+        rtk_base_model_type=mt, **extra,
+    )
 
 
 def _plain(x):
@@ -147,11 +229,18 @@ class RtkAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bool(config.attention_bias))
+        self.q_norm = self.k_norm = None
+        if getattr(config, "qk_norm", False):  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RtkRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RtkRMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_idx: int = 0):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
@@ -326,6 +415,8 @@ class RtkDeciLMForCausalLM(RtkPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: RtkDeciConfig):
+        if getattr(config, "model_type", None) != RtkDeciConfig.model_type:  # a standard config + per_layer_config
+            config = config_from_standard(config)
         super().__init__(config)
         self.model = RtkModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -153,15 +153,15 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
             model = model.to("cpu") if loaded.offload == "cpu" else model
             pruned = apply_plan(model, removed_names)
             exported = export_model(pruned, tokenizer, model_dir, original=model, plan=plan,
-                                    recipe_yaml=recipe_yaml, source=path, transformers_only=True)
+                                    recipe_yaml=recipe_yaml, source=path)
         else:
             from .export.streamed import export_streamed
 
             exported = export_streamed(path, model.config, removed_names, tokenizer, model_dir,
-                                       dtype=recipe.dtype, device=loaded.source.device.__str__(), plan=plan,
-                                       recipe_yaml=recipe_yaml, transformers_only=True)
-        if not exported["vllm_servable"]:
-            echo(f"rtk: note: {exported['vllm']}")
+                                       dtype=recipe.dtype, device=str(loaded.source.device), plan=plan,
+                                       recipe_yaml=recipe_yaml)
+        if exported["vllm_plugin"]:
+            echo(f"rtk: note: the model is {exported['vllm']}")
         write_json_atomic(partial / "plan.json", plan, indent=2)
         from .report import write_report
 

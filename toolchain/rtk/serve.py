@@ -15,6 +15,8 @@ from typing import Optional
 import requests
 
 from .errors import RtkError
+from .vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
+from .vllm_plugin import ENTRY_POINT_GROUP as PLUGIN_GROUP
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,28 +31,76 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def needs_remote_code(model_dir: str | Path) -> bool:
-    """A nemotron-nas (DeciLM) folder ships its config class as code beside the weights."""
+def _config(model_dir: str | Path) -> dict:
     cfg = Path(model_dir) / "config.json"
-    return cfg.is_file() and "auto_map" in json.loads(cfg.read_text())
+    data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def needs_remote_code(model_dir: str | Path) -> bool:
+    """A nemotron-nas (DeciLM) folder ships its config class as code beside the weights (vLLM then needs
+    --trust-remote-code); rtk's per_layer_config folders ship only a model class, which vLLM never loads."""
+    return "AutoConfig" in (_config(model_dir).get("auto_map") or {})
+
+
+def has_skips(cfg: dict) -> bool:
+    """config.json's per_layer_config names a removed module in some layer."""
+    plc = cfg.get("per_layer_config")
+    return isinstance(plc, dict) and any(isinstance(v, dict) and v.get("skip") for v in plc.values())
+
+
+def plugin_args(model_dir: str | Path) -> Optional[list[str]]:
+    """None where stock vLLM serves the folder; else the folder needs rtk's vLLM plugin and these are the
+    extra vLLM arguments: none for `architectures: ["RtkForCausalLM"]`, --hf-overrides for a standard
+    architecture with per_layer_config skips (stock vLLM would build the skipped modules)."""
+    cfg = _config(model_dir)
+    if cfg.get("architectures") == [PLUGIN_ARCH]:
+        return []
+    if has_skips(cfg):
+        return ["--hf-overrides", json.dumps({"architectures": [PLUGIN_ARCH]})]
+    return None
+
+
+def check_plugin(model_dir: str | Path, env: Optional[dict] = None) -> None:
+    """Before starting vLLM here for a folder that needs rtk's plugin: this Python's vLLM must load it
+    (the entry point is installed and VLLM_PLUGINS, when set, names it). Else one clear line."""
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points(group=PLUGIN_GROUP) if e.value.split(":")[0] == "rtk.vllm_plugin"]
+    where = f"model: {model_dir}: needs rtk's vLLM plugin ({PLUGIN_ARCH})"
+    if not found:
+        raise RtkError(f"{where}, and the vLLM of {sys.executable} does not have it (no rtk entry point in "
+                       f"{PLUGIN_GROUP}): pip install rtk next to vLLM")
+    allowed = {**os.environ, **(env or {})}.get("VLLM_PLUGINS")  # the server's environment
+    if allowed is not None and found[0].name not in allowed.split(","):
+        raise RtkError(f"{where}, and VLLM_PLUGINS={allowed!r} leaves it out: add '{found[0].name}' to VLLM_PLUGINS "
+                       "or unset it")
+
+
+def preflight(model_dir: str | Path, env: Optional[dict] = None) -> None:
+    """What can be known before a local vLLM starts for the folder: rtk's plugin is there when needed."""
+    if plugin_args(model_dir) is not None:
+        check_plugin(model_dir, env)
 
 
 def check_servable(model_dir: str | Path) -> None:
-    """rtk marks the folders stock vLLM cannot serve (see rtk.export.safetensors.vllm_blocker)."""
-    cfg = Path(model_dir) / "config.json"
-    data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    """rtk before its vLLM plugin wrote folders stock vLLM cannot serve with `rtk_vllm_servable: false`."""
+    data = _config(model_dir)
     if data.get("rtk_vllm_servable") is False:
-        raise RtkError(f"model: {model_dir}: {data.get('rtk_vllm_note', 'marked as not servable by vLLM')}")
+        raise RtkError(f"model: {model_dir}: {data.get('rtk_vllm_note', 'marked as not servable by vLLM')}; "
+                       f"re-export it (rtk export {model_dir} -o NEW): rtk's vLLM plugin serves it")
 
 
 def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", dtype: Optional[str] = "float32",
               max_model_len: int = 2048, served_name: Optional[str] = None, tensor_parallel: int = 1,
               pipeline_parallel: int = 1, enforce_eager: bool = True, extra: tuple[str, ...] = (),
-              trust_remote_code: Optional[bool] = None, executor_backend: Optional[str] = None) -> list[str]:
+              trust_remote_code: Optional[bool] = None, executor_backend: Optional[str] = None,
+              plugin: Optional[list[str]] = None) -> list[str]:
     """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder.
 
-    `dtype=None` leaves --dtype out; `trust_remote_code=None` decides from the folder (needs_remote_code),
-    which matters when `model_dir` is the path inside a container and the folder cannot be read here."""
+    `dtype=None` leaves --dtype out; `trust_remote_code=None` / `plugin=None` decide from the folder
+    (needs_remote_code, plugin_args), which matters when `model_dir` is the path inside a container and
+    the folder cannot be read here."""
     check_servable(model_dir)
     args = ["--model", str(model_dir), "--host", host, "--port", str(port)]
     if dtype:
@@ -68,6 +118,7 @@ def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", 
         args.append("--enforce-eager")
     if needs_remote_code(model_dir) if trust_remote_code is None else trust_remote_code:
         args.append("--trust-remote-code")
+    args += (plugin_args(model_dir) if plugin is None else plugin) or []
     return args + list(extra)
 
 
@@ -113,6 +164,7 @@ class VLLMServer:
     def __enter__(self) -> "VLLMServer":
         if port_in_use(self.port):
             raise RtkError(f"--port {self.port}: already in use on 127.0.0.1")
+        preflight(self.model_dir, self.env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)

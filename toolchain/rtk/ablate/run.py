@@ -55,7 +55,7 @@ class Evaluator:
 
             if final.exists():
                 shutil.rmtree(final)
-            export_model(pruned, self.tok, final, original=self.model, source=self.source, transformers_only=True,
+            export_model(pruned, self.tok, final, original=self.model, source=self.source,
                          plan={"model": self.recipe.model, "removed": sorted(expand(removed)), "params_total": self.total,
                                "params_removed": self.total - after, "variant": name})
         cfg, cc = self.model.config, self.recipe.cost

@@ -166,6 +166,11 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
             raise RtkError("--backend openai needs one --endpoint URL per model (baseline first)")
         for url in cfg.endpoints:  # fail before any work when one is dead or wrong
             served_model(url)
+    if cfg.backend == "vllm":  # e.g. a folder that needs rtk's vLLM plugin: fail before any server starts
+        from ..serve import preflight
+
+        for m in models:
+            preflight(m)
     labels = ["baseline"] + [f"candidate{j}" for j in range(1, len(models))]
     shapes = [cost.read_config(m) for m in models]
     result = {"config": asdict(cfg), "serving": cfg.backend in ("vllm", "openai"),

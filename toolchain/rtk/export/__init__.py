@@ -12,6 +12,7 @@ from pathlib import Path
 FORMATS: dict[str, str] = {
     "safetensors": "rtk.export.safetensors:export_dir",
     "onnx": "rtk.export.onnx:export_onnx",
+    "per-layer-config": "rtk.export.safetensors:export_per_layer_config",
 }
 
 

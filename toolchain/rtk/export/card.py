@@ -18,26 +18,31 @@ def _removed_lines(summary: dict) -> list[str]:
 
 
 def _load_lines(summary: dict) -> list[str]:
-    remote = summary["layout"] == "native"
+    remote = summary["layout"] != "standard"
     trc = ", trust_remote_code=True" if remote else ""
     lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f"model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\"{trc})",
-             f"tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\"{trc})", "```", ""]
-    if not summary["vllm_servable"]:
-        lines.append(f"vLLM: {summary['vllm']}.")
-    else:
-        flag = " --trust-remote-code" if remote else ""
-        lines += ["```bash", f"python -m vllm.entrypoints.openai.api_server --model THIS_FOLDER{flag}", "```"]
+             f"tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\"{trc})", "```", "",
+             f"vLLM: {summary['vllm']}.", ""]
+    flag = {"native": " --trust-remote-code",
+            "per-layer-config": " --hf-overrides '{\"architectures\": [\"RtkForCausalLM\"]}'"}.get(summary["layout"], "")
+    lines += ["```bash"] + ["pip install rtk  # next to vLLM: rtk's vLLM plugin serves this folder"] * \
+        bool(summary.get("vllm_plugin")) + [f"python -m vllm.entrypoints.openai.api_server --model THIS_FOLDER{flag}",
+                                             "```"]
     return lines
 
 
 def model_card(summary: dict, plan: Optional[dict], source: Optional[str]) -> str:
     base = (plan or {}).get("model") or source or "unknown"
-    layout = ("standard checkpoint of the original architecture with the removed layers gone and the rest "
-              "renumbered; no remote code" if summary["layout"] == "standard" else
-              "DeciLM / Nemotron-NAS (`model_type: nemotron-nas`): `config.json` has one `block_configs` "
-              "entry per layer saying which sublayers exist; `modeling_rtk.py` beside the weights holds the "
-              "config and model classes (`auto_map`)")
+    layout = {
+        "standard": "standard checkpoint of the original architecture with the removed layers gone and the rest "
+                    "renumbered; no remote code",
+        "native": "DeciLM / Nemotron-NAS (`model_type: nemotron-nas`): `config.json` has one `block_configs` "
+                  "entry per layer saying which sublayers exist; `modeling_rtk.py` beside the weights holds the "
+                  "config and model classes (`auto_map`)",
+    }.get(summary["layout"], f"the `{summary.get('base_model_type')}` config with a `per_layer_config` whose `skip` "
+                             "lists name each layer's removed modules; `modeling_rtk.py` beside the weights holds the "
+                             "model class (`auto_map`)")
     lines = [
         "---", "library_name: transformers", "tags: [rtk, pruned]", "---", "",
         f"# {base}, pruned by rtk", "",

