@@ -139,14 +139,13 @@ def test_weight_bytes_shrink_with_parameters(tmp_path, dtype, width):
 def test_verification_mismatch_fails_and_leaves_nothing(tmp_path, monkeypatch):
     import rtk.export.safetensors as st
 
-    real = st._state_dict
+    real = st.write_shards
 
-    def corrupt(model, dtype, keep_layers=None):
-        sd = real(model, dtype, keep_layers)
-        sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] + 0.5
-        return sd
+    def corrupt(out, specs, tensor, shard_bytes):  # one weight written wrong
+        bad = "model.layers.0.mlp.down_proj.weight"
+        return real(out, specs, lambda k: tensor(k) + 0.5 if k == bad else tensor(k), shard_bytes)
 
-    monkeypatch.setattr(st, "_state_dict", corrupt)
+    monkeypatch.setattr(st, "write_shards", corrupt)
     original = tiny_rtk("llama")
     with pytest.raises(RtkError, match=r"export verification failed: logits of the reloaded model differ from "
                                        r"the in-memory pruned model by [0-9.e+-]+ \(tolerance [0-9.e+-]+\)"):

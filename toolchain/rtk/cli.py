@@ -33,6 +33,11 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     out = out or Path("runs") / recipe.stem
     import torch
 
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     if threads:
         torch.set_num_threads(threads)
     from .prune import SearchPaused, run_prune

@@ -17,11 +17,10 @@ import torch
 from . import __version__
 from .data import token_blocks
 from .errors import RtkError
-from .load import load_model
 from .outdir import check_out, write_json_atomic
 from .recipe import Recipe
 from .rewrite import apply_plan, expand
-from .scoring import ModelScorer, make_scorer, candidates, existing_names, total_params
+from .scoring import candidates, existing_names, load_for_scoring, param_count, scorer_for, total_params
 from .search import StopRule, check_reachable, run_search
 
 STATE = "search_state.json"
@@ -43,6 +42,14 @@ def _measure_line(info: dict, recipe: Recipe, model_name: str) -> str:
             f"on {recipe.device}")
 
 
+def _check_lengths(model, recipe: Recipe) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for field, spec in (("calibration", recipe.data.calibration), ("evaluation", recipe.data.evaluation)):
+        if limit and spec.seq_len > limit:
+            raise RtkError(f"data.{field}.seq_len: {spec.seq_len} is longer than the model's "
+                           f"max_position_embeddings ({limit})")
+
+
 def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[str], None] = print,
               max_steps: int | None = None) -> dict:
     from .device import resolve_runtime
@@ -55,88 +62,139 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         return json.loads((out / "plan.json").read_text())
     torch.manual_seed(0)
     t_start = time.perf_counter()
-    model, tokenizer, path = load_model(recipe.model, recipe.dtype, recipe.device)
-    names = existing_names(model)
-    bad = [p for p in recipe.search.protect if p not in names]
-    if bad:
-        raise RtkError(f"search.protect: {', '.join(bad)} does not exist in this model "
-                       f"({len(model.model.layers)} layers: attn.0..attn.{len(model.model.layers) - 1}, "
-                       f"mlp.0..mlp.{len(model.model.layers) - 1})")
-    calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
-    evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
-    cost_fn = None
-    if recipe.search.normalize == "cost":
-        from .cost import sublayer_cost_fn
+    sc = recipe.scoring
+    pool = None
+    # with Ray workers the actors score on their devices; the driver's copy (for candidates and the export)
+    # stays on the CPU, or on disk with offload: disk
+    loaded = load_for_scoring(recipe, device="cpu" if sc.workers > 1 else None)
+    try:
+        model, tokenizer, path = loaded.model, loaded.tokenizer, loaded.path
+        names = existing_names(model)
+        bad = [p for p in recipe.search.protect if p not in names]
+        if bad:
+            raise RtkError(f"search.protect: {', '.join(bad)} does not exist in this model "
+                           f"({len(model.model.layers)} layers: attn.0..attn.{len(model.model.layers) - 1}, "
+                           f"mlp.0..mlp.{len(model.model.layers) - 1})")
+        _check_lengths(model, recipe)
+        calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
+        evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
+        cost_fn = None
+        if recipe.search.normalize == "cost":
+            from .cost import sublayer_cost_fn
 
-        cost_fn = sublayer_cost_fn(model.config, recipe.cost)
-    cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
-    n_total = total_params(model)
-    stop = StopRule(params_total=n_total, **recipe.search.target.model_dump())
-    check_reachable(cands, stop)
+            cost_fn = sublayer_cost_fn(model.config, recipe.cost)
+        cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
+        n_total = total_params(model)
+        stop = StopRule(params_total=n_total, **recipe.search.target.model_dump())
+        check_reachable(cands, stop)
+        if sc.workers > 1:
+            from .scoring.workers import WorkerPool
 
-    partial.mkdir(parents=True, exist_ok=True)
-    state_path = partial / STATE
-    saved = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if saved:
-        echo(f"rtk: resuming {partial} at step {len(saved['state']['steps'])} "
-             f"({len(saved['state']['removed'])} removed)")
-    (partial / "recipe.yaml").write_text(recipe.to_yaml())
-    steps_at_start = len(saved["state"]["removed"]) if saved else 0
+            pool = WorkerPool(recipe, sc.workers, sc.ray_address, echo)
+        scorer = scorer_for(recipe, loaded, calib, progress, pool, "calibration")  # checks the memory budget
 
-    def save(state):
-        write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state}, indent=2)
-        if max_steps is not None and not state["done"] and len(state["removed"]) - steps_at_start >= max_steps:
-            raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
-                               f"state in {partial}; rerun the same command to continue")
+        partial.mkdir(parents=True, exist_ok=True)
+        state_path = partial / STATE
+        saved = json.loads(state_path.read_text()) if state_path.is_file() else None
+        if saved:
+            echo(f"rtk: resuming {partial} at step {len(saved['state']['steps'])} "
+                 f"({len(saved['state']['removed'])} removed)")
+        (partial / "recipe.yaml").write_text(recipe.to_yaml())
+        steps_at_start = len(saved["state"]["removed"]) if saved else 0
 
-    scorer = make_scorer(model, calib, recipe.scoring, progress)
-    state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
-                       state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"))
-    removed_names = [e["name"] for e in state["removed"]]
-    pruned = apply_plan(model, removed_names)
+        def save(state):
+            write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state}, indent=2)
+            if max_steps is not None and not state["done"] and len(state["removed"]) - steps_at_start >= max_steps:
+                raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
+                                   f"state in {partial}; rerun the same command to continue")
 
-    eval_scorer = ModelScorer(model, evalb, recipe.scoring.batch_size, progress=False)
-    eval_base = eval_scorer.ppl(frozenset())
-    eval_final = ModelScorer(pruned, evalb, recipe.scoring.batch_size, progress=False).ppl(frozenset())
-    n_after = total_params(pruned)
-    model_name = recipe.model if not recipe.model.startswith("embedded:") else \
-        "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
-    plan = {
-        "rtk_version": __version__,
-        "model": recipe.model,
-        "model_path": path,
-        "recipe": recipe.model_dump(mode="json"),
-        "recipe_fingerprint": recipe.fingerprint(),
-        "params_total": n_total,
-        "params_after": n_after,
-        "params_removed": n_total - n_after,
-        "params_removed_fraction": (n_total - n_after) / n_total,
-        "ppl_base": state["ppl_base"],
-        "ppl_final": state["ppl_current"],
-        "calibration": {**calib_info, "measured": _measure_line(calib_info, recipe, model_name)},
-        "eval": {**eval_info, "ppl_base": eval_base, "ppl_final": eval_final,
-                 "measured": _measure_line(eval_info, recipe, model_name)},
-        "removed": [{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after")}
-                    for e in state["removed"]],
-        "removed_sublayers": sorted(expand(removed_names), key=lambda n: (int(n.split(".")[1]), n)),
-        "steps": state["steps"],
-        "scoring": {"candidate_evaluations": scorer.evaluations, "seconds": round(scorer.seconds, 1),
-                    "engine": recipe.scoring.engine, "reuse_activations": recipe.scoring.reuse_activations, "threads": torch.get_num_threads(),
-                    "machine": platform.processor() or platform.machine()},
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    model_dir = partial / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    from .export.safetensors import export_model
+        state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
+                           state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"))
+        removed_names = [e["name"] for e in state["removed"]]
+        removed_set = frozenset(expand(removed_names))
 
-    exported = export_model(pruned, tokenizer, model_dir, original=model, plan=plan,
-                            recipe_yaml=(partial / "recipe.yaml").read_text(), source=path)
-    if exported["vllm_plugin"]:
-        echo(f"rtk: note: the model is {exported['vllm']}")
-    write_json_atomic(partial / "plan.json", plan, indent=2)
-    from .report import write_report
+        # the pruned model's PPL is the original's with the removed sublayers skipped (skip == absent: tested;
+        # the export below verifies the written folder against exactly that)
+        eval_scorer = scorer_for(recipe, loaded, evalb, False, pool, "evaluation", ppl_only=True)
+        eval_base = eval_scorer.ppl(frozenset())
+        eval_final = eval_scorer.ppl(removed_set)
+        model_name = recipe.model if not recipe.model.startswith("embedded:") else \
+            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
+        n_after = n_total - sum(param_count(_owner(model, n)) for n in removed_set)
+        plan = {
+            "rtk_version": __version__,
+            "model": recipe.model,
+            "model_path": path,
+            "recipe": recipe.model_dump(mode="json"),
+            "recipe_fingerprint": recipe.fingerprint(),
+            "params_total": n_total,
+            "params_after": n_after,
+            "params_removed": n_total - n_after,
+            "params_removed_fraction": (n_total - n_after) / n_total,
+            "ppl_base": state["ppl_base"],
+            "ppl_final": state["ppl_current"],
+            "calibration": {**calib_info, "measured": _measure_line(calib_info, recipe, model_name)},
+            "eval": {**eval_info, "ppl_base": eval_base, "ppl_final": eval_final,
+                     "measured": _measure_line(eval_info, recipe, model_name)},
+            "removed": [{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after")}
+                        for e in state["removed"]],
+            "removed_sublayers": sorted(removed_set, key=lambda n: (int(n.split(".")[1]), n)),
+            "steps": state["steps"],
+            "scoring": _scoring_record(recipe, scorer, loaded),
+            "wall_seconds": round(time.perf_counter() - t_start, 1),
+        }
+        model_dir = partial / "model"
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        recipe_yaml = (partial / "recipe.yaml").read_text()
+        if loaded.in_memory:
+            from .export.safetensors import export_model
 
-    write_report(plan, partial)
+            model = model.to("cpu") if loaded.offload == "cpu" else model
+            pruned = apply_plan(model, removed_names)
+            exported = export_model(pruned, tokenizer, model_dir, original=model, plan=plan,
+                                    recipe_yaml=recipe_yaml, source=path)
+        else:
+            from .export.streamed import export_streamed
+
+            exported = export_streamed(path, model.config, removed_names, tokenizer, model_dir,
+                                       dtype=recipe.dtype, device=str(loaded.source.device), plan=plan,
+                                       recipe_yaml=recipe_yaml)
+        if exported["vllm_plugin"]:
+            echo(f"rtk: note: the model is {exported['vllm']}")
+        write_json_atomic(partial / "plan.json", plan, indent=2)
+        from .report import write_report
+
+        write_report(plan, partial)
+    finally:
+        if pool is not None:
+            pool.close()
+        loaded.close()
     partial.rename(out)
     return plan
+
+
+def _owner(model, name: str):
+    """The modules a sublayer name removes (its branch and its norm)."""
+    kind, _, i = name.partition(".")
+    layer = model.model.layers[int(i)]
+    if kind == "attn":
+        return torch.nn.ModuleList([m for m in (layer.self_attn, layer.input_layernorm) if m is not None])
+    return torch.nn.ModuleList([m for m in (layer.mlp, layer.post_attention_layernorm) if m is not None])
+
+
+def _scoring_record(recipe: Recipe, scorer, loaded) -> dict:
+    sc = recipe.scoring
+    rec = {"engine": sc.engine, "batch_size": sc.batch_size, "offload": sc.offload, "workers": sc.workers,
+           "device": recipe.device, "dtype": recipe.dtype,
+           "candidate_evaluations": scorer.evaluations, "seconds": round(scorer.seconds, 1),
+           "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    if sc.engine == "per-candidate":
+        rec["reuse_activations"] = sc.reuse_activations
+    else:
+        rec.update({"memory": sc.memory, "streams": sc.streams})
+    if hasattr(scorer, "layer_passes"):
+        rec["stream_layer_passes"] = scorer.layer_passes
+    if getattr(loaded.source, "weight_reads", 0):
+        rec["layer_weight_reads"] = loaded.source.weight_reads
+    return rec

@@ -206,7 +206,7 @@ class ScoringConfig(_Strict):
     resume with other values."""
 
     engine: Literal["layer-major", "per-candidate"] = Field(
-        "per-candidate", description="layer-major: one pass over the layers per step, every candidate's "
+        "layer-major", description="layer-major: one pass over the layers per step, every candidate's "
         "activation stream batched through each layer; per-candidate: one candidate after another")
     batch_size: int = Field(4, gt=0, description="token blocks per forward pass")
     reuse_activations: bool = Field(True, description="per-candidate: start each candidate from the cached "

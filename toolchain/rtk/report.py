@@ -96,8 +96,7 @@ def write_report(plan: dict, out: Path) -> None:
     lines += [
         "",
         f"Scoring: {sc['candidate_evaluations']} PPL evaluations in {sc['seconds']} s "
-        f"({sc['threads']} threads, activation reuse {'on' if sc['reuse_activations'] else 'off'}); "
-        f"whole run {plan['wall_seconds']} s.",
+        f"({_engine_line(sc)}); whole run {plan['wall_seconds']} s.",
         "",
         f"![RI heatmap]({heat})",
         "",
@@ -105,3 +104,19 @@ def write_report(plan: dict, out: Path) -> None:
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _engine_line(sc: dict) -> str:
+    """How the PPLs were computed, from plan.json's scoring record."""
+    engine = sc.get("engine", "per-candidate")
+    parts = [f"{engine} engine", f"{sc.get('device', 'cpu')}, {sc.get('dtype', 'float32')}",
+             f"{sc['threads']} threads"]
+    if engine == "per-candidate":
+        parts.append(f"activation reuse {'on' if sc.get('reuse_activations', True) else 'off'}")
+    else:
+        parts.append(f"stream budget {sc.get('memory')}, streams on {sc.get('streams')}")
+    if sc.get("offload", "none") != "none":
+        parts.append(f"weights offloaded to {sc['offload']}")
+    if sc.get("workers", 1) > 1:
+        parts.append(f"{sc['workers']} Ray workers")
+    return "; ".join(parts)

@@ -136,6 +136,9 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     from .outputs import write_outputs
 
     recipe = resolve_runtime(recipe)
+    if recipe.scoring.offload != "none" or recipe.scoring.workers > 1:
+        raise RtkError("scoring: offload and workers apply to rtk prune; rtk ablate scores the model in memory "
+                       "(set scoring.offload: none and scoring.workers: 1)")
     out, fp = Path(out), ablation_fingerprint(recipe, targets)
     partial, complete = check_out(out, fp, "ablation.json", "state/meta.json", "ablation",
                                   "a different recipe or targets")

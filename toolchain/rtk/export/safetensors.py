@@ -23,17 +23,18 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..errors import RtkError
 from ..load import DTYPES
 from ..modeling_rtk import BASE_ARCHS, RtkDeciConfig, RtkDeciLMForCausalLM, config_from_standard
-from ..rewrite import MODELING_FILE, atomic_write_dir, expand, save_native
+from ..rewrite import MODELING_FILE, atomic_write_dir, expand
 from ..vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 from ..scoring import total_params
 from .card import model_card
+from .shards import SHARD_BYTES, write_shards
 from .verify import verify
 
 VLLM_VERSION = "0.32"
@@ -165,79 +166,97 @@ def vllm_line(layout: str, architecture: str) -> str:
             f"'{{\"architectures\": [\"{PLUGIN_ARCH}\"]}}'")
 
 
-def _state_dict(model: RtkDeciLMForCausalLM, dtype: torch.dtype, keep_layers: Optional[list[int]] = None) -> dict:
-    """Weights cast to `dtype`; with keep_layers, layers renumbered 0..len(keep_layers)-1."""
-    new_index = {old: new for new, old in enumerate(keep_layers or [])}
-    sd = {}
-    for k, v in model.state_dict().items():
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", k)
-        if m and keep_layers is not None:
-            if int(m.group(1)) not in new_index:
-                continue
-            k = f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"
-        sd[k] = v.detach().to(dtype)
-    return sd
+def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Path, generation_config,
+                 tensor: Callable[[str], torch.Tensor], shard_bytes: int = SHARD_BYTES) -> None:
+    """Write the folder of `layout` for a model whose rtk config is `config`: config.json (+ modeling_rtk.py),
+    generation_config.json and the weights. `tensor(name)` gives the weight rtk's class calls `name` (original
+    layer numbering); it is asked for one tensor at a time, so the source may be a model in memory or the
+    shards of a checkpoint on disk (rtk.export.streamed).
+
+    standard: the base architecture with the removed layers gone and the rest renumbered; native: DeciLM /
+    nemotron-nas; plugin / per-layer-config: the base architecture's config + per_layer_config skips, weights
+    under their original names and layer numbers."""
+    from transformers import GenerationConfig
+
+    if layout == "standard":
+        from transformers import AutoModelForCausalLM
+
+        keep = [i for i, b in enumerate(config.block_configs) if not b.attention.no_op]
+        cfg = standard_config(config, standard_base(config), len(keep), dtype)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+        def source_name(k: str) -> str:
+            m = re.match(r"^model\.layers\.(\d+)\.(.*)$", k)
+            return f"model.layers.{keep[int(m.group(1))]}.{m.group(2)}" if m else k
+    else:
+        with torch.device("meta"):
+            skeleton = RtkDeciLMForCausalLM(RtkDeciConfig(**config.to_dict()))
+
+        def source_name(k: str) -> str:
+            return k
+        if layout == "native":
+            cfg = RtkDeciConfig(**config.to_dict())
+            for stale in ("rtk_vllm_servable", "rtk_vllm_note"):  # marks of older rtk releases
+                if hasattr(cfg, stale):
+                    delattr(cfg, stale)
+            cfg.architectures = ["DeciLMForCausalLM"]  # what vLLM dispatches on
+            cfg.auto_map = {"AutoConfig": "modeling_rtk.RtkDeciConfig",
+                            "AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
+        else:
+            base = per_layer_base(config)
+            cfg = standard_config(config, base, config.num_hidden_layers, dtype, per_layer_skips(config))
+            cfg.architectures = [PLUGIN_ARCH if layout == "plugin" else BASE_ARCHS[base].hf_class]
+            cfg.auto_map = {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
+        shutil.copy(MODELING_FILE, out / "modeling_rtk.py")
+    cfg.dtype = dtype
+    cfg.save_pretrained(out)
+    (generation_config or GenerationConfig.from_model_config(cfg)).save_pretrained(out)
+    tied = bool(cfg.tie_word_embeddings)
+    specs = [(k, dtype if v.is_floating_point() else v.dtype, tuple(v.shape))
+             for k, v in skeleton.state_dict().items() if not (tied and k == "lm_head.weight")]
+    write_shards(out, specs, lambda k: tensor(source_name(k)).detach().to("cpu", dtype), shard_bytes)
 
 
-def _write_standard(model, base: str, dtype: torch.dtype, out: Path, generation_config) -> None:
-    from transformers import AutoModelForCausalLM
-
-    keep = [i for i, b in enumerate(model.config.block_configs) if not b.attention.no_op]
-    cfg = standard_config(model.config, base, len(keep), dtype)
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    sd = _state_dict(model, dtype, keep)
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # a bug, not a user error: the tables above are wrong
-        raise RuntimeError(f"standard {base} layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if cfg.tie_word_embeddings:
-        hf.tie_weights()
-    if generation_config is not None:
-        hf.generation_config = generation_config
-    hf.save_pretrained(out)
-
-
-def _rtk_copy(model, dtype: torch.dtype) -> RtkDeciLMForCausalLM:
-    """A fresh rtk model of `model`'s config holding its weights cast to `dtype` (strict)."""
-    with torch.device("meta"):
-        m = RtkDeciLMForCausalLM(RtkDeciConfig(**model.config.to_dict()))
-    sd = _state_dict(model, dtype)
-    missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (m.config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"rtk layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if m.config.tie_word_embeddings:
-        m.tie_weights()
-    m.config.dtype = dtype
-    return m
+def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, params_before: Optional[int],
+               folder: Path, check) -> dict:
+    """What an export wrote and how it verified (rtk export prints it; the model card is made from it)."""
+    base = standard_base(config) if layout == "standard" else per_layer_base(config)
+    architecture = {"native": "DeciLMForCausalLM", "plugin": PLUGIN_ARCH}.get(layout) or BASE_ARCHS[base].hf_class
+    return {
+        "layout": layout,
+        "architecture": architecture,
+        "base_model_type": getattr(config, "rtk_base_model_type", None),
+        "dtype": dtype,
+        "removed_sublayers": removed_sublayers(config),
+        "params": params,
+        "params_before": params_before,
+        "weight_bytes": weight_bytes(folder),
+        "vllm": vllm_line(layout, architecture),
+        "vllm_plugin": layout in PER_LAYER,  # the server needs `pip install rtk` next to vLLM
+        "verification": check.lines(),
+        "verification_inputs": check.shape,
+    }
 
 
-def _write_native(model, dtype: torch.dtype, out: Path, generation_config) -> None:
-    m = _rtk_copy(model, dtype)
-    for stale in ("rtk_vllm_servable", "rtk_vllm_note"):  # marks of older rtk releases
-        if hasattr(m.config, stale):
-            delattr(m.config, stale)
-    if generation_config is not None:
-        m.generation_config = generation_config
-    save_native(m, None, out)
+def finish(tmp: Path, out: Path, summary: dict, plan: Optional[dict], recipe_yaml: Optional[str],
+           source: Optional[str]) -> None:
+    """plan.json, recipe.yaml and the model card beside the weights; then the folder is moved into place."""
+    if plan is not None:
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
+    if recipe_yaml is not None:
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+    (tmp / "README.md").write_text(model_card(summary, plan, source))
+    tmp.rename(out)
 
 
-def _write_per_layer(model, dtype: torch.dtype, out: Path, generation_config, layout: str) -> None:
-    """The base architecture's standard config + per_layer_config skips; the weights of the present
-    sublayers under their original names and layer numbers; modeling_rtk.py for transformers."""
-    base = per_layer_base(model.config)
-    cfg = standard_config(model.config, base, model.config.num_hidden_layers, dtype, per_layer_skips(model.config))
-    cfg.architectures = [PLUGIN_ARCH if layout == "plugin" else BASE_ARCHS[base].hf_class]
-    cfg.auto_map = {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
-    m = _rtk_copy(model, dtype)
-    if generation_config is not None:
-        m.generation_config = generation_config
-    m.save_pretrained(out, safe_serialization=True)  # weights (sharded when large) + generation config
-    cfg.save_pretrained(out)  # replaces the nemotron-nas config.json save_pretrained wrote
-    shutil.copy(MODELING_FILE, out / "modeling_rtk.py")
+def generation_config_of(source: Optional[str]):
+    """The source folder's generation config, kept in the export (None: one is made from the config)."""
+    if source and (Path(source) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(source)
+    return None
 
 
 def _reload(out: Path, layout: str):
@@ -283,49 +302,22 @@ def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Op
     tdtype = DTYPES[dtype]
     removed = removed_sublayers(model.config)
     layout = choose_layout(model.config, layout)
-    base = standard_base(model.config) if layout == "standard" else per_layer_base(model.config)
-    architecture = {"native": "DeciLMForCausalLM", "plugin": PLUGIN_ARCH}.get(layout) or BASE_ARCHS[base].hf_class
-    generation_config = None
-    if source and (Path(source) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        generation_config = GenerationConfig.from_pretrained(source)
-
+    generation_config = generation_config_of(source)
     tmp = atomic_write_dir(out)
     try:
-        if layout == "standard":
-            _write_standard(model, base, tdtype, tmp, generation_config)
-        elif layout == "native":
-            _write_native(model, tdtype, tmp, generation_config)
-        else:
-            _write_per_layer(model, tdtype, tmp, generation_config, layout)
+        sd = model.state_dict()
+        write_layout(model.config, layout, tdtype, tmp, generation_config, sd.__getitem__)
+        del sd
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         reloaded = _reload(tmp, layout)
         check = verify(reloaded, model, tdtype, original, removed if original is not None else ())
         del reloaded
         check.raise_on_mismatch(f"-o {out}")
-        summary = {
-            "layout": layout,
-            "architecture": architecture,
-            "base_model_type": getattr(model.config, "rtk_base_model_type", None),
-            "dtype": dtype,
-            "removed_sublayers": removed,
-            "params": total_params(model),
-            "params_before": plan.get("params_total") if plan and "params_total" in plan else
-            total_params(original) if original is not None else None,
-            "weight_bytes": weight_bytes(tmp),
-            "vllm": vllm_line(layout, architecture),
-            "vllm_plugin": layout in PER_LAYER,  # the server needs `pip install rtk` next to vLLM
-            "verification": check.lines(),
-            "verification_inputs": check.shape,
-        }
-        if plan is not None:
-            (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
-        if recipe_yaml is not None:
-            (tmp / "recipe.yaml").write_text(recipe_yaml)
-        (tmp / "README.md").write_text(model_card(summary, plan, source))
-        tmp.rename(out)
+        before = plan.get("params_total") if plan and "params_total" in plan else \
+            total_params(original) if original is not None else None
+        summary = summary_of(model.config, layout, dtype, total_params(model), before, tmp, check)
+        finish(tmp, out, summary, plan, recipe_yaml, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary

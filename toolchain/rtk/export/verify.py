@@ -44,7 +44,8 @@ def as_float32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def logits(model: torch.nn.Module, inputs: dict, skip: Iterable[str] = ()) -> torch.Tensor:
     """Logits at the non-padded positions, float32, shape [n_tokens, vocab]."""
     kw = {"skip": frozenset(skip)} if skip else {}
-    out = model(**inputs, use_cache=False, **kw).logits.float()
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False, **kw).logits.float().cpu()
     return out[inputs["attention_mask"].bool()]
 
 
