@@ -246,7 +246,7 @@ def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Op
             (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
         if recipe_yaml is not None:
             (tmp / "recipe.yaml").write_text(recipe_yaml)
-        (tmp / "README.md").write_text(model_card(summary, plan, source))
+        (tmp / "README.md").write_text(model_card(summary, plan, source, recipe_yaml))
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
