@@ -165,3 +165,19 @@ def test_bench_cli_dead_endpoint(tmp_path):
     assert r.exit_code == 1
     assert r.output.strip() == f"Error: --endpoint {url}: no answer (ConnectionError) after 3 tries; is the server running?"
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.tmp-*"))
+
+
+def test_bench_cli_accepts_embedded_specs_for_every_model(tmp_path, smollm2_dir):
+    """`--baseline embedded:smollm2` (and a candidate spec) resolve to the cached folder, as the help says; the
+    dead endpoint is then the one error."""
+    from click.testing import CliRunner
+
+    from rtk.cli import main
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    r = CliRunner().invoke(main, ["bench", "--baseline", "embedded:smollm2", "--candidate", "embedded:smollm2",
+                                  "--backend", "openai", "--endpoint", url, "--endpoint", url,
+                                  "-o", str(tmp_path / "b"), "--tasks", "none"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == (f"Error: --endpoint {url}: no answer (ConnectionError) after 3 "
+                                                 "tries; is the server running?")

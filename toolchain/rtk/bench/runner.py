@@ -289,19 +289,25 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     pool = Backends(cfg, models, log_dir, echo)
     result["device"] = pool.device
     try:
+        def backend(i):
+            b = pool.get(i)
+            if getattr(b, "serving", False):
+                result["models"][i]["served_model"] = b.model_name
+            return b
+
         if cfg.quality:
             for i, m in enumerate(models):
                 echo(f"rtk bench: quality of {labels[i]} ({m})")
-                result["models"][i]["quality"] = measure_quality(pool.get(i), cfg, echo, taskset, out_dir, labels[i])
+                result["models"][i]["quality"] = measure_quality(backend(i), cfg, echo, taskset, out_dir, labels[i])
         if cfg.speed:
             for rnd in range(cfg.rounds):
                 for i, m in enumerate(models):
                     echo(f"rtk bench: speed round {rnd + 1}/{cfg.rounds}: {labels[i]}")
-                    result["models"][i]["speed"].append(measure_speed(pool.get(i), cfg, rnd, out_dir, labels[i]))
+                    result["models"][i]["speed"].append(measure_speed(backend(i), cfg, rnd, out_dir, labels[i]))
         if cfg.sweep:
             from .speed import sweep
 
-            result["sweep"] = sweep.run_sweeps(cfg, [lambda i=i: pool.get(i) for i in range(len(models))], labels,
+            result["sweep"] = sweep.run_sweeps(cfg, [lambda i=i: backend(i) for i in range(len(models))], labels,
                                                out_dir, echo)
     finally:
         pool.close()

@@ -186,16 +186,19 @@ def _fmt(x, nd=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
-def _public_command(cmd: str, folder: str, base_folder: str) -> str:
-    """A recorded command with this machine's paths replaced: the card's folder by THIS_FOLDER, the base model's
-    by BASE_MODEL, rtk's cache by ~/.cache/rtk (or $RTK_CACHE_DIR), served URLs by a local one."""
+def _public_command(cmd: str, this: dict, base: dict) -> str:
+    """A recorded command with this machine's paths replaced: the card's model (its folder, the name a server
+    served it under) by THIS_FOLDER, the base model's by BASE_MODEL, rtk's cache by ~/.cache/rtk (or
+    $RTK_CACHE_DIR), a local server's URL by http://localhost:8000."""
     from ..load import cache_dir
 
-    out = cmd.replace(str(Path(folder).resolve()), "THIS_FOLDER").replace(str(folder), "THIS_FOLDER")
-    out = out.replace(str(Path(base_folder).resolve()), "BASE_MODEL").replace(str(base_folder), "BASE_MODEL")
+    out = cmd
+    for m, name in ((this, "THIS_FOLDER"), (base, "BASE_MODEL")):
+        for p in sorted({str(Path(m["path"]).resolve()), str(m["path"]), str(m.get("served_model") or m["path"])},
+                        key=len, reverse=True):
+            out = out.replace(p, name)
     cache = str(cache_dir())
-    home_cache = str(Path.home() / ".cache" / "rtk")
-    out = out.replace(cache, "~/.cache/rtk" if cache == home_cache else "$RTK_CACHE_DIR")
+    out = out.replace(cache, "~/.cache/rtk" if cache == str(Path.home() / ".cache" / "rtk") else "$RTK_CACHE_DIR")
     return re.sub(r"http://127\.0\.0\.1:\d+", "http://localhost:8000", out)
 
 
@@ -204,7 +207,7 @@ def bench_sections(res: dict, label: str, folder: str) -> dict[str, list[str]]:
     from ..bench.report import accuracy_rows, how_served, speed_rows
 
     base, cand = res["models"][0], next(m for m in res["models"] if m["label"] == label)
-    base_folder = base["path"]
+    cand = {**cand, "path": folder}
     parts: dict[str, list[str]] = {k: [] for k in BENCH_PARTS}
     q0, q1 = base.get("quality") or {}, cand.get("quality") or {}
     if q1.get("lm_eval"):
@@ -214,8 +217,8 @@ def bench_sections(res: dict, label: str, folder: str) -> dict[str, list[str]]:
                                 "| task | metric | base | this model | recovery |", "|---|---|---:|---:|---:|"]
         parts["evaluation"] += accuracy_rows(q0, q1)
         parts["evaluation"] += ["", "Reproduce (this model, then the base model with BASE_MODEL):", "", "```bash",
-                                _public_command(q1["lm_eval"]["command"], folder, base_folder),
-                                _public_command(q0["lm_eval"]["command"], folder, base_folder), "```"]
+                                _public_command(q1["lm_eval"]["command"], cand, base),
+                                _public_command(q0["lm_eval"]["command"], cand, base), "```"]
         hub = ",".join(s["hub"] for s in q1["lm_eval"]["sources"].values())
         if q1["lm_eval"].get("include_path"):
             parts["evaluation"] += ["", f"The `rtk_*` tasks are lm-eval's own ({hub}) reading local copies of the "
@@ -230,8 +233,7 @@ def bench_sections(res: dict, label: str, folder: str) -> dict[str, list[str]]:
         parts["performance"] += [how_served(res), "", "| metric | base | this model | speedup [min, max over rounds] |",
                                  "|---|---:|---:|---|", *speed_rows(res, label), "",
                                  "Reproduce one round (this model; the base likewise):", "", "```bash",
-                                 _public_command(cand["speed"][0][next(iter(cand["speed"][0]))]["command"], folder,
-                                                 base_folder), "```"]
+                                 _public_command(cand["speed"][0][next(iter(cand["speed"][0]))]["command"], cand, base), "```"]
         if res.get("sweep", {}).get("plot"):
             parts["performance"] += ["", f"Throughput vs latency ({res['sweep']['tool']}): `{res['sweep']['plot']}` "
                                      "in the bench folder."]
