@@ -77,6 +77,14 @@ def streaming_server():
     srv.server_close()
 
 
+def test_wrong_endpoint_is_one_clear_error(streaming_server):
+    from rtk.bench import endpoint
+
+    assert endpoint.served_model(streaming_server) == "scripted"
+    with pytest.raises(RtkError, match="answered HTTP 404; not an OpenAI-compatible server"):
+        endpoint.served_model(streaming_server + "/v1")
+
+
 def test_vllm_bench_serve_in_process(streaming_server, tiny_folder, tmp_path):
     args = vllm_serve.bench_args(streaming_server, "scripted", str(tiny_folder), num_prompts=4, input_len=8,
                                  output_len=3, concurrency=2, seed=7)
@@ -124,7 +132,7 @@ def test_served_backends_are_stopped_when_a_speed_round_fails(monkeypatch, tmp_p
         serving = True
 
         def __init__(self, m):
-            self.m = m
+            self.m = self.model_name = m
 
         def serve_load(self, *a, **k):
             raise RtkError("vllm bench serve against X: 4 of 4 requests failed")

@@ -10,7 +10,6 @@ TTFT / TPOT / ITL / E2EL with median and p99, and vLLM's JSON result (with per-r
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shlex
 import sys
