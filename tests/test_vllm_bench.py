@@ -143,3 +143,25 @@ def test_bench_cli_against_endpoints(servers, smollm2_dir, pruned_dir, tmp_path)
     card = (card_dir / "README.md").read_text()
     assert "| TPOT (median), concurrency 1 |" in card and "/tmp/" not in card and "vllm bench serve --backend vllm --base-url " \
         "http://localhost:8000" in card and str(tmp_path) not in card
+
+
+def test_guidellm_sweep_of_both_models_on_one_plot(servers, smollm2_dir, pruned_dir, tmp_path):
+    """A short GuideLLM sweep (synchronous, throughput, one constant rate; 5 s each) of both served models:
+    GuideLLM's report kept per model, the points read from it, one plot, the table in bench.md."""
+    from rtk.bench.runner import BenchConfig, run_bench_to
+
+    cfg = BenchConfig(baseline=str(smollm2_dir), candidates=[str(pruned_dir)], backend="openai",
+                      endpoints=[servers[0].url, servers[1].url], quality=False, speed=False, sweep="guidellm",
+                      sweep_seconds=5, sweep_points=3, input_len=32, output_len=8)
+    res = run_bench_to(cfg, tmp_path / "sw", echo=lambda s: None)
+    pts = res["sweep"]["points"]
+    assert set(pts) == {"baseline", "candidate1"}
+    for label, p in pts.items():
+        assert [x["name"].split("@")[0] for x in p] == ["synchronous", "throughput", "constant"], p
+        assert all(x["output_throughput"] > 0 and x["median_ttft_ms"] > 0 and x["median_itl_ms"] > 0 for x in p)
+        # more load, more tokens/s for the whole server: throughput beats one request at a time
+        assert p[1]["request_rate"] > p[0]["request_rate"]
+        assert (tmp_path / "sw" / "sweep" / f"guidellm-{label}.json").is_file()
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    md = (tmp_path / "sw" / "bench.md").read_text()
+    assert "## Throughput vs latency (GuideLLM sweep)" in md and "| candidate1 | synchronous |" in md

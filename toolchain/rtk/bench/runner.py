@@ -260,6 +260,12 @@ def check_inputs(cfg: BenchConfig):
             served_model(url)
     if cfg.sweep and cfg.backend not in ("vllm", "openai"):
         raise RtkError("--sweep measures served models: use --backend vllm or openai")
+    if cfg.sweep == "guidellm":
+        import importlib.util
+
+        if importlib.util.find_spec("guidellm") is None:
+            raise RtkError("--sweep guidellm: GuideLLM is not installed (pip install 'rtk[guidellm]'); "
+                           "or --sweep rates (vllm bench serve at several request rates)")
     if not (cfg.quality and cfg.tasks):
         return None
     if cfg.backend == "onnx":

@@ -31,7 +31,7 @@ METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 def check_installed() -> str:
     """lm-eval's version, or one clear error when it is not installed."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise RtkError("--tasks: lm-eval is not installed (pip install 'rtk[eval]', i.e. lm-eval==0.4.13); "
+        raise RtkError("--tasks: lm-eval is not installed (pip install 'rtk[eval]', i.e. lm-eval[api]==0.4.13); "
                        "or pass --tasks none")
     from importlib.metadata import PackageNotFoundError, version
 
