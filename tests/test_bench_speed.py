@@ -163,11 +163,15 @@ def test_guidellm_report_points_and_one_plot_for_all_models(tmp_path):
     pts = sweep.guidellm_points(report)
     assert [p["name"] for p in pts] == ["synchronous", "throughput", "constant@2.00"]
     assert pts[2] == {"name": "constant@2.00", "request_rate": 2.0, "output_throughput": 60.0, "median_ttft_ms": 300.0,
-                      "median_itl_ms": 38.0, "failed": 0}
+                      "median_itl_ms": 38.0, "completed": 10, "failed": 0, "incomplete": 0}
+    flooded = bench("throughput", None, 0.0, 0.0, 0.0, 0.0)
+    flooded["metrics"]["request_totals"] = {"successful": 0, "errored": 0, "incomplete": 512}
+    assert sweep.guidellm_points({"benchmarks": [flooded]})[0]["median_ttft_ms"] is None  # nothing completed
     sweep.plot({"baseline": pts, "candidate1": pts[:2]}, tmp_path / "sweep.png", "t")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
-    scen = sweep.guidellm_scenario("http://h:1/", "m", "/tok", 128, 32, 20, 6, tmp_path / "g.json")["spec"]
-    assert scen["profile"] == {"kind": "sweep", "sweep_size": 6} and scen["backend"]["target"] == "http://h:1"
+    scen = sweep.guidellm_scenario("http://h:1/", "m", "/tok", 128, 32, 20, 6, tmp_path / "g.json", 8)["spec"]
+    assert scen["profile"] == {"kind": "sweep", "sweep_size": 6, "max_concurrency": 8}
+    assert scen["backend"]["target"] == "http://h:1"
     assert scen["data"] == [{"kind": "synthetic_text", "prompt_tokens": 128, "output_tokens": 32}]
     assert scen["constraints"] == [{"kind": "max_duration", "seconds": 20}]
 
@@ -182,7 +186,7 @@ def test_rate_sweep_runs_vllm_bench_at_fractions_of_the_maximum(tmp_path):
             calls.append((n, c, request_rate))
             rps = 4.0 if request_rate == float("inf") else request_rate
             return {"request_throughput": rps, "output_throughput": 32 * rps, "median_ttft_ms": 10 * rps,
-                    "median_itl_ms": 5 + rps, "failed": 0, "command": "vllm bench serve ..."}
+                    "median_itl_ms": 5 + rps, "completed": n, "failed": 0, "command": "vllm bench serve ..."}
 
     cfg = BenchConfig(baseline="a", candidates=["b"], backend="openai", sweep="rates")
     pts, cmd = sweep.run_rates(B(), cfg, "baseline", tmp_path)

@@ -158,7 +158,8 @@ def test_guidellm_sweep_of_both_models_on_one_plot(servers, smollm2_dir, pruned_
     assert set(pts) == {"baseline", "candidate1"}
     for label, p in pts.items():
         assert [x["name"].split("@")[0] for x in p] == ["synchronous", "throughput", "constant"], p
-        assert all(x["output_throughput"] > 0 and x["median_ttft_ms"] > 0 and x["median_itl_ms"] > 0 for x in p)
+        assert all(x["completed"] and x["output_throughput"] > 0 and x["median_ttft_ms"] > 0 and x["median_itl_ms"] > 0
+                   for x in p), p
         # more load, more tokens/s for the whole server: throughput beats one request at a time
         assert p[1]["request_rate"] > p[0]["request_rate"]
         assert (tmp_path / "sw" / "sweep" / f"guidellm-{label}.json").is_file()

@@ -137,12 +137,15 @@ def markdown(res: dict) -> str:
     if res.get("sweep"):
         sw = res["sweep"]
         lines += ["", f"## Throughput vs latency ({sw['tool']})", "", sw["how"], "", f"![sweep]({sw['plot']})", "",
-                  "| model | point | requests/s | output tokens/s | median TTFT ms | median ITL ms |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+                  "| model | point | requests done / failed / unfinished | requests/s | output tokens/s | "
+                  "median TTFT ms | median ITL ms |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
         for label, pts in sw["points"].items():
             for p in pts:
-                lines.append(f"| {label} | {p['name']} | {_f(p['request_rate'], 2)} | {_f(p['output_throughput'], 1)} "
+                lines.append(f"| {label} | {p['name']} | {p['completed']} / {p['failed']} / {p['incomplete']} | "
+                             f"{_f(p['request_rate'], 2)} | {_f(p['output_throughput'], 1)} "
                              f"| {_f(p['median_ttft_ms'], 1)} | {_f(p['median_itl_ms'], 1)} |")
+        lines += ["", "Reproduce (GuideLLM's scenario and report per model are in `sweep/`):", "", "```bash",
+                  *sw["commands"].values(), "```"]
     lines += ["", "## Ratios (candidate / baseline)", ""]
     for label, r in res["ratios"].items():
         ideal = res["ideal"].get(label, {})

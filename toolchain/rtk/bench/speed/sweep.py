@@ -23,11 +23,13 @@ RATE_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 
 
 def guidellm_scenario(url: str, model: str, tokenizer: str, input_len: int, output_len: int, seconds: int,
-                      points: int, report: Path) -> dict:
+                      points: int, report: Path, max_concurrency: int = 512) -> dict:
+    """GuideLLM's run spec. `max_concurrency` bounds the throughput point (GuideLLM's default, 512 requests at
+    once, leaves a slow CPU server no request finished within a point)."""
     return {"spec": {
         "backend": {"kind": "openai_http", "target": url.rstrip("/"), "model": model,
                     "request_format": "/v1/completions"},
-        "profile": {"kind": "sweep", "sweep_size": points},
+        "profile": {"kind": "sweep", "sweep_size": points, "max_concurrency": max_concurrency},
         "data": [{"kind": "synthetic_text", "prompt_tokens": input_len, "output_tokens": output_len}],
         "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
         "constraints": [{"kind": "max_duration", "seconds": seconds}],
@@ -43,19 +45,23 @@ def _stat(metrics: dict, name: str, stat: str):
 
 
 def guidellm_points(report: dict) -> list[dict]:
-    """One point per benchmark of a GuideLLM report: strategy, requests/s, output tokens/s, median TTFT/ITL."""
+    """One point per benchmark of a GuideLLM report: strategy, requests/s, output tokens/s, median TTFT/ITL of
+    the requests that completed within the point (latencies None where none did)."""
     pts = []
     for b in report.get("benchmarks", []):
         m = b.get("metrics", {})
-        strat = (b.get("config") or {}).get("strategy") or b.get("scheduler", {}).get("strategy") or {}
-        kind = strat.get("type_") or strat.get("kind") or strat.get("type") or "?"
+        strat = (b.get("config") or {}).get("strategy") or {}
+        kind = strat.get("type_") or "?"
         rate = strat.get("rate")
+        totals = m.get("request_totals") or {}
+        done = int(totals.get("successful") or 0)
+        lat = (lambda name: _stat(m, name, "median")) if done else (lambda name: None)
         pts.append({"name": f"{kind}" + (f"@{rate:.2f}" if isinstance(rate, (int, float)) else ""),
                     "request_rate": _stat(m, "requests_per_second", "mean"),
                     "output_throughput": _stat(m, "output_tokens_per_second", "mean"),
-                    "median_ttft_ms": _stat(m, "time_to_first_token_ms", "median"),
-                    "median_itl_ms": _stat(m, "inter_token_latency_ms", "median"),
-                    "failed": (m.get("request_totals") or {}).get("errored", 0)})
+                    "median_ttft_ms": lat("time_to_first_token_ms"), "median_itl_ms": lat("inter_token_latency_ms"),
+                    "completed": done, "failed": int(totals.get("errored") or 0),
+                    "incomplete": int(totals.get("incomplete") or 0)})
     return pts
 
 
@@ -64,7 +70,8 @@ def run_guidellm(b, cfg, label: str, work: Path) -> tuple[list[dict], str]:
     scen = work / "sweep" / f"guidellm-{label}-scenario.json"
     scen.parent.mkdir(parents=True, exist_ok=True)
     scen.write_text(json.dumps(guidellm_scenario(b.url, b.model_name, b.path, cfg.input_len, cfg.output_len,
-                                                 cfg.sweep_seconds, cfg.sweep_points, report), indent=1))
+                                                 cfg.sweep_seconds, cfg.sweep_points, report,
+                                                 sweep_max_concurrency(cfg)), indent=1))
     argv = [sys.executable, "-m", "guidellm", "run", "--scenario", str(scen), "--disable-console-interactive"]
     log = work / "logs" / f"guidellm-{label}.log"
     with open(log, "w") as fh:
@@ -85,6 +92,11 @@ def run_guidellm(b, cfg, label: str, work: Path) -> tuple[list[dict], str]:
     return pts, shlex.join(["guidellm", "run", "--scenario", scen.name])
 
 
+def sweep_max_concurrency(cfg) -> int:
+    """The sweep's throughput point: twice the highest --concurrency level of the run."""
+    return 2 * max(cfg.concurrency)
+
+
 def run_rates(b, cfg, label: str, work: Path) -> tuple[list[dict], str]:
     """vllm bench serve at an unbounded rate, then at fractions of the request rate it reached."""
     rates = list(cfg.sweep_rates)
@@ -98,7 +110,8 @@ def run_rates(b, cfg, label: str, work: Path) -> tuple[list[dict], str]:
                          log=work / "logs" / f"sweep-{label}.log", request_rate=rate)
         cmd = r["command"]
         pts.append({"name": name, "request_rate": r["request_throughput"], "output_throughput": r["output_throughput"],
-                    "median_ttft_ms": r["median_ttft_ms"], "median_itl_ms": r["median_itl_ms"], "failed": r["failed"]})
+                    "median_ttft_ms": r["median_ttft_ms"], "median_itl_ms": r["median_itl_ms"],
+                    "completed": r["completed"], "failed": r["failed"], "incomplete": 0})
         return r
 
     if not rates:
@@ -118,9 +131,10 @@ def plot(points: dict[str, list[dict]], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, pts in points.items():
-        p = sorted((x for x in pts if x["output_throughput"] is not None), key=lambda x: x["output_throughput"])
+        ok = [x for x in pts if x["completed"] and x["median_itl_ms"] is not None]
+        p = sorted(ok, key=lambda x: x["output_throughput"])
         axes[0].plot([x["output_throughput"] for x in p], [x["median_itl_ms"] for x in p], "o-", label=label)
-        q = sorted((x for x in pts if x["request_rate"] is not None), key=lambda x: x["request_rate"])
+        q = sorted(ok, key=lambda x: x["request_rate"])
         axes[1].plot([x["request_rate"] for x in q], [x["median_ttft_ms"] for x in q], "o-", label=label)
     axes[0].set_xlabel("output tokens/s (whole server)")
     axes[0].set_ylabel("median inter-token latency (ms)")
@@ -148,9 +162,11 @@ def run_sweeps(cfg, openers: list[Callable], labels: list[str], work: Path, echo
         echo(f"rtk bench:   {len(pts)} points in {time.perf_counter() - t0:.0f} s")
     plot(points, work / "sweep.png", f"{tool}: {cfg.input_len} prompt / {cfg.output_len} output tokens")
     if cfg.sweep == "guidellm":
-        how = (f"Sweep: GuideLLM (`guidellm run`, profile sweep: synchronous, throughput, then "
-               f"{cfg.sweep_points - 2} constant rates in between), synthetic prompts of {cfg.input_len} tokens, "
-               f"{cfg.output_len} output tokens, /v1/completions, {cfg.sweep_seconds} s per point; one model at a time.")
+        how = (f"Sweep: GuideLLM (`guidellm run`, profile sweep: synchronous, throughput with at most "
+               f"{sweep_max_concurrency(cfg)} requests in flight, then {cfg.sweep_points - 2} constant rates in "
+               f"between), synthetic prompts of {cfg.input_len} tokens, {cfg.output_len} output tokens, "
+               f"/v1/completions, {cfg.sweep_seconds} s per point; one model at a time; points with no request "
+               "completed are left out of the plot.")
     else:
         how = (f"Sweep: vLLM's benchmark at an unbounded request rate, then at "
                f"{', '.join(f'{f:.0%}' for f in RATE_FRACTIONS)} of the request rate reached"
