@@ -159,7 +159,8 @@ def markdown(res: dict) -> str:
                          f"{d['ideal_prefill_speedup']:.3f}x; decode speedup from bytes read (weights + KV cache) "
                          f"{d['ideal_decode_speedup']:.3f}x (from FLOPs {d['ideal_decode_flops_speedup']:.3f}x); "
                          f"KV cache per token {d['kv_bytes_ratio']:.3f}")
-        lines += ["", "| metric | ratio | spread | note |", "| --- | ---: | --- | --- |"]
+        if r:
+            lines += ["", "| metric | ratio | spread | note |", "| --- | ---: | --- | --- |"]
         for key, v in r.items():
             better = "higher is better" if v["higher_is_better"] else "lower is better"
             if "rounds" in v:

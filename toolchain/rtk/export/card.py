@@ -101,7 +101,7 @@ def _deployment(summary: dict) -> list[str]:
 def _creation(summary: dict, plan: Optional[dict], recipe_yaml: Optional[str]) -> list[str]:
     lines = ["## Creation", ""]
     if plan and recipe_yaml:
-        lines += ["Made with [rtk](https://github.com/) from the recipe below (saved beside the weights as "
+        lines += ["Made with rtk from the recipe below (saved beside the weights as "
                   "`recipe.yaml`; machine paths shortened to file names):", "",
                   "```bash", "rtk prune recipe.yaml -o OUT     # the model is OUT/model", "```", "",
                   "```yaml", _public_recipe(recipe_yaml).rstrip(), "```", ""]
