@@ -192,14 +192,13 @@ def test_lm_eval_failing_is_one_clear_error_and_no_bench_json(tmp_path, tiny_fol
     (bad / "config.json").write_text('{"model_type": "llama", "vocab_size": 10}')  # no weights
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (bad / f).write_bytes((Path(tiny_folder) / f).read_bytes())
-    # through rtk bench: lm_eval fails for the candidate after the baseline was measured
-    real, calls = runner.lm_eval_spec, []
+    # through rtk bench: lm_eval fails on the baseline (rtk's own PPL of it went through)
+    real = runner.lm_eval_spec
 
     def spec(b, cfg, taskset):
-        calls.append(real(b, cfg, taskset))
-        if len(calls) == 2:
-            calls[-1].model_args["pretrained"] = str(bad)
-        return calls[-1]
+        s = real(b, cfg, taskset)
+        s.model_args["pretrained"] = str(bad)
+        return s
 
     monkeypatch.setattr(runner, "lm_eval_spec", spec)
     out = tmp_path / "b"
@@ -207,13 +206,13 @@ def test_lm_eval_failing_is_one_clear_error_and_no_bench_json(tmp_path, tiny_fol
                                   "-o", str(out), "--tasks", "piqa", "--limit", "2", "--skip", "speed",
                                   "--ppl-samples", "1", "--ppl-seq-len", "16"])
     assert r.exit_code == 1, r.output
-    assert r.output.strip().splitlines()[-1].startswith(
-        "Error: lm_eval failed for candidate1 (exit 1): ")
+    assert "WikiText-2 test PPL" in r.output and r.output.strip().splitlines()[-1].startswith(
+        "Error: lm_eval failed for baseline (exit 1): ")
     assert f"nothing written to {out}; logs and raw results so far in {out}.partial/" in r.output
     assert not out.exists() and not (tmp_path / "b.partial" / "bench.json").exists()
-    log = tmp_path / "b.partial" / "logs" / "lm_eval-candidate1.log"
+    log = tmp_path / "b.partial" / "logs" / "lm_eval-baseline.log"
     assert r.output.strip().endswith(f"(log: {log})") and log.stat().st_size > 0
-    assert list((tmp_path / "b.partial" / "lm_eval" / "baseline").rglob("results_*.json"))
+    assert sum(x.startswith("Error: ") for x in r.output.splitlines()) == 1 and "Traceback" not in r.output
 
 
 def test_bench_torch_backend_runs_lm_eval_on_a_tiny_model(tmp_path, tiny_folder):
