@@ -259,8 +259,9 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
               help="Comma-separated subset of: params-progressive, params-oneshot, none-progressive, "
                    "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
 @click.option("--bench", is_flag=True,
-              help="Then measure every exported model: zero-shot accuracy (torch) and served speed vs the dense "
-                   "model under vLLM on a short and a KV-heavy workload (rtk.ablate.measure). Also adds "
+              help="Then measure every exported model: zero-shot accuracy (lm-eval, hf model) and served speed "
+                   "(vllm bench serve) vs the dense model under vLLM on a short and a KV-heavy workload "
+                   "(rtk.ablate.measure). Also adds "
                    "measurements to a complete OUT.")
 @click.option("--bench-tasks", default="all", show_default=True, help="Zero-shot tasks for --bench (or none).")
 @click.option("--bench-limit", type=click.IntRange(min=1), default=50, show_default=True,
