@@ -24,24 +24,30 @@ class FakeServed:
     loads: list[tuple[str, int, int]] = []
 
     def __init__(self, folder, log_dir, dtype):
-        from rtk.load import load_tokenizer
-
         self.folder, self.params = folder, model_params(read_config(folder))
-        self.tokenizer = load_tokenizer(folder)
-        self.vocab_size = len(self.tokenizer)
         self.closed = False
         FakeServed.opened.append(self)
 
-    def serve_load(self, prompts, output_len, concurrency):
+    def serve_load(self, num_prompts, input_len, output_len, concurrency, seed, result_file, log=None):
         assert not self.closed
-        FakeServed.loads.append((self.folder, len(prompts[0]), concurrency))
+        FakeServed.loads.append((self.folder, input_len, concurrency))
         tpot = self.params / 1e6
         return {"median_ttft_ms": 2 * tpot, "median_tpot_ms": tpot, "median_itl_ms": tpot,
                 "median_e2el_ms": 2 * tpot + (output_len - 1) * tpot, "output_throughput": 1e9 / self.params,
-                "request_throughput": 1.0, "completed": len(prompts), "failed": 0, "duration_s": 1.0}
+                "request_throughput": 1.0, "completed": num_prompts, "failed": 0, "duration": 1.0}
 
     def close(self):
         self.closed = True
+
+
+def fake_lm_eval(spec, work, label, echo=print):
+    """rtk.bench.accuracy.harness.run without lm-eval (tested in test_bench_accuracy / test_vllm_bench): acc
+    from the folder's parameter count, n = the limit, for the tasks asked."""
+    p = model_params(read_config(spec.model_args["pretrained"]))
+    assert spec.model == "hf" and spec.tasks.lm_eval_names == ("rtk_piqa", "rtk_arc_easy")
+    return {"command": spec.command(), "tasks": {t: {"acc": p % 97 / 97, "acc_stderr": 0.1, "acc_norm": 0.5,
+                                                     "acc_norm_stderr": 0.1, "n": spec.limit}
+                                                 for t in spec.tasks.names}}
 
 
 def test_speedups_are_per_round_ratios():
@@ -115,6 +121,9 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
         self.measure = measure
 
     monkeypatch.setattr(ab.AblationBench, "__init__", init)
+    from rtk.bench.accuracy import harness
+
+    monkeypatch.setattr(harness, "run", fake_lm_eval)
     args = base + ["--bench", "--bench-tasks", "piqa,arc_easy", "--bench-limit", "3", "--bench-rounds", "2"]
     r = CliRunner().invoke(main, args)
     assert isinstance(r.exception, RuntimeError), r.output  # dense + one model measured, then a crash
@@ -142,7 +151,9 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
             assert sp["throughput"]["rounds"] == pytest.approx([dense_params / p] * 2)
             assert sp["tpot"]["median"] == pytest.approx(dense_params / p)
         zs = b["zero_shot"]
-        assert set(zs["tasks"]) == {"piqa", "arc_easy"} and zs["docs"] == 6
+        assert set(zs["tasks"]) == {"piqa", "arc_easy"} and zs["docs"] == 6 and zs["tasks"]["piqa"]["n"] == 3
+        assert zs["tasks"]["piqa"]["acc"] == pytest.approx(p % 97 / 97)
+        assert zs["avg_acc_stderr"] == pytest.approx(0.1 * 2 ** 0.5 / 2)
         assert zs["avg_acc"] == pytest.approx((zs["tasks"]["piqa"]["acc"] + zs["tasks"]["arc_easy"]["acc"]) / 2)
     # every load used the configured workloads, interleaved dense / candidate
     assert {(n, c) for _, n, c in FakeServed.loads} == {(8, 1), (16, 2)}

@@ -1,47 +1,15 @@
-"""Serving-metric arithmetic on scripted token streams, ratios, ideal speedups, the SSE client
-against a scripted local server, and dead / never-healthy endpoints."""
+"""Ratios round by round, ideal speedups, and dead / never-healthy endpoints (a wrong one: test_bench_speed)."""
 from __future__ import annotations
 
-import http.server
-import json
 import socket
 import sys
-import threading
 import time
 
 import pytest
 
 from rtk.bench import cost, endpoint
-from rtk.bench.metrics import RequestRecord, ratio_stats, serving_metrics
+from rtk.bench.metrics import ratio_stats
 from rtk.errors import RtkError
-
-
-def test_scripted_stream_metrics_by_hand():
-    # request 1: sent at 0, tokens at 100, 150, 250, 300 ms; request 2: sent at 0, tokens at 200, 400 ms
-    r1 = RequestRecord(start=0.0, chunk_times=[0.100, 0.150, 0.250, 0.300], output_tokens=4, prompt_tokens=10)
-    r2 = RequestRecord(start=0.0, chunk_times=[0.200, 0.400], output_tokens=2, prompt_tokens=10)
-    bad = RequestRecord(start=0.0, error="HTTP 500")
-    m = serving_metrics([r1, r2, bad], duration=0.5)
-    assert m["completed"] == 2 and m["failed"] == 1
-    assert m["total_output_tokens"] == 6 and m["total_input_tokens"] == 20
-    assert m["output_throughput"] == pytest.approx(12.0)    # 6 tokens / 0.5 s
-    assert m["request_throughput"] == pytest.approx(4.0)    # 2 requests / 0.5 s
-    assert m["mean_ttft_ms"] == pytest.approx(150.0)        # (100 + 200) / 2
-    assert m["median_ttft_ms"] == pytest.approx(150.0)
-    assert m["p99_ttft_ms"] == pytest.approx(199.0)         # 100 + 0.99 * (200 - 100)
-    # TPOT = (E2E - TTFT) / (n - 1): r1 (300-100)/3 = 66.67 ms, r2 (400-200)/1 = 200 ms
-    assert m["mean_tpot_ms"] == pytest.approx((200 / 3 + 200) / 2)
-    assert m["p99_tpot_ms"] == pytest.approx(200 / 3 + 0.99 * (200 - 200 / 3))
-    # ITLs: 50, 100, 50 (r1) and 200 (r2) -> sorted 50, 50, 100, 200
-    assert m["mean_itl_ms"] == pytest.approx(100.0)
-    assert m["median_itl_ms"] == pytest.approx(75.0)
-    assert m["p99_itl_ms"] == pytest.approx(100 + 0.97 * 100)  # rank 0.99*3 = 2.97
-    assert m["mean_e2el_ms"] == pytest.approx(350.0)
-
-
-def test_single_token_output_has_no_tpot():
-    r = RequestRecord(start=1.0, chunk_times=[1.25], output_tokens=1)
-    assert r.tpot is None and r.itls == [] and r.ttft == pytest.approx(0.25)
 
 
 def test_ratio_stats_round_by_round():
@@ -109,61 +77,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Scripted(http.server.BaseHTTPRequestHandler):
-    """A /v1/completions that streams 3 text chunks 50 ms apart, then usage, then [DONE]
-    (HTTP/1.1 chunked transfer encoding, as vLLM's server sends)."""
-
-    protocol_version = "HTTP/1.1"
-
-    def _chunk(self, data: bytes):
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        body = json.dumps({"data": [{"id": "scripted"}]}).encode()
-        self.send_response(200 if self.path == "/v1/models" else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert req["stream"] and req["ignore_eos"] and req["prompt"] == [5, 6, 7]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for text in ("a", "", "b", "c"):  # an empty chunk is not a token arrival
-            time.sleep(0.05)
-            self._chunk(b"data: " + json.dumps({"choices": [{"text": text}]}).encode() + b"\n\n")
-        self._chunk(b"data: " + json.dumps({"choices": [], "usage": {"completion_tokens": 3}}).encode()
-                    + b"\n\ndata: [DONE]\n\n")
-        self._chunk(b"")
-
-
-@pytest.fixture
-def scripted_server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_stream_client_times_chunks(scripted_server):
-    assert endpoint.served_model(scripted_server) == "scripted"
-    records, duration = endpoint.run_load(scripted_server, "scripted", [[5, 6, 7]] * 2, 3, concurrency=2)
-    for r in records:
-        assert r.ok and r.output_tokens == 3 and len(r.chunk_times) == 3
-        assert 0.04 < r.ttft < 1.0
-        assert all(0.09 < x < 1.0 for x in r.itls[:1])  # the empty chunk's 50 ms is inside the first gap
-    assert duration < 2.0
-
-
 def test_dead_endpoint_is_one_clear_error_quickly():
     port = _free_port()  # nothing listens there
     t0 = time.monotonic()
@@ -171,11 +84,6 @@ def test_dead_endpoint_is_one_clear_error_quickly():
                                        r"after 3 tries; is the server running\?"):
         endpoint.served_model(f"http://127.0.0.1:{port}")
     assert time.monotonic() - t0 < 10
-
-
-def test_wrong_endpoint_is_one_clear_error(scripted_server):
-    with pytest.raises(RtkError, match="answered HTTP 404; not an OpenAI-compatible server"):
-        endpoint.served_model(scripted_server + "/v1")
 
 
 _NEVER_HEALTHY = """
@@ -225,3 +133,19 @@ def test_bench_cli_dead_endpoint(tmp_path):
     assert r.exit_code == 1
     assert r.output.strip() == f"Error: --endpoint {url}: no answer (ConnectionError) after 3 tries; is the server running?"
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.tmp-*"))
+
+
+def test_bench_cli_accepts_embedded_specs_for_every_model(tmp_path, smollm2_dir):
+    """`--baseline embedded:smollm2` (and a candidate spec) resolve to the cached folder, as the help says; the
+    dead endpoint is then the one error."""
+    from click.testing import CliRunner
+
+    from rtk.cli import main
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    r = CliRunner().invoke(main, ["bench", "--baseline", "embedded:smollm2", "--candidate", "embedded:smollm2",
+                                  "--backend", "openai", "--endpoint", url, "--endpoint", url,
+                                  "-o", str(tmp_path / "b"), "--tasks", "none"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == (f"Error: --endpoint {url}: no answer (ConnectionError) after 3 "
+                                                 "tries; is the server running?")

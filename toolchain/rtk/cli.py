@@ -166,8 +166,8 @@ def _ints(field: str, value: str) -> list[int]:
 
 @main.command()
 @click.option("--baseline", required=True, help="Original model folder (or embedded:smollm2 / a .gguf file).")
-@click.option("--candidate", "candidates", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Pruned model folder (repeatable).")
+@click.option("--candidate", "candidates", required=True, multiple=True,
+              help="Pruned model folder (repeatable; also embedded:smollm2 / a .gguf file).")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "vllm", "openai"]), default="torch",
               show_default=True, help="torch/onnx: in process; vllm: start a local vLLM server per model; "
               "openai: running servers given by --endpoint.")
@@ -175,10 +175,11 @@ def _ints(field: str, value: str) -> list[int]:
 @click.option("--endpoint", "endpoints", multiple=True,
               help="Base URL of a running OpenAI-compatible server, one per model (baseline first).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder for bench.json, bench.md and plots.")
-@click.option("--tasks", default="all", show_default=True,
-              help="Zero-shot tasks: piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande | all | none.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N records of each task.")
+              help="Output folder for bench.json, bench.md, plots, lm-eval and vLLM benchmark results.")
+@click.option("--tasks", default=None,
+              help="lm-eval zero-shot tasks: piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande | all | none "
+                   "(default: all; none with --backend onnx).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N documents of each task.")
 @click.option("--ppl-samples", type=click.IntRange(min=1), default=16, show_default=True,
               help="WikiText-2 test blocks for PPL.")
 @click.option("--ppl-seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per block.")
@@ -188,61 +189,67 @@ def _ints(field: str, value: str) -> list[int]:
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--gen-len", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--concurrency", default="1,4", show_default=True, help="Served speed: concurrency levels.")
+@click.option("--concurrency", default="1,4", show_default=True,
+              help="Served speed: vllm bench serve --max-concurrency levels.")
 @click.option("--num-prompts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--input-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--output-len", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: bfloat16 on CUDA, float32 on the CPU.")
+@click.option("--sweep", type=click.Choice(["guidellm", "rates"]), default=None,
+              help="Also sweep the load (served backends): guidellm = GuideLLM --profile sweep; rates = vllm bench "
+                   "serve at several request rates. One throughput-vs-latency plot for all models.")
+@click.option("--sweep-seconds", type=click.IntRange(min=5), default=20, show_default=True,
+              help="Duration of each sweep point.")
+@click.option("--card", "card", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A --candidate folder whose model card (README.md) gets this run's Evaluation and Inference "
+                   "performance sections.")
 @click.option("--skip", type=click.Choice(["quality", "speed"]), multiple=True, help="Skip a part.")
 @click.option("--keep-servers/--restart-servers", default=None,
-              help="vllm: keep one server per model up across rounds (default: when memory allows).")
+              help="vllm: keep one server per model up across rounds (default: when memory allows; on CUDA they "
+                   "split --gpu-memory-utilization).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, ppl_samples, ppl_seq_len, rounds,
-          batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, skip,
-          keep_servers, threads):
-    """Measure the original and pruned models the same way: WikiText-2 PPL, zero-shot accuracy and
-    speed, interleaved over rounds; write OUT/{bench.json, bench.md, *.png}."""
-    import shutil
-
-    from .bench.tasks import parse_tasks
-    from .rewrite import atomic_write_dir
+          batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, dtype, sweep,
+          sweep_seconds, card, skip, keep_servers, threads):
+    """Measure the original and pruned models the same way: WikiText-2 PPL, zero-shot accuracy by lm-eval-harness
+    and speed (served: vLLM's benchmark), interleaved over rounds; write OUT/{bench.json, bench.md, *.png}."""
+    from .bench.accuracy.tasks import parse_tasks
+    from .device import resolve_dtype
+    from .load import resolve
 
     backend = "vllm" if serve else backend
     if endpoints and backend != "openai":
         raise RtkError("--endpoint is for --backend openai")
-    if str(baseline).startswith("embedded:") or str(baseline).endswith(".gguf"):
-        from .load import resolve
-
-        baseline = resolve(str(baseline))
-    baseline = Path(baseline)
-    for p in (baseline, *candidates):
+    folders = []
+    for spec in (baseline, *candidates):
+        spec = str(spec)
+        if spec.startswith("embedded:") or spec.endswith(".gguf"):
+            spec = resolve(spec)
+        p = Path(spec)
         if not p.is_dir():
             raise RtkError(f"--baseline/--candidate: {p}: no such folder")
         if not (p / "config.json").is_file() and backend != "onnx":
             raise RtkError(f"--baseline/--candidate: {p}: not a model folder (no config.json)")
+        folders.append(p)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    from .bench.runner import BenchConfig, run_bench
-    from .bench.report import write_report
+    from .bench.backends import serving_device
+    from .bench.runner import BenchConfig, run_bench_to
 
-    cfg = BenchConfig(baseline=str(baseline), candidates=[str(c) for c in candidates], backend=backend,
+    tasks = tasks if tasks is not None else ("none" if backend == "onnx" else "all")
+    cfg = BenchConfig(baseline=str(folders[0]), candidates=[str(c) for c in folders[1:]], backend=backend,
                       endpoints=list(endpoints), tasks=[] if tasks == "none" else parse_tasks(tasks), limit=limit,
                       ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, rounds=rounds,
                       batch_sizes=_ints("--batch-sizes", batch_sizes), prompt_len=prompt_len, gen_len=gen_len,
                       repeats=repeats, concurrency=_ints("--concurrency", concurrency), num_prompts=num_prompts,
                       input_len=input_len, output_len=output_len, keep_servers=keep_servers,
-                      quality="quality" not in skip, speed="speed" not in skip)
-    tmp = atomic_write_dir(out)
-    try:
-        res = run_bench(cfg, tmp, echo=click.echo)
-        write_report(res, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    click.echo(f"rtk bench: wrote {out}/bench.json, {out}/bench.md")
+                      dtype=resolve_dtype(dtype, serving_device() if backend == "vllm" else "cpu", "--dtype"),
+                      quality="quality" not in skip, speed="speed" not in skip, sweep=sweep,
+                      sweep_seconds=sweep_seconds)
+    run_bench_to(cfg, out, echo=click.echo, card=card)
 
 # --- rtk ablate -------------------------------------------------------------------------------
 @main.command()
@@ -255,8 +262,9 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
               help="Comma-separated subset of: params-progressive, params-oneshot, none-progressive, "
                    "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
 @click.option("--bench", is_flag=True,
-              help="Then measure every exported model: zero-shot accuracy (torch) and served speed vs the dense "
-                   "model under vLLM on a short and a KV-heavy workload (rtk.ablate.measure). Also adds "
+              help="Then measure every exported model: zero-shot accuracy (lm-eval, hf model) and served speed "
+                   "(vllm bench serve) vs the dense model under vLLM on a short and a KV-heavy workload "
+                   "(rtk.ablate.measure). Also adds "
                    "measurements to a complete OUT.")
 @click.option("--bench-tasks", default="all", show_default=True, help="Zero-shot tasks for --bench (or none).")
 @click.option("--bench-limit", type=click.IntRange(min=1), default=50, show_default=True,
@@ -285,7 +293,7 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
     bench_obj = None
     if bench and not report_only:
         from .ablate.measure import AblationBench, AblationBenchConfig
-        from .bench.tasks import parse_tasks
+        from .bench.accuracy.tasks import parse_tasks
 
         tasks = [] if bench_tasks.strip() == "none" else parse_tasks(bench_tasks)
         log_dir = out.with_name(out.name + "-bench-logs")

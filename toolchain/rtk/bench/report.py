@@ -1,4 +1,4 @@
-"""bench.json, bench.md and plots (speedup vs PPL; latency / speed distributions)."""
+"""bench.json, bench.md and plots (speedup vs PPL; latency / speed distributions; the sweep)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .runner import _get, speed_keys  # noqa: E402
 
+TITLES = {"piqa": "PIQA", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "BoolQ",
+          "hellaswag": "HellaSwag", "winogrande": "WinoGrande"}
+# served metrics shown as speedups in the card and summary: (key, name, higher is better)
+SERVED_MAIN = (("median_tpot_ms", "TPOT (median)", False), ("median_ttft_ms", "TTFT (median)", False),
+               ("median_itl_ms", "ITL (median)", False), ("median_e2el_ms", "E2E latency (median)", False),
+               ("output_throughput", "output tokens/s", True))
+
 
 def _f(x, nd=3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -22,12 +29,18 @@ def _f(x, nd=3) -> str:
 def _how(res: dict) -> str:
     c = res["config"]
     if res["serving"]:
-        return (f"{c['backend']} backend, /v1/completions streaming, {c['num_prompts']} random token-id prompts of "
-                f"{c['input_len']} tokens, {c['output_len']} output tokens with ignore_eos, concurrency "
-                f"{', '.join(map(str, c['concurrency']))}; {c['rounds']} interleaved rounds, {c['dtype']}")
+        return how_served(res)
     return (f"{c['backend']} backend in process, random prompts of {c['prompt_len']} tokens then {c['gen_len']} "
             f"greedy decode steps with KV cache, batch {', '.join(map(str, c['batch_sizes']))}; median of "
             f"{c['repeats']} repeats after a warm-up, {c['rounds']} interleaved rounds, {c['dtype']}")
+
+
+def how_served(res: dict) -> str:
+    c = res["config"]
+    return (f"vLLM's benchmark (`vllm bench serve`), random dataset: {c['num_prompts']} prompts of {c['input_len']} "
+            f"tokens, {c['output_len']} output tokens (ignore_eos), max concurrency "
+            f"{', '.join(map(str, c['concurrency']))}; {c['rounds']} rounds, baseline and candidates interleaved; "
+            f"{c['dtype']}, {res.get('machine', '')}")
 
 
 def main_speed_key(res: dict) -> tuple[str, str]:
@@ -35,6 +48,47 @@ def main_speed_key(res: dict) -> tuple[str, str]:
     if res["serving"]:
         return f"c{c['concurrency'][0]}.median_tpot_ms", f"TPOT speedup (median, concurrency {c['concurrency'][0]})"
     return f"b{c['batch_sizes'][0]}.decode.tokens_per_s", f"decode speedup (batch {c['batch_sizes'][0]})"
+
+
+def _pm(rec: dict, k: str) -> str:
+    return f"{rec[k]:.3f} ± {rec[k + '_stderr']:.3f}" if k in rec else "n/a"
+
+
+def accuracy_rows(q0: dict, q1: dict) -> list[str]:
+    """| task | metric | base | candidate | recovery | rows (recovery = candidate / base, in %)."""
+    rows = []
+    for t, s0 in q0.get("tasks", {}).items():
+        s1 = q1["tasks"][t]
+        for k in ("acc", "acc_norm"):
+            if k in s0 and k in s1:
+                rec = f"{100 * s1[k] / s0[k]:.1f}%" if s0[k] else "n/a"
+                rows.append(f"| {TITLES.get(t, t)} (n={s0['n']}) | {k} | {_pm(s0, k)} | {_pm(s1, k)} | {rec} |")
+    return rows
+
+
+def speed_rows(res: dict, label: str) -> list[str]:
+    """| metric | base | candidate | speedup [min, max] | rows of the served metrics (speedup > 1 = faster)."""
+    base = res["models"][0]
+    cand = next(m for m in res["models"] if m["label"] == label)
+    rows = []
+    for c in res["config"]["concurrency"]:
+        for key, name, hib in SERVED_MAIN:
+            path = f"c{c}.{key}"
+            r = res["ratios"][label].get(path)
+            if not r or not r["rounds"]:
+                continue
+            b = _median([_get(s, path) for s in base["speed"]])
+            x = _median([_get(s, path) for s in cand["speed"]])
+            sp, lo, hi = (r["median"], r["min"], r["max"]) if hib else (1 / r["median"], 1 / r["max"], 1 / r["min"])
+            unit = "" if hib else " ms"
+            rows.append(f"| {name}, concurrency {c} | {_f(b, 1)}{unit} | {_f(x, 1)}{unit} | **{sp:.2f}x** "
+                        f"[{lo:.2f}, {hi:.2f}] |")
+    return rows
+
+
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
 
 
 def markdown(res: dict) -> str:
@@ -48,21 +102,25 @@ def markdown(res: dict) -> str:
     if models[0].get("quality"):
         q0 = models[0]["quality"]
         w = q0["wikitext2"]
-        tasks = list(q0["tasks"])
         lines += ["", "## Quality", "",
-                  f"PPL: WikiText-2 raw [test], {w['samples']} blocks x {w['seq_len']} tokens "
-                  f"({w['predicted_tokens']:,} predicted tokens), computed by the {c['backend']} backend. "
-                  f"Zero-shot: lm-eval-harness prompts, log-likelihood of each choice's continuation; "
-                  f"acc_norm divides by the continuation's characters; "
-                  f"{'first ' + str(c['limit']) + ' records' if c['limit'] else 'all records'} per task "
-                  "(± is the standard error).", "",
-                  "| model | PPL | " + " | ".join(f"{t} acc / acc_norm" for t in tasks) + " |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " |"]
-        for m in models:
-            q = m["quality"]
-            cells = [f"{q['tasks'][t]['acc']:.3f}±{q['tasks'][t]['acc_stderr']:.3f} / "
-                     f"{q['tasks'][t]['acc_norm']:.3f}" for t in tasks]
-            lines.append(f"| {m['label']} | {q['wikitext2']['ppl']:.3f} | " + " | ".join(cells) + " |")
+                  f"PPL: {w.get('text', 'WikiText-2 raw')}, {w['samples']} blocks x {w['seq_len']} tokens "
+                  f"({w['predicted_tokens']:,} predicted tokens), computed by the {c['backend']} backend.", "",
+                  "| model | WikiText-2 PPL |", "| --- | ---: |"]
+        lines += [f"| {m['label']} | {m['quality']['wikitext2']['ppl']:.3f} |" for m in models]
+        if q0.get("lm_eval"):
+            lines += ["", "### Accuracy (lm-evaluation-harness)", "",
+                      f"lm-eval {q0['lm_eval'].get('lm_eval_version', '')}, zero-shot, "
+                      f"{'first ' + str(c['limit']) + ' documents' if c['limit'] else 'all documents'} per task; "
+                      "± is lm-eval's standard error; recovery = candidate / baseline.", ""]
+            for m in models[1:]:
+                lines += [f"| task | metric | baseline | {m['label']} | recovery |", "|---|---|---:|---:|---:|",
+                          *accuracy_rows(q0, m["quality"]), ""]
+            lines += ["Each model's numbers as lm-eval printed them, and the command that reproduces them "
+                      "(`--output_path` left out):", ""]
+            for m in models:
+                le = m["quality"]["lm_eval"]
+                lines += [f"**{m['label']}** ({le['seconds']} s; raw results `{le['results_file']}`):", "", "```bash",
+                          le["command"], "```", "", *le["table"], ""]
     if models[0]["speed"]:
         keys = speed_keys(_cfg(c), res["serving"])
         lines += ["", "## Speed", "", _how(res) + ". Values: median over rounds.", "",
@@ -71,17 +129,38 @@ def markdown(res: dict) -> str:
         for key, _ in keys:
             vals = [sorted(_get(s, key) for s in m["speed"]) for m in models]
             lines.append(f"| {key} | " + " | ".join(_f(v[len(v) // 2], 2) for v in vals) + " |")
+        if res["serving"]:
+            lines += ["", "vLLM's JSON result of every run is in `vllm_bench/`; e.g. the first round of each model:",
+                      "", "```bash"]
+            lines += [m["speed"][0][f"c{cc}"]["command"] for m in models for cc in c["concurrency"][:1]]
+            lines += ["```"]
+    if res.get("sweep"):
+        sw = res["sweep"]
+        lines += ["", f"## Throughput vs latency ({sw['tool']})", "", sw["how"], "", f"![sweep]({sw['plot']})", "",
+                  "| model | point | requests done / failed / unfinished | requests/s | output tokens/s | "
+                  "median TTFT ms | median ITL ms |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        for label, pts in sw["points"].items():
+            for p in pts:
+                lines.append(f"| {label} | {p['name']} | {p['completed']} / {p['failed']} / {p['incomplete']} | "
+                             f"{_f(p['request_rate'], 2)} | {_f(p['output_throughput'], 1)} "
+                             f"| {_f(p['median_ttft_ms'], 1)} | {_f(p['median_itl_ms'], 1)} |")
+        lines += ["", "Reproduce (GuideLLM's scenario and report per model are in `sweep/`):", "", "```bash",
+                  *sw["commands"].values(), "```"]
     lines += ["", "## Ratios (candidate / baseline)", ""]
     for label, r in res["ratios"].items():
         ideal = res["ideal"].get(label, {})
         lines += [f"### {label}", ""]
+        if res["serving"] and models[0]["speed"]:
+            lines += ["| served metric | baseline | candidate | speedup [min, max] |", "|---|---:|---:|---|",
+                      *speed_rows(res, label), ""]
         for b, d in ideal.items():
             lines.append(f"- ideal at {b} (prompt {d['workload']['prompt_len']}, output {d['workload']['output_len']}): "
                          f"parameter ratio {d['param_ratio']:.3f}; prefill speedup from FLOPs "
                          f"{d['ideal_prefill_speedup']:.3f}x; decode speedup from bytes read (weights + KV cache) "
                          f"{d['ideal_decode_speedup']:.3f}x (from FLOPs {d['ideal_decode_flops_speedup']:.3f}x); "
                          f"KV cache per token {d['kv_bytes_ratio']:.3f}")
-        lines += ["", "| metric | ratio | spread | note |", "| --- | ---: | --- | --- |"]
+        if r:
+            lines += ["", "| metric | ratio | spread | note |", "| --- | ---: | --- | --- |"]
         for key, v in r.items():
             better = "higher is better" if v["higher_is_better"] else "lower is better"
             if "rounds" in v:
@@ -95,7 +174,8 @@ def markdown(res: dict) -> str:
             else:
                 lines.append(f"| {key} | {_f(v['ratio'])} | deterministic | {better} |")
         lines.append("")
-    lines += ["Plots: speedup_vs_ppl.png, latency.png", ""]
+    lines += ["## How the numbers were measured", "", *[f"- {x}" for x in res.get("how", [])], "",
+              "Plots: " + ", ".join(res.get("plots", [])), ""]
     return "\n".join(lines)
 
 
@@ -152,11 +232,13 @@ def plots(res: dict, out: Path) -> list[str]:
         fig.savefig(out / "latency.png", dpi=110)
         plt.close(fig)
         written.append("latency.png")
+    if res.get("sweep"):
+        written.append(res["sweep"]["plot"])
     return written
 
 
 def write_report(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     res["plots"] = plots(res, out)
-    (out / "bench.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "bench.md").write_text(markdown(res))
+    (out / "bench.json").write_text(json.dumps(res, indent=1, default=float))  # last: its presence = complete

