@@ -63,6 +63,10 @@ def model_card(summary: dict, plan: Optional[dict], source: Optional[str]) -> st
                       "`recipe.yaml` for every setting.", ""]
     else:
         lines += ["## Perplexity", "", "Not measured for this export (no plan.json with PPL from rtk prune).", ""]
+    if plan and plan.get("heal"):
+        from ..heal.record import card_lines
+
+        lines += card_lines(plan)
     lines += ["## Verified on export", "",
               f"The folder was reloaded from disk and its logits compared ({summary['verification_inputs']}):", ""]
     lines += [f"- {v}" for v in summary["verification"]]
