@@ -65,6 +65,40 @@ def test_distillation_loss_falls(method):
     assert not any(p.requires_grad for p in healed.parameters())
 
 
+def reference_loss(s_logits, t_logits, ids, kl_w, ce_w, temp):
+    """The loss written the plain way (autograd through full float32 logits)."""
+    v = s_logits.shape[-1]
+    log_ps = torch.log_softmax(s_logits.float() / temp, -1).reshape(-1, v)
+    log_pt = torch.log_softmax(t_logits.float() / temp, -1).reshape(-1, v)
+    kl = torch.nn.functional.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * temp ** 2
+    ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+    return kl_w * kl + ce_w * ce, kl, ce
+
+
+@pytest.mark.parametrize("kl_w,ce_w,temp", [(1.0, 0.0, 1.0), (0.7, 0.3, 2.0), (0.0, 1.0, 1.0)])
+def test_fused_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, kl_w, ce_w, temp):
+    import rtk.heal.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 128 * 5)  # 5 tokens per chunk: chunk edges are exercised
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    w = (torch.randn(128, 16, generator=g) * 0.5).requires_grad_()
+    th, tw = torch.randn(2, 7, 12, generator=g), torch.randn(128, 12, generator=g)
+    ids = torch.randint(0, 128, (2, 7), generator=g)
+    got, kl, ce = loss_mod.distill_loss(h, w, th, tw, ids, kl_w, ce_w, temp)
+    got.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want, kl_ref, ce_ref = reference_loss(h @ w.T, th @ tw.T, ids, kl_w, ce_w, temp)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    if kl_w:
+        assert kl == pytest.approx(kl_ref.item(), rel=1e-5)
+    if ce_w:
+        assert ce == pytest.approx(ce_ref.item(), rel=1e-5)
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+
+
 def test_ce_term_and_frozen_embeddings():
     teacher, student = teacher_student()
     emb = student.model.embed_tokens.weight.clone()

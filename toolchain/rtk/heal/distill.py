@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import RtkError
 from ..outdir import replace_atomic, write_json_atomic
 from ..recipe import HealConfig
+from .loss import CHUNK_ELEMENTS, distill_loss
 
 CHECKPOINT = "checkpoint.pt"
 STATE = "heal_state.json"
@@ -41,28 +41,6 @@ class HealPaused(Exception):
 
 
 # ---- pieces -------------------------------------------------------------------------------------
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
-            cfg: HealConfig) -> tuple[torch.Tensor, float, float]:
-    """(loss, KL, CE) of one micro-batch; logits [b, t, vocab], ids [b, t]. KL per token (at temperature T,
-    times T^2), CE per predicted token (next-token, T = 1)."""
-    s = student_logits.float()
-    vocab = s.shape[-1]
-    loss = s.new_zeros(())
-    kl_v = ce_v = math.nan
-    if cfg.kl_weight > 0:
-        t_ = cfg.temperature
-        log_p_s = F.log_softmax(s / t_, dim=-1).reshape(-1, vocab)
-        log_p_t = F.log_softmax(teacher_logits.float() / t_, dim=-1).reshape(-1, vocab)
-        kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * (t_ * t_)
-        loss = loss + cfg.kl_weight * kl
-        kl_v = kl.item()
-    if cfg.ce_weight > 0:
-        ce = F.cross_entropy(s[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        loss = loss + cfg.ce_weight * ce
-        ce_v = ce.item()
-    return loss, kl_v, ce_v
-
-
 def lr_factor(step: int, steps: int, warmup: float, min_lr: float) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `steps`: linear warm-up
     over the first `warmup` fraction, then cosine from 1 down to `min_lr`."""
@@ -103,7 +81,7 @@ def plan_steps(cfg: HealConfig, seq_len: int) -> tuple[int, int]:
 def memory_estimate(student, teacher, cfg: HealConfig, seq_len: int) -> int:
     """Bytes training needs, roughly: weights of both models, gradients and AdamW state of what trains,
     and the activations of one micro-batch (per layer ~ 16 x hidden + 4 x intermediate values per token
-    kept for the backward pass; the logits, their softmaxes and gradients in float32)."""
+    kept for the backward pass; the loss keeps one chunk of logits, rtk.heal.loss)."""
     def size(m):
         return sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values())
 
@@ -112,8 +90,8 @@ def memory_estimate(student, teacher, cfg: HealConfig, seq_len: int) -> int:
     n_train = sum(p.numel() for p in student.parameters()) if cfg.method == "full" else 0
     tokens = cfg.micro_batch * seq_len
     inter = c.intermediate_size
-    per_token = len(student.model.layers) * (16 * c.hidden_size + 4 * inter) * esize + 5 * c.vocab_size * 4
-    return size(student) + size(teacher) + n_train * (esize + 8) + tokens * per_token
+    per_token = len(student.model.layers) * (16 * c.hidden_size + 4 * inter) * esize
+    return size(student) + size(teacher) + n_train * (esize + 8) + tokens * per_token + 6 * CHUNK_ELEMENTS * 4
 
 
 def available_memory(device: str) -> int:
@@ -294,11 +272,12 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
             idx = order.indices(first + m * cfg.micro_batch, cfg.micro_batch)
             ids = blocks[idx].to(device)
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-            s_logits = tr.forward(input_ids=ids, use_cache=False).logits
-            loss, kl, ce = kd_loss(s_logits, t_logits, ids, cfg)
+                t_hidden = teacher.model(input_ids=ids)
+            hidden = tr.forward.model(input_ids=ids)  # final normed hidden states; the heads run in the loss
+            loss, kl, ce = distill_loss(hidden, tr.forward.lm_head.weight, t_hidden, teacher.lm_head.weight, ids,
+                                        cfg.kl_weight, cfg.ce_weight, cfg.temperature)
             (loss / cfg.grad_accum).backward()
-            del s_logits, t_logits
+            del hidden, t_hidden
             loss_sum += loss.item() / cfg.grad_accum
             kl_sum += kl / cfg.grad_accum
             ce_sum += ce / cfg.grad_accum

@@ -185,7 +185,10 @@ def folder_id(folder: Path) -> str:
 
 def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teacher: Optional[str] = None,
              device: str = "auto", dtype: str = "auto", progress: bool = True,
-             echo: Callable[[str], None] = print, max_steps: Optional[int] = None) -> dict:
+             echo: Callable[[str], None] = print, max_steps: Optional[int] = None,
+             evaluation: Optional[DataSpec] = None) -> dict:
+    """`rtk heal`: heal PRUNED_DIR's model from its original (plan.json) or `teacher` into OUT. The PPL before
+    and after is measured on `evaluation`, by default the evaluation text of the recipe that pruned it."""
     from ..device import resolve_device, resolve_dtype
     from ..export.safetensors import export_model
     from ..load import load_model, load_tokenizer, resolve
@@ -194,9 +197,10 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     out = Path(out)
     model_dir, plan = locate(pruned_dir)
     t_spec = teacher_spec(plan, teacher, Path(pruned_dir))
-    evaluation = DataConfig().evaluation
-    if plan and isinstance(plan.get("recipe"), dict) and "evaluation" in plan["recipe"].get("data", {}):
-        evaluation = DataSpec(**plan["recipe"]["data"]["evaluation"])
+    if evaluation is None:
+        evaluation = DataConfig().evaluation
+        if plan and isinstance(plan.get("recipe"), dict) and "evaluation" in plan["recipe"].get("data", {}):
+            evaluation = DataSpec(**plan["recipe"]["data"]["evaluation"])
     check_heal_text(cfg, evaluation)
     dev = resolve_device(device, "--device")
     dt = resolve_dtype(dtype, dev, "--dtype")
