@@ -106,6 +106,9 @@ def test_ce_term_and_frozen_embeddings():
                           None, "fp", progress=False)
     s0 = rec["history"]["steps"][0]
     assert s0["ce"] > 0 and s0["loss"] == pytest.approx(0.5 * s0["kl"] + 0.5 * s0["ce"], rel=1e-6)
+    _, rec2 = distill(copy.deepcopy(student), teacher, tiny_blocks(), cfg(tokens=256, max_grad_norm=None), None,
+                      "fp", progress=False)
+    assert rec2["history"]["steps"][0]["ce"] is None and rec2["history"]["steps"][0]["grad_norm"] is None
     assert torch.equal(healed.model.embed_tokens.weight, emb)
     assert rec["trainable_params"] < sum(p.numel() for p in healed.parameters())
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rtk.bench.endpoint import greedy, prompt_logprobs
+from test_vllm_serving import hf_greedy, hf_prompt_logprobs  # transformers' references, as for the pruned folder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -54,20 +55,6 @@ def hf(folder):
     return model, AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
-@torch.no_grad()
-def hf_prompt_logprobs(model, ids):
-    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    return [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-
-
-@torch.no_grad()
-def hf_greedy(model, ids, n):
-    seq = list(ids)
-    for _ in range(n):
-        seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    return seq[len(ids):]
-
-
 def test_healed_folder_is_the_pruned_shape(healed_dir, smollm2_pruned_dir):
     a = json.loads((healed_dir / "config.json").read_text())
     b = json.loads((smollm2_pruned_dir / "config.json").read_text())
@@ -79,14 +66,11 @@ def test_served_healed_model_matches_transformers(served, healed_dir, smollm2_pr
     model, tok = hf(healed_dir)
     pruned, _ = hf(smollm2_pruned_dir)
     moved = 0.0
-    for p in PROMPTS:
-        ids = tok(p)["input_ids"]
-        got = prompt_logprobs(served.url, served.model_name, ids)
+    for ids in (tok(p)["input_ids"] for p in PROMPTS):
         want = hf_prompt_logprobs(model, ids)
-        assert len(got) == len(want) == len(ids) - 1
-        diff = max(abs(a - b) for a, b in zip(got, want))
-        print(f"healed: {len(ids)} tokens, max |vLLM - transformers prompt log-prob| = {diff:.2e}")
-        assert diff <= 1e-3, f"max |log-prob difference| {diff:.2e} over {len(ids)} tokens"
-        moved = max(moved, max(abs(a - b) for a, b in zip(want, hf_prompt_logprobs(pruned, ids))))
+        diffs = [abs(a - b) for a, b in zip(prompt_logprobs(served.url, served.model_name, ids), want, strict=True)]
+        print(f"healed: {len(ids)} tokens, max |vLLM - transformers prompt log-prob| = {max(diffs):.2e}")
+        assert len(diffs) == len(ids) - 1 and max(diffs) <= 1e-3, max(diffs)
         assert greedy(served.url, served.model_name, ids, N_GREEDY) == hf_greedy(model, ids, N_GREEDY)
+        moved = max([moved] + [abs(a - b) for a, b in zip(want, hf_prompt_logprobs(pruned, ids))])
     assert moved > 1e-2  # the server holds the healed weights, not the pruned ones

@@ -182,6 +182,11 @@ class History:
         return cls(list(d["steps"]), list(d["evals"]), float(d["train_seconds"]))
 
 
+def _num(x: float) -> Optional[float]:
+    """JSON has no NaN: a term that is not computed is null."""
+    return None if math.isnan(x) else x
+
+
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -290,8 +295,8 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         step += 1
         dt = time.perf_counter() - t0
         hist.train_seconds += dt
-        hist.steps.append({"step": step, "tokens": step * per_step, "loss": loss_sum, "kl": kl_sum, "ce": ce_sum,
-                           "lr": lr, "grad_norm": gnorm})
+        hist.steps.append({"step": step, "tokens": step * per_step, "loss": loss_sum, "kl": _num(kl_sum),
+                           "ce": _num(ce_sum), "lr": lr, "grad_norm": _num(gnorm)})
         bar.update()
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{per_step / dt:.0f}")
         if cfg.eval_every and evaluate is not None and (step % cfg.eval_every == 0 or step == steps):

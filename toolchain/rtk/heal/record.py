@@ -69,7 +69,7 @@ def report_lines(plan: dict, out: Path) -> list[str]:
              f"{', gradient checkpointing' if h['gradient_checkpointing'] else ''}.",
              f"- Loss {h['loss_first']:.4f} (first step) -> {h['loss_last']:.4f} (mean of the last tenth); "
              f"{h['tokens_per_second']:.0f} training tokens/s over {h['train_seconds']:.0f} s "
-             f"({h['threads']} threads).", "",
+             f"({h['threads']} thread{'s' * (h['threads'] != 1)}).", "",
              "| evaluation PPL | teacher | pruned | healed | measured on |", "|---|---:|---:|---:|---|",
              f"| {ev.get('split') or ''} | {h.get('teacher', {}).get('ppl', float('nan')):.3f} | "
              f"{ev['ppl_before']:.3f} | {ev['ppl_after']:.3f} | {ev['measured']} |", ""]
