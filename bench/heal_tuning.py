@@ -1,8 +1,8 @@
 """Tuning runs for `rtk heal`'s defaults: the demo plan healed with different settings, evaluation PPL along
 the way (rtk.heal.distill with an evaluate callback, the same loop `rtk heal` runs).
 
-    python bench/heal_tuning.py runs/smollm2-demo --tokens 38400 --eval-tokens 9600 \\
-        -o bench/results/heal/tuning.json [--only NAME,...]
+    python bench/heal_tuning.py runs/smollm2-demo --tokens 25600 -o bench/results/heal/tuning.json \\
+        [--only NAME,...] [--set NAME='{"lr": 5e-4}']
 
 Teacher: the plan's original model; student: PRUNED_DIR/model; training text WikiText-2 *valid* (blocks of
 256 tokens, the pool the budget needs); evaluation WikiText-2 *test*, the plan's 32 x 256 blocks, float32,
@@ -21,15 +21,13 @@ from pathlib import Path
 
 import torch
 
-RUNS = {  # name -> heal settings beyond the defaults of this script (full, T=1, lr 3e-4 cosine)
+RUNS = {  # name -> heal settings beyond HealConfig's (full, KL at T=1, warm-up 5% + cosine)
     "probe": {"lr": 1e-4, "warmup": 0.0, "min_lr": 1.0, "max_grad_norm": None},  # the naive probe of issue 12
-    "full-lr3e-4": {},
-    "full-lr1e-3": {"lr": 1e-3},
-    "full-lr3e-4-mb2": {"micro_batch": 2},
-    "full-lr3e-4-ce0.5": {"ce_weight": 0.5},
-    "full-lr3e-4-T2": {"temperature": 2.0},
-    "full-lr3e-4-frozen-emb": {"train_embeddings": False},
-    "lora-r32-lr1e-3": {"method": "lora", "lr": 1e-3, "lora": {"rank": 32, "alpha": 64}},
+    "full-lr3e-4-mb2": {"lr": 3e-4, "micro_batch": 2},
+    "full-lr1e-3-mb2": {"lr": 1e-3, "micro_batch": 2},
+    "full-lr3e-4-mb2-ce0.5": {"lr": 3e-4, "micro_batch": 2, "ce_weight": 0.5},
+    "full-lr3e-4-mb2-T2": {"lr": 3e-4, "micro_batch": 2, "temperature": 2.0},
+    "lora-r32-lr2e-3-mb2": {"lr": 2e-3, "micro_batch": 2, "method": "lora", "lora": {"rank": 32, "alpha": 64}},
 }
 __doc__ += "".join(f"\n- {k}: {v or 'the defaults'}" for k, v in RUNS.items())
 
@@ -39,7 +37,8 @@ def main() -> None:
     ap.add_argument("pruned_dir", type=Path)
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=38_400)
-    ap.add_argument("--eval-tokens", type=int, default=9_600, help="evaluate every this many training tokens")
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help="also evaluate every this many training tokens (default: at the end only)")
     ap.add_argument("--only", default=None, help="comma-separated run names")
     ap.add_argument("--set", action="append", default=[], help="NAME=JSON: an extra run")
     args = ap.parse_args()
@@ -73,7 +72,7 @@ def main() -> None:
         cfg = HealConfig(**{"tokens": args.tokens, **runs[name]})
         blocks, _ = heal_blocks(tok, cfg.data, cfg.tokens)
         per_step = cfg.micro_batch * cfg.grad_accum * cfg.data.seq_len
-        cfg = cfg.model_copy(update={"eval_every": max(1, args.eval_tokens // per_step)})
+        cfg = cfg.model_copy(update={"eval_every": max(1, (args.eval_tokens or cfg.tokens) // per_step)})
         t0 = time.perf_counter()
         healed, rec = distill(copy.deepcopy(student0), teacher, blocks, cfg, None, name, progress=True,
                               evaluate=lambda m: eval_ppl(m, evalb))

@@ -258,9 +258,11 @@ def test_rtk_heal_writes_a_smaller_verified_servable_folder(tmp_path, pruned_out
     h = plan["heal"]
     assert h["method"] == "full" and h["tokens"] == 6 * 2 * 32 and h["steps"] == 6
     assert h["data"]["file"] == str(heal_text) and h["blocks"] == 12
-    assert len(h["history"]["steps"]) == 6 and [e["step"] for e in h["history"]["evals"]] == [0, 3, 6]
+    assert len(h["history"]["steps"]) == 6 and [e["step"] for e in h["history"]["evals"]] == [3, 6]
     assert h["eval"]["ppl_after"] == pytest.approx(h["history"]["evals"][-1]["ppl"], rel=1e-5)
     assert h["eval"]["split"] == "test" and h["teacher"]["path"] == plan["model_path"]
+    # PPLs rtk prune measured on the same blocks are reused, not measured again
+    assert h["eval"]["ppl_before"] == plan["eval"]["ppl_final"] and h["teacher"]["ppl"] == plan["eval"]["ppl_base"]
     # same shapes and format as the pruned folder, different weights
     before, after = tensors(pruned_out / "model"), tensors(out / "model")
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}

@@ -263,8 +263,6 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         tr.forward.train()
         hist.evals.append({"step": step, "tokens": step * per_step, "ppl": ppl})
 
-    if step == 0 and cfg.eval_every and evaluate is not None and not hist.evals:
-        run_eval()
     tr.forward.train()
     started_at = step
     bar = tqdm(total=steps, initial=step, desc="healing", unit="step", disable=not progress, leave=False)

@@ -175,6 +175,18 @@ def teacher_spec(plan: Optional[dict], teacher: Optional[str], pruned_dir: Path)
     return plan["model"]
 
 
+def _plan_ppls(plan: Optional[dict], evaluation: DataSpec, dtype: str, teacher: Optional[str]) -> tuple:
+    """(teacher PPL, student PPL) that `rtk prune` measured on these evaluation blocks in this dtype, or
+    Nones: a healed folder's own PPL is not in its plan's `eval`, another teacher's never is."""
+    ev = (plan or {}).get("eval") or {}
+    rec = (plan or {}).get("recipe") or {}
+    if plan is None or plan.get("heal") or "ppl_final" not in ev or rec.get("dtype") != dtype:
+        return None, None
+    if DataSpec(**rec.get("data", {}).get("evaluation", {})) != evaluation:
+        return None, None
+    return (ev.get("ppl_base") if teacher is None else None), ev["ppl_final"]
+
+
 def folder_id(folder: Path) -> str:
     """Identifies a model folder's weights without reading them: config.json and the weight files' sizes."""
     h = hashlib.sha256((folder / "config.json").read_bytes())
@@ -223,9 +235,11 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     teacher_m, _, _ = load_model(t_path, dt, dev)
     evalb, eval_info = token_blocks(tokenizer, evaluation, "evaluation")
     partial.mkdir(parents=True, exist_ok=True)
+    known = _plan_ppls(plan, evaluation, dt, teacher)
     healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR, fp,
-                                progress=progress, echo=echo, max_steps=max_steps)
-    record["teacher"] = {"model": t_spec, "path": t_path, "ppl": eval_ppl(teacher_m, evalb)}
+                                progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1])
+    record["teacher"] = {"model": t_spec, "path": t_path,
+                         "ppl": known[0] if known[0] is not None else eval_ppl(teacher_m, evalb)}
     del teacher_m
     new_plan = dict(plan or {})
     new_plan.setdefault("model", t_spec)
