@@ -55,6 +55,54 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
         f"{ev['ppl_base']:.3f} before -> {ev['ppl_final']:.3f} after\n"
         f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md"
     )
+    if plan.get("heal"):
+        _echo_healed(plan["heal"])
+
+
+def _echo_healed(h: dict) -> None:
+    ev = h["eval"]
+    click.echo(f"rtk: healed ({h['method']}, {h['tokens']:,} tokens, {h['tokens_per_second']:.0f} tokens/s): "
+               f"evaluation PPL {ev['ppl_before']:.3f} pruned -> {ev['ppl_after']:.3f} healed")
+
+
+# ---- rtk heal ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("pruned_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: OUT/{plan.json, model/, report.md, loss_curve.png}.")
+@click.option("--teacher", default=None, help="The original model (default: plan.json's model_path / model).")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML with heal settings (the keys of a recipe's heal: section, or a recipe with one).")
+@click.option("--tokens", type=int, default=None, help="Training tokens (overrides the config).")
+@click.option("--method", type=click.Choice(["full", "lora"]), default=None, help="Overrides the config.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Pause after this many optimizer steps; rerunning the same command continues.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def heal(pruned_dir: Path, out: Path, teacher: str | None, config: Path | None, tokens: int | None,
+         method: str | None, device: str, dtype: str, max_steps: int | None, threads: int | None, quiet: bool):
+    """Heal a pruned model by knowledge distillation from the original (teacher).
+
+    PRUNED_DIR is an `rtk prune` output (or a model folder with its plan.json); the healed model is
+    exported and verified as `rtk prune` exports, with the same shapes."""
+    from .heal.run import HealPaused, load_heal_config, run_heal
+
+    cfg = load_heal_config(config, tokens=tokens, method=method)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        plan = run_heal(pruned_dir, out, cfg, teacher=teacher, device=device, dtype=dtype, progress=not quiet,
+                        echo=click.echo, max_steps=max_steps)
+    except HealPaused as exc:
+        click.echo(str(exc))
+        return
+    _echo_healed(plan["heal"])
+    click.echo(f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md, {out}/loss_curve.png")
 
 
 # ---- rtk export ---------------------------------------------------------------------------------
@@ -271,12 +319,17 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
               help="First N documents of each zero-shot task for --bench.")
 @click.option("--bench-rounds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Interleaved dense/candidate speed rounds per model for --bench.")
+@click.option("--heal", "heal_", is_flag=True,
+              help="Then heal every exported model with the same budget (the recipe's heal: section, or the "
+                   "defaults of rtk heal) and add 'PPL after healing' to the table. Also adds healing to a complete OUT.")
+@click.option("--heal-tokens", type=int, default=None, help="Training tokens per model for --heal.")
 @click.option("--report-only", is_flag=True,
               help="Search nothing: write OUT.partial/ablation.md from the work saved so far.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, bench: bool, bench_tasks: str,
-           bench_limit: int, bench_rounds: int, report_only: bool, threads: int | None, quiet: bool):
+           bench_limit: int, bench_rounds: int, heal_: bool, heal_tokens: int | None, report_only: bool,
+           threads: int | None, quiet: bool):
     """Run the method, its ablations (normalize params|none|cost x progressive|one-shot) and whole-layer
     baselines (greedy by PPL, one-shot by block influence) from RECIPE's model at the same parameter
     targets; export and evaluate each; write OUT/{ablation.md, ablation.json, plots, models/}.
@@ -290,6 +343,14 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
     rec = resolve_runtime(load_recipe(recipe))
     ts, vs = parse_targets(targets), select_variants(variants)
     out = out or Path("runs") / f"{recipe.stem}-ablation"
+    heal_cfg = None
+    if heal_tokens is not None and not heal_:
+        raise RtkError("--heal-tokens: goes with --heal")
+    if heal_ and not report_only:
+        from .heal.run import load_heal_config
+
+        heal_cfg = load_heal_config(None, **{**(rec.heal.model_dump(exclude_unset=True) if rec.heal else {}),
+                                             "tokens": heal_tokens})
     bench_obj = None
     if bench and not report_only:
         from .ablate.measure import AblationBench, AblationBenchConfig
@@ -306,7 +367,8 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
         torch.set_num_threads(threads)
     from .ablate.run import run_ablation
 
-    res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_obj, report_only=report_only)
+    res = run_ablation(rec, out, ts, vs, progress=not quiet, echo=click.echo, bench=bench_obj, report_only=report_only,
+                       heal=heal_cfg)
     if report_only:
         click.echo(f"rtk: {len(res['rows'])} plans so far; wrote {out}.partial/ablation.md")
         return

@@ -36,6 +36,13 @@ def _check_out(out: Path, recipe: Recipe) -> tuple[Path, bool]:
                      result_key="recipe_fingerprint")
 
 
+def _heal_fingerprint(recipe: Recipe):
+    """None without healing; else what must match for a finished OUT or a healing checkpoint to be reused."""
+    if recipe.heal is None:
+        return None
+    return f"{recipe.fingerprint()}-{recipe.heal.fingerprint()}"
+
+
 def _measure_line(info: dict, recipe: Recipe, model_name: str) -> str:
     return (f"{model_name}, {info['file']} [{info['split']}], {info['samples']} blocks x {info['seq_len']} "
             f"tokens ({info['predicted_tokens']:,} predicted), {recipe.dtype}, torch {torch.__version__} "
@@ -58,8 +65,15 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
     out = Path(out)
     partial, complete = _check_out(out, recipe)
     if complete:
+        done = json.loads((out / "plan.json").read_text())
+        if done.get("heal_fingerprint") != _heal_fingerprint(recipe):
+            raise RtkError(f"-o {out}: holds this recipe's plan " + ("healed differently" if done.get("heal")
+                           else "without healing") + f"; choose another folder (or heal it: rtk heal {out} -o NEW)")
         echo(f"rtk: {out} already holds this recipe's result")
-        return json.loads((out / "plan.json").read_text())
+        return done
+    if recipe.heal is not None and recipe.scoring.offload == "disk":
+        raise RtkError("heal: trains the whole model in memory; scoring.offload: disk never holds it (prune "
+                       "without heal:, then rtk heal OUT -o NEW where the model fits)")
     torch.manual_seed(0)
     t_start = time.perf_counter()
     sc = recipe.scoring
@@ -78,6 +92,11 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         _check_lengths(model, recipe)
         calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
         evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
+        heal_pool = None
+        if recipe.heal is not None:  # read (and checked) before the search
+            from .heal.run import heal_blocks
+
+            heal_pool = heal_blocks(tokenizer, recipe.heal.data, recipe.heal.tokens)
         cost_fn = None
         if recipe.search.normalize == "cost":
             from .cost import sublayer_cost_fn
@@ -152,7 +171,18 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
 
             model = model.to("cpu") if loaded.offload == "cpu" else model
             pruned = apply_plan(model, removed_names)
-            exported = export_model(pruned, tokenizer, model_dir, original=model, plan=plan,
+            final, original = pruned, model
+            if recipe.heal is not None:
+                from .heal.run import heal_model, student_copy
+
+                final, plan["heal"] = heal_model(student_copy(pruned), model, tokenizer, recipe.heal, evalb,
+                                                 eval_info, partial / "heal", _heal_fingerprint(recipe),
+                                                 ppl_before=eval_final, progress=progress, echo=echo, pool=heal_pool)
+                plan["heal"]["teacher"] = {"model": recipe.model, "path": path, "ppl": eval_base}
+                plan["heal_fingerprint"] = _heal_fingerprint(recipe)
+                plan["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+                original = None  # the healed weights differ from the original's: verified against the healed model
+            exported = export_model(final, tokenizer, model_dir, original=original, plan=plan,
                                     recipe_yaml=recipe_yaml, source=path)
         else:
             from .export.streamed import export_streamed
@@ -166,6 +196,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         from .report import write_report
 
         write_report(plan, partial)
+        shutil.rmtree(partial / "heal", ignore_errors=True)  # checkpoints: the healed model is written
     finally:
         if pool is not None:
             pool.close()

@@ -245,6 +245,88 @@ class ScoringConfig(_Strict):
         return self
 
 
+class LoraSpec(_Strict):
+    """peft LoRA on the linear layers that remain (method: lora); merged into the weights at the end."""
+
+    rank: int = Field(16, gt=0, description="LoRA rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"],
+                               description="names of the linear layers that get adapters")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        bad = [t for t in v if t not in known]
+        if bad or not v:
+            raise ValueError(f"{', '.join(bad) or '(none given)'}: not a linear layer of a decoder layer "
+                             f"(known: {', '.join(sorted(known))})")
+        return v
+
+
+class HealData(DataSpec):
+    """Training text for healing: a DataSpec whose `samples` may be left out (null): then it is the number
+    of blocks the token budget needs, or every block the text holds when it holds fewer."""
+
+    samples: Optional[int] = Field(None, gt=0, description="token blocks in the pool (default: from the budget)")
+    seq_len: int = Field(256, gt=1, description="tokens per block")
+
+    def describe(self) -> str:
+        if self.samples is None:
+            return DataSpec.describe(self.model_copy(update={"samples": 0})).replace("0 blocks", "blocks")
+        return super().describe()
+
+
+class HealConfig(_Strict):
+    """Knowledge distillation of the pruned model (student) from the original (teacher), after the search.
+
+    loss = kl_weight * T^2 * KL(teacher || student at temperature T) + ce_weight * CE(student, text).
+    `tokens` is the training budget: optimizer steps = ceil(tokens / (micro_batch * grad_accum * seq_len)).
+    `data.samples` is optional here (HealData)."""
+
+    data: HealData = Field(default_factory=lambda: HealData(source="wikitext2", split="valid"),
+                           description="training text: any source calibration accepts, not the evaluation text")
+    tokens: int = Field(180_000, gt=0, description="training tokens (the budget)")
+    method: Literal["full", "lora"] = Field("full", description="full: every weight; lora: peft LoRA adapters")
+    lora: LoraSpec = LoraSpec()
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming up linearly")
+    min_lr: float = Field(0.1, ge=0, le=1, description="the cosine ends at lr * min_lr")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (null: none)")
+    micro_batch: int = Field(4, gt=0, description="token blocks per forward/backward pass")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term")
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the text itself")
+    train_embeddings: bool = Field(True, description="full: also train the token embeddings / LM head")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="recompute each layer in the backward pass; auto: when the estimated training "
+        "memory does not fit the device")
+    seed: int = Field(0, description="data order and LoRA initialisation")
+    checkpoint_every: int = Field(20, gt=0, description="optimizer steps between checkpoints in OUT.partial/")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluation PPLs (0: before and after "
+                            "only)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight are both 0: nothing to learn from")
+        if self.method != "lora" and "lora" in self.model_fields_set:
+            raise ValueError("lora: applies to method: lora")
+        if self.method == "lora" and "train_embeddings" in self.model_fields_set and self.train_embeddings:
+            raise ValueError("train_embeddings: applies to method: full (LoRA trains adapters only)")
+        return self
+
+    def fingerprint(self) -> str:
+        """What must match for a resume (everything but how often it checkpoints)."""
+        d = self.model_dump(mode="json")
+        d.pop("checkpoint_every", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
 
 
@@ -257,6 +339,8 @@ class Recipe(_Strict):
     search: SearchConfig = SearchConfig()
     scoring: ScoringConfig = ScoringConfig()
     cost: CostConfig = CostConfig()
+    heal: Optional[HealConfig] = Field(None, description="distill the pruned model from the original after the "
+                                       "search (rtk prune)")
 
     @field_validator("device")
     @classmethod
@@ -265,12 +349,21 @@ class Recipe(_Strict):
             raise ValueError(f"'{v}' is not one of auto, cpu, cuda, cuda:N")
         return v
 
+    @model_validator(mode="after")
+    def _heal_text(self):
+        if self.heal is not None and same_text(self.heal.data, self.data.evaluation):
+            e = self.data.evaluation
+            raise ValueError("heal.data and data.evaluation use the same text (" + e.source
+                             + (f" [{e.split}]" if e.split else "") + "); heal on other text than the "
+                             "evaluation PPL is measured on")
+        return self
+
     def fingerprint(self) -> str:
         """What must match for a resume: everything that changes the plan (not the scoring engine, not where
-        it runs; the dtype once resolved, since float16 and float32 scores differ)."""
+        it runs, not the healing after it; the dtype once resolved, since float16 and float32 scores differ)."""
         d = self.model_dump(mode="json")
         d["data"].pop("evaluation", None)
-        for k in ("scoring", "device"):
+        for k in ("scoring", "device", "heal"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -109,6 +109,10 @@ def write_report(plan: dict, out: Path) -> None:
         f"![PPL along the search]({curve})",
         "",
     ]
+    if plan.get("heal"):
+        from .heal.record import report_lines
+
+        lines += report_lines(plan, out)
     (out / "report.md").write_text("\n".join(lines))
 
 

@@ -23,6 +23,8 @@ def winners(res: dict) -> dict:
             out["speed"][str(t)] = max(rows, key=lambda r: r["decode_speedup_ideal"])["variant"]
     rows = res["rows"]
     out["pareto"] = front(rows, lambda r: r["decode_speedup_ideal"])
+    if any(r.get("healed") for r in rows):
+        out["healed_ranking"] = heal_ranking(res)
     mrows = [r for r in rows if math.isfinite(measured(r))]
     if mrows:
         out["measured_pareto"] = front(mrows, measured)
@@ -106,6 +108,7 @@ def markdown(res: dict) -> str:
     cal, ev, cm, sc = res["calibration"], res["eval"], res["cost_model"], res["scoring"]
     d = res["dense"]
     w = winners(res)
+    healed = any(r.get("healed") for r in res["rows"])
     lines = [
         f"# rtk ablation: {res['model']}",
         "",
@@ -122,17 +125,20 @@ def markdown(res: dict) -> str:
         "",
         f"Dense: eval PPL {d['eval_ppl']:.3f}, calibration PPL {d['calib_ppl']:.3f}.",
         "",
-        f"| variant | target | params removed | eval PPL | calib PPL | attn removed | MLP removed | "
+        f"| variant | target | params removed | eval PPL |" + (" PPL after healing |" if healed else "")
+        + f" calib PPL | attn removed | MLP removed | "
         f"decode x (B={cm['batch']}) | decode x (B=1) | prefill x | KV cache |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|" + ("---:|" if healed else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         mark = "" if r.get("search_finished", True) else " (search unfinished)"
+        after = (f" {r['healed']['eval_ppl']:.3f} |" if r.get("healed") else " - |") if healed else ""
         lines.append(
-            f"| {r['variant']}{mark} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
-            f"{r['calib_ppl']:.3f} | {len(r['attn_removed'])} | {len(r['mlp_removed'])} | "
+            f"| {r['variant']}{mark} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} |"
+            f"{after} {r['calib_ppl']:.3f} | {len(r['attn_removed'])} | {len(r['mlp_removed'])} | "
             f"{r['decode_speedup_ideal']:.3f} | {r['decode_speedup_ideal_b1']:.3f} | {r['prefill_speedup_ideal']:.3f} | "
             f"{r['kv_cache_ratio']:.0%} |")
+    lines += healed_section(res)
     lines += measured_section(res, w)
     lines += ["", "## Winners", ""]
     for t in res["targets"]:
@@ -163,7 +169,68 @@ def markdown(res: dict) -> str:
               "![ideal decode speedup vs PPL](speedup_vs_ppl.png)", ""]
     if w.get("measured_pareto"):
         lines += ["![measured speedup vs PPL](measured_speedup_vs_ppl.png)", ""]
+    if healed:
+        lines += ["![PPL before and after healing](ppl_after_healing.png)", ""]
     return "\n".join(lines)
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-a of two equally long lists (1: same order, -1: reversed); NaN below 2 items."""
+    n = len(a)
+    if n < 2:
+        return math.nan
+    s = sum((1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else -1 if (a[i] - a[j]) * (b[i] - b[j]) < 0 else 0)
+            for i in range(n) for j in range(i + 1, n))
+    return s / (n * (n - 1) / 2)
+
+
+def heal_ranking(res: dict) -> dict:
+    """Per target: the variants ranked by eval PPL before and after healing, and Kendall's tau between them."""
+    out = {}
+    for t in res["targets"]:
+        rows = [r for r in res["rows"] if r["target"] == t and r.get("healed")]
+        if len(rows) < 2:
+            continue
+        before = [r["variant"] for r in sorted(rows, key=lambda r: r["eval_ppl"])]
+        after = [r["variant"] for r in sorted(rows, key=lambda r: r["healed"]["eval_ppl"])]
+        out[str(t)] = {"before": before, "after": after,
+                       "kendall_tau": kendall_tau([r["eval_ppl"] for r in rows],
+                                                  [r["healed"]["eval_ppl"] for r in rows])}
+    return out
+
+
+def healed_section(res: dict) -> list[str]:
+    """`rtk ablate --heal`: PPL before and after the same healing, and whether the ranking survives it."""
+    rows = [r for r in res["rows"] if r.get("healed")]
+    conf = res.get("heal_config")
+    if not rows or not conf:
+        return []
+    d = res["dense"]["eval_ppl"]
+    h0 = rows[0]["healed"]
+    lines = ["", "## After healing (rtk ablate --heal)", "",
+             f"- Every model distilled from the dense one with the same settings: {conf['method']}, "
+             f"{h0['tokens']:,} tokens of {conf['data']['source']}" + (f" [{conf['data']['split']}]" if
+                                                                     conf['data'].get('split') else "")
+             + f" in blocks of {conf['data']['seq_len']}, KL(T={conf['temperature']:g}) x {conf['kl_weight']:g}"
+             + (f" + CE x {conf['ce_weight']:g}" if conf["ce_weight"] else "")
+             + f", AdamW lr {conf['lr']:g} (warm-up {conf['warmup']:.0%}, cosine), micro-batch {conf['micro_batch']} x "
+             f"{conf['grad_accum']}, seed {conf['seed']}; eval PPL as above.", "",
+             "| variant | target | eval PPL pruned | PPL after healing | x dense before | x dense after | "
+             "rank before | rank after | healing s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ranks = heal_ranking(res)
+    for r in rows:
+        rk = ranks.get(str(r["target"]), {})
+        rb = rk["before"].index(r["variant"]) + 1 if rk else "-"
+        ra = rk["after"].index(r["variant"]) + 1 if rk else "-"
+        lines.append(f"| {r['variant']} | {r['target']:.0%} | {r['eval_ppl']:.3f} | {r['healed']['eval_ppl']:.3f} | "
+                     f"{r['eval_ppl'] / d:.2f} | {r['healed']['eval_ppl'] / d:.2f} | {rb} | {ra} | "
+                     f"{r['healed']['wall_seconds']:.0f} |")
+    lines.append("")
+    for t, rk in ranks.items():
+        same = "the same order" if rk["before"] == rk["after"] else "a different order"
+        lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**, "
+                     f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}.")
+    return lines
 
 
 def _ratio(st: dict) -> str:
@@ -282,6 +349,29 @@ def measured_plot(res: dict, out: Path) -> bool:
     return True
 
 
+def healed_plot(res: dict, out: Path) -> None:
+    """Eval PPL of each variant pruned and after the same healing, one panel per target (lines cross where
+    the ranking changes)."""
+    targets = [t for t in res["targets"] if any(r.get("healed") and r["target"] == t for r in res["rows"])]
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        for k, r in enumerate(r for r in res["rows"] if r["target"] == t and r.get("healed")):
+            ax.plot([0, 1], [r["eval_ppl"], r["healed"]["eval_ppl"]], marker="o", ms=4, color=f"C{k % 10}",
+                    ls="-" if "progressive" in r["variant"] or r["variant"] == "blocks-ppl" else "--",
+                    label=r["variant"])
+        ax.axhline(res["dense"]["eval_ppl"], color="k", lw=0.8, ls=":", label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks([0, 1], ["pruned", "healed"])
+        ax.set_ylabel("eval PPL (log scale)")
+        ax.set_title(f"{t:.0%} removed", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{res['model']}: PPL before and after the same healing", fontsize=9)
+    fig.tight_layout()
+    replace_atomic(out / "ppl_after_healing.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def write_outputs(res: dict, out: Path) -> None:
     out = Path(out)
     res = {**res, "winners": winners(res)}
@@ -290,3 +380,5 @@ def write_outputs(res: dict, out: Path) -> None:
     plots(res, out)
     if any(r.get("bench") for r in res["rows"]):
         replace_atomic(out / "measured_speedup_vs_ppl.png", lambda p: measured_plot(res, p))
+    if any(r.get("healed") for r in res["rows"]):
+        healed_plot(res, out)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import __version__
-from .variants import CachedScorer, Variant, ablation_fingerprint, block_influence, plans, run_all, _key
+from .variants import CachedScorer, Variant, ablation_fingerprint, block_influence, clean_dir, plans, run_all, _key
 from ..cost import H200, ideal_speedup, sublayer_cost_fn
 from ..data import token_blocks
 from ..errors import RtkError
@@ -126,12 +126,74 @@ def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = pri
     return attach_bench(res, root)
 
 
+def attach_heal(res: dict, root: Path) -> dict:
+    """Put the healings saved in ROOT/state/heal.json (if any) on the rows (`healed`)."""
+    saved = load_json(Path(root) / "state" / "heal.json", None)
+    if saved:
+        for r in res["rows"]:
+            if r["model_dir"] in saved["models"]:
+                r["healed"] = saved["models"][r["model_dir"]]
+        res["heal_config"] = saved["config"]
+    return res
+
+
+def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str], None] = print,
+                progress: bool = True) -> dict:
+    """`rtk ablate --heal`: distil every distinct plan's model from the dense model with the same `cfg`
+    (rtk.heal), export it beside the unhealed one (models/<name>-healed) and measure its evaluation PPL.
+    Each result is saved in ROOT/state/heal.json as it completes (a rerun heals only what is missing; a
+    healing stopped halfway resumes from its checkpoint); other settings than the saved ones are refused."""
+    from ..export.safetensors import export_model
+    from ..heal.run import check_heal_text, heal_blocks, heal_model, student_copy
+
+    root = Path(root)
+    path = root / "state" / "heal.json"
+    check_heal_text(cfg, recipe.data.evaluation, "--heal: heal.data")
+    saved = load_json(path, None)
+    if saved is not None and saved.get("fingerprint") != cfg.fingerprint():
+        raise RtkError(f"--heal: {path} holds healings made with other settings; remove it to heal again")
+    saved = saved or {"fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json"), "models": {}}
+    todo: dict[str, dict] = {}
+    for r in sorted(res["rows"], key=lambda r: -r["target"]):
+        if r["model_dir"] not in saved["models"]:
+            todo.setdefault(r["model_dir"], r)
+    if todo:
+        model, tokenizer, src = load_model(recipe.model, recipe.dtype, recipe.device)
+        evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
+        pool = heal_blocks(tokenizer, cfg.data, cfg.tokens)
+        for i, (key, r) in enumerate(todo.items(), start=1):
+            name = Path(key).name
+            echo(f"rtk: heal {i}/{len(todo)}: {key}")
+            state_dir = root / "state" / f"heal-{name}"
+            healed, rec = heal_model(student_copy(apply_plan(model, r["removed"])), model, tokenizer, cfg, evalb,
+                                     eval_info, state_dir, f"{cfg.fingerprint()}-{name}", ppl_before=r["eval_ppl"],
+                                     progress=progress, echo=echo, pool=pool)
+            hist = rec.pop("history")
+            rec["teacher"] = {"model": recipe.model, "path": src, "ppl": res["dense"]["eval_ppl"]}
+            final = root / "models" / f"{name}-healed"
+            clean_dir(final)
+            export_model(healed, tokenizer, final, source=src,
+                         plan={"model": recipe.model, "removed": sorted(expand(r["removed"])),
+                               "params_total": res["params_total"], "params_removed": r["params_removed"],
+                               "variant": name, "heal": rec})
+            saved["models"][key] = {
+                "model_dir": str(final.relative_to(root)), "eval_ppl": rec["eval"]["ppl_after"],
+                "eval_ppl_before": rec["eval"]["ppl_before"], "loss_first": rec["loss_first"],
+                "loss_last": rec["loss_last"], "tokens": rec["tokens"], "train_seconds": rec["train_seconds"],
+                "tokens_per_second": rec["tokens_per_second"], "wall_seconds": rec["wall_seconds"],
+                "loss_curve": [[s["tokens"], s["loss"]] for s in hist["steps"]]}
+            write_json_atomic(path, saved)
+            clean_dir(state_dir)
+    return attach_heal(res, root)
+
+
 def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list[Variant], progress: bool = True,
-                 echo: Callable[[str], None] = print, bench=None, report_only: bool = False) -> dict:
+                 echo: Callable[[str], None] = print, bench=None, report_only: bool = False, heal=None) -> dict:
     """Search, export and evaluate every variant. `report_only`: search nothing; write
     OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones).
     `bench` (rtk.ablate.measure.AblationBench): then measure every exported model with it (also when OUT
-    is already complete: the measurements are added to it)."""
+    is already complete: the measurements are added to it). `heal` (rtk.recipe.HealConfig): first heal every
+    exported model with it (heal_models; also added to a complete OUT)."""
     from ..device import resolve_runtime
     from .outputs import write_outputs
 
@@ -149,11 +211,15 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
         missing = [v.name for v in variants if v.name not in done["variants"]]
         if missing:
             raise RtkError(f"-o {out}: complete without variant(s) {', '.join(missing)}; choose another folder")
-        if bench is None:
+        if bench is None and heal is None:
             echo(f"rtk: {out} already holds this ablation")
             return done
-        echo(f"rtk: {out} already holds this ablation; measuring its models")
-        done = bench_models(done, out, bench, echo)
+        echo(f"rtk: {out} already holds this ablation; " + ("healing" if heal else "measuring") + " its models")
+        if heal is not None:
+            done = heal_models(done, out, recipe, heal, echo, progress)
+            write_outputs(done, out)
+        if bench is not None:
+            done = bench_models(done, out, bench, echo)
         write_outputs(done, out)
         return done
     t_start = time.perf_counter()
@@ -215,7 +281,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
             "block_influence": load_json(sd / "block_influence.json", None),
         }
-        return attach_bench(res, partial)
+        return attach_heal(attach_bench(res, partial), partial)
 
     def after_variant(v: Variant, st: dict) -> None:
         done.append(v)
@@ -231,6 +297,9 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
             bi=bi, after_variant=after_variant)
     res = result()
     write_outputs(res, partial)
+    if heal is not None:
+        res = heal_models(res, partial, recipe, heal, echo, progress)
+        write_outputs(res, partial)
     if bench is not None:
         res = bench_models(res, partial, bench, echo)
         write_outputs(res, partial)

@@ -173,7 +173,7 @@ def ranked_removal(ranking: dict[str, float], cands: list[Candidate], stop: Stop
 def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:
     d = recipe.model_dump(mode="json")
     d["data"].pop("evaluation", None)
-    for k in ("scoring", "device"):  # neither changes a plan
+    for k in ("scoring", "device", "heal"):  # none changes a plan
         d.pop(k, None)
     for k in ("method", "normalize", "target", "candidates"):
         d["search"].pop(k, None)

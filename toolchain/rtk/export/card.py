@@ -135,6 +135,14 @@ def _evaluation(plan: Optional[dict]) -> list[str]:
     return lines
 
 
+def _healing(plan: Optional[dict]) -> list[str]:
+    if not (plan and plan.get("heal")):
+        return []
+    from ..heal.record import card_lines
+
+    return card_lines(plan)
+
+
 def _performance() -> list[str]:
     return ["## Inference performance", "",
             *_bench_block("performance", ["Not measured yet: `rtk bench ... --backend vllm --card THIS_FOLDER` adds "
@@ -178,7 +186,7 @@ def model_card(summary: dict, plan: Optional[dict], source: Optional[str], recip
     else:
         lines.append(f"- Parameters: {after:,} (the model before pruning is not at hand: count before unknown)")
     lines.append("")
-    lines += _deployment(summary) + _creation(summary, plan, recipe_yaml) + _evaluation(plan) + _performance()
+    lines += _deployment(summary) + _creation(summary, plan, recipe_yaml) + _evaluation(plan) + _healing(plan) + _performance()
     lines += _measured(summary, plan)
     return "\n".join(lines)
 

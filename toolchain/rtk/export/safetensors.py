@@ -372,7 +372,7 @@ def export_dir(model_dir: str, out: Path, dtype: Optional[str] = None, plan: Opt
             raise RtkError(f"{own_plan}: removed_sublayers {want} do not match the model's config.json, "
                            f"which lacks {have}")
         base = plan_data.get("model_path")
-        if base and Path(base, "config.json").is_file():
+        if base and Path(base, "config.json").is_file() and not plan_data.get("heal"):  # healed: weights differ
             original = load_model(base, "float32")[0]
             if len(original.model.layers) != len(model.model.layers):
                 raise RtkError(f"{own_plan}: model_path {base} has {len(original.model.layers)} layers, "

@@ -1,0 +1,279 @@
+"""Healing as a step of `rtk prune` (`heal:` in the recipe) and as `rtk heal PRUNED_DIR -o OUT`.
+
+Both measure the student's evaluation PPL before and after, and `rtk heal` writes OUT/{plan.json, model/,
+report.md, loss_curve.png} through the same export and verification as `rtk prune` (the healed weights
+reloaded from disk must give the in-memory healed model's logits). Work in progress, checkpoints
+included, lives in OUT.partial/ and a rerun of the same command continues it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import __version__
+from ..data import read_text, token_blocks
+from ..errors import RtkError
+from ..outdir import check_out, write_json_atomic
+from ..recipe import DataConfig, DataSpec, HealConfig, HealData, same_text
+from ..scoring import ModelScorer, total_params
+from .distill import HealPaused, STATE, distill
+
+HEAL_DIR = "heal"  # checkpoints inside OUT.partial/
+__all__ = ["HealPaused", "heal_blocks", "heal_model", "run_heal", "check_heal_text", "check_same_tokenizer"]
+
+
+def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data") -> tuple[torch.Tensor, dict]:
+    """The pool of training blocks: `spec.samples` of them, or (samples: null) as many as the budget needs,
+    or every block the text holds when it holds fewer (the loop then reads them again, reshuffled)."""
+    n = spec.samples
+    if n is None:
+        n = math.ceil(tokens / spec.seq_len)
+        if spec.kind != "hub":
+            text, _ = read_text(spec, field)
+            have = len(tokenizer(text, add_special_tokens=False)["input_ids"]) // spec.seq_len
+            if have < 1:
+                raise RtkError(f"{field}: {spec.source} holds fewer than {spec.seq_len} tokens; lower seq_len")
+            n = min(n, have)
+    blocks, info = token_blocks(tokenizer, DataSpec(**{**spec.model_dump(), "samples": n}), field)
+    return blocks, info
+
+
+def check_heal_text(cfg: HealConfig, evaluation: DataSpec, field: str = "heal.data") -> None:
+    if same_text(cfg.data, evaluation):
+        e = evaluation
+        raise RtkError(f"{field}: is the evaluation text ({e.source}" + (f" [{e.split}]" if e.split else "")
+                       + "); heal on other text than the evaluation PPL is measured on")
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher_vocab: int, student_vocab: int, teacher: str) -> None:
+    """Distillation compares distributions over the same token ids: one line when they are not the same."""
+    if teacher_vocab != student_vocab:
+        raise RtkError(f"--teacher {teacher}: vocabulary of {teacher_vocab:,} tokens, the student's "
+                       f"{student_vocab:,}; distillation needs the same tokenizer")
+    a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
+        raise RtkError(f"--teacher {teacher}: its tokenizer differs from the student's ({len(diff):,} token/id "
+                       f"pairs differ, e.g. {diff[0][0]!r} -> {diff[0][1]}); distillation needs the same tokenizer")
+
+
+def eval_ppl(model, evalb: torch.Tensor, batch_size: int = 4) -> float:
+    with torch.no_grad():
+        return ModelScorer(model, evalb, batch_size, progress=False).ppl(frozenset())
+
+
+def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor, eval_info: dict,
+               state_dir: Optional[Path], fingerprint: str, *, ppl_before: Optional[float] = None,
+               progress: bool = True, echo: Callable[[str], None] = print,
+               max_steps: Optional[int] = None, pool: Optional[tuple] = None) -> tuple[torch.nn.Module, dict]:
+    """Distil `student` (changed in place) from `teacher`; returns (healed model, the record plan.json keeps).
+    `pool`: heal_blocks' result when already read."""
+    t0 = time.perf_counter()
+    blocks, info = pool or heal_blocks(tokenizer, cfg.data, cfg.tokens)
+    if ppl_before is None:
+        ppl_before = eval_ppl(student, evalb)
+    dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+    device = str(next(student.parameters()).device)
+    echo(f"rtk: heal: {cfg.method}, {cfg.tokens:,} tokens of {info['text']} ({blocks.shape[0]} blocks x "
+         f"{blocks.shape[1]}), {dtype} on {device}; evaluation PPL before {ppl_before:.3f}")
+    healed, rec = distill(student, teacher, blocks, cfg, state_dir, fingerprint, progress=progress, echo=echo,
+                          evaluate=lambda m: eval_ppl(m, evalb), max_steps=max_steps)
+    ppl_after = eval_ppl(healed, evalb)
+    hist = rec.pop("history")
+    record = {
+        "fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
+        "method": cfg.method, "data": info, "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
+        **rec,
+        "eval": {"split": eval_info.get("split"), "text": eval_info.get("text"), "samples": eval_info["samples"],
+                 "seq_len": eval_info["seq_len"], "ppl_before": ppl_before, "ppl_after": ppl_after,
+                 "measured": f"{eval_info.get('text')}, {eval_info['samples']} blocks x {eval_info['seq_len']} "
+                             f"tokens, {dtype}, torch {torch.__version__} on {device}"},
+        "history": hist,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    echo(f"rtk: heal: {rec['tokens']:,} tokens in {rec['train_seconds']:.0f} s ({rec['tokens_per_second']:.0f} "
+         f"tokens/s), loss {rec['loss_first']:.3f} -> {rec['loss_last']:.3f}; evaluation PPL "
+         f"{ppl_before:.3f} -> {ppl_after:.3f}")
+    return healed, record
+
+
+def student_copy(pruned):
+    """A student that owns its weights (apply_plan shares tensors with the original, the teacher)."""
+    return copy.deepcopy(pruned)
+
+
+# ---- rtk heal PRUNED_DIR -o OUT -----------------------------------------------------------------
+def load_heal_config(path: Optional[Path], **overrides) -> HealConfig:
+    """--config FILE (the keys of a recipe's heal: section, or a recipe with a heal: section) with the
+    command-line overrides that are not None; every problem reported at once, one line each."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ..recipe import _format_errors
+
+    data, where = {}, "heal"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RtkError(f"--config {path}: file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            raise RtkError(f"--config {path}: not valid YAML") from None
+        if not isinstance(data, dict):
+            raise RtkError(f"--config {path}: expected a mapping of heal keys (tokens, method, lr, ...)")
+        if "heal" in data:
+            data = data["heal"] or {}
+        where = f"{path}: heal"
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return HealConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RtkError(_format_errors(exc, where).replace(f"{where}: (top level): ", f"{where}: ")) from None
+
+
+
+def locate(pruned_dir: Path) -> tuple[Path, Optional[dict]]:
+    """(student model folder, plan.json or None) of an `rtk prune` OUT folder or a model folder."""
+    d = Path(pruned_dir)
+    if not d.is_dir():
+        raise RtkError(f"PRUNED_DIR: {d}: no such folder")
+    if (d / "model" / "config.json").is_file():
+        model_dir = d / "model"
+    elif (d / "config.json").is_file():
+        model_dir = d
+    else:
+        raise RtkError(f"PRUNED_DIR: {d}: neither a model folder (config.json) nor an rtk prune output (model/)")
+    for f in (d / "plan.json", model_dir / "plan.json"):
+        if f.is_file():
+            try:
+                plan = json.loads(f.read_text())
+            except ValueError:
+                raise RtkError(f"PRUNED_DIR: {f}: not valid JSON") from None
+            if not isinstance(plan, dict):
+                raise RtkError(f"PRUNED_DIR: {f}: not a plan written by rtk")
+            return model_dir, plan
+    return model_dir, None
+
+
+def teacher_spec(plan: Optional[dict], teacher: Optional[str], pruned_dir: Path) -> str:
+    if teacher:
+        return teacher
+    if not plan or not (plan.get("model_path") or plan.get("model")):
+        raise RtkError(f"PRUNED_DIR: {pruned_dir} has no plan.json naming the original model; give --teacher MODEL")
+    mp = plan.get("model_path")
+    if mp and Path(mp, "config.json").is_file():
+        return str(mp)
+    return plan["model"]
+
+
+def _plan_ppls(plan: Optional[dict], evaluation: DataSpec, dtype: str, teacher: Optional[str]) -> tuple:
+    """(teacher PPL, student PPL) that `rtk prune` measured on these evaluation blocks in this dtype, or
+    Nones: a healed folder's own PPL is not in its plan's `eval`, another teacher's never is."""
+    ev = (plan or {}).get("eval") or {}
+    rec = (plan or {}).get("recipe") or {}
+    if plan is None or plan.get("heal") or "ppl_final" not in ev or rec.get("dtype") != dtype:
+        return None, None
+    if DataSpec(**rec.get("data", {}).get("evaluation", {})) != evaluation:
+        return None, None
+    return (ev.get("ppl_base") if teacher is None else None), ev["ppl_final"]
+
+
+def folder_id(folder: Path) -> str:
+    """Identifies a model folder's weights without reading them: config.json and the weight files' sizes."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teacher: Optional[str] = None,
+             device: str = "auto", dtype: str = "auto", progress: bool = True,
+             echo: Callable[[str], None] = print, max_steps: Optional[int] = None,
+             evaluation: Optional[DataSpec] = None) -> dict:
+    """`rtk heal`: heal PRUNED_DIR's model from its original (plan.json) or `teacher` into OUT. The PPL before
+    and after is measured on `evaluation`, by default the evaluation text of the recipe that pruned it."""
+    from ..device import resolve_device, resolve_dtype
+    from ..export.safetensors import export_model
+    from ..load import load_model, load_tokenizer, resolve
+
+    cfg = cfg or HealConfig()
+    out = Path(out)
+    model_dir, plan = locate(pruned_dir)
+    t_spec = teacher_spec(plan, teacher, Path(pruned_dir))
+    if evaluation is None:
+        evaluation = DataConfig().evaluation
+        if plan and isinstance(plan.get("recipe"), dict) and "evaluation" in plan["recipe"].get("data", {}):
+            evaluation = DataSpec(**plan["recipe"]["data"]["evaluation"])
+    check_heal_text(cfg, evaluation)
+    dev = resolve_device(device, "--device")
+    dt = resolve_dtype(dtype, dev, "--dtype")
+    t_path = resolve(t_spec)
+    fp = hashlib.sha256(json.dumps({"heal": cfg.fingerprint(), "student": folder_id(model_dir),
+                                    "teacher": str(t_spec), "dtype": dt}, sort_keys=True).encode()).hexdigest()[:16]
+    partial, complete = check_out(out, fp, "plan.json", f"{HEAL_DIR}/{STATE}", "healing",
+                                  "another model or other heal settings", result_key="heal_fingerprint")
+    if complete:
+        echo(f"rtk: {out} already holds this healing")
+        return json.loads((out / "plan.json").read_text())
+    s_tok, t_tok = load_tokenizer(str(model_dir)), load_tokenizer(t_path)
+    from ..load import load_hf_config
+
+    check_same_tokenizer(s_tok, t_tok, load_hf_config(t_path).vocab_size, load_hf_config(str(model_dir)).vocab_size,
+                         t_spec)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    student, tokenizer, s_path = load_model(str(model_dir), dt, dev)
+    teacher_m, _, _ = load_model(t_path, dt, dev)
+    evalb, eval_info = token_blocks(tokenizer, evaluation, "evaluation")
+    partial.mkdir(parents=True, exist_ok=True)
+    known = _plan_ppls(plan, evaluation, dt, teacher)
+    healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR, fp,
+                                progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1])
+    record["teacher"] = {"model": t_spec, "path": t_path,
+                         "ppl": known[0] if known[0] is not None else eval_ppl(teacher_m, evalb)}
+    del teacher_m
+    new_plan = dict(plan or {})
+    new_plan.setdefault("model", t_spec)
+    new_plan.setdefault("model_path", t_path)
+    new_plan.setdefault("params_total", None)
+    new_plan.update({"rtk_version": __version__, "healed_from": str(model_dir), "heal": record,
+                     "heal_fingerprint": fp, "params_after": total_params(healed),
+                     "heal_wall_seconds": round(time.perf_counter() - t_start, 1)})
+    if new_plan["params_total"] is None:
+        new_plan.pop("params_total")
+    write_out(healed, tokenizer, new_plan, partial, source=s_path, echo=echo, recipe_dir=model_dir)
+    partial.rename(out)
+    return new_plan
+
+
+def write_out(healed, tokenizer, plan: dict, partial: Path, source: str, echo: Callable[[str], None],
+              recipe_dir: Optional[Path] = None) -> None:
+    """PARTIAL/{model/, plan.json, report.md, loss_curve.png} of a healing (the checkpoints are removed)."""
+    from ..export.safetensors import export_model
+    from .record import write_heal_report
+
+    model_dir = partial / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    recipe_yaml = None
+    for f in ((partial / "recipe.yaml"), (recipe_dir / "recipe.yaml") if recipe_dir else None):
+        if f is not None and f.is_file():
+            recipe_yaml = f.read_text()
+            break
+    exported = export_model(healed, tokenizer, model_dir, plan=plan, recipe_yaml=recipe_yaml, source=source)
+    if exported["vllm_plugin"]:
+        echo(f"rtk: note: the model is {exported['vllm']}")
+    plan["heal"]["export"] = {k: exported[k] for k in ("architecture", "dtype", "params", "weight_bytes",
+                                                       "verification")}
+    write_json_atomic(partial / "plan.json", plan, indent=2)
+    write_heal_report(plan, partial)
+    shutil.rmtree(partial / HEAL_DIR, ignore_errors=True)
