@@ -282,6 +282,8 @@ def test_rtk_heal_writes_a_smaller_verified_servable_folder(tmp_path, pruned_out
     assert ModelScorer(m, evalb, 4, progress=False).ppl() == pytest.approx(h["eval"]["ppl_after"], rel=1e-4)
     card = (out / "model" / "README.md").read_text()
     assert "## Healing" in card and "Evaluation PPL" in card
+    # the card is published with the model: the teacher by the name plan.json gives, not this machine's path
+    assert h["teacher"]["model"] == plan["model"] and plan["model_path"] not in card
     assert "## Healing" in (out / "report.md").read_text()
     # the same command again: nothing to do; re-exporting the healed folder works (no check against the original)
     res = run("heal", pruned_out, "-o", out, "--config", conf, "--quiet")

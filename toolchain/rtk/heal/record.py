@@ -81,11 +81,13 @@ def report_lines(plan: dict, out: Path) -> list[str]:
 
 
 def card_lines(plan: dict) -> list[str]:
-    """The model card's "Healing" section."""
+    """The model card's "Healing" section (the teacher named as the card names the base model)."""
+    from ..export.card import base_name
+
     h = plan["heal"]
     ev = h["eval"]
     return ["## Healing", "",
-            f"After pruning, the model was distilled from `{h.get('teacher', {}).get('model', plan.get('model'))}` "
+            f"After pruning, the model was distilled from {base_name(h.get('teacher', {}).get('model', plan.get('model')))} "
             f"on {h['tokens']:,} tokens of {h['data']['text']}: {_how(h)}. Loss {h['loss_first']:.4f} -> "
             f"{h['loss_last']:.4f}. Evaluation PPL {ev['ppl_before']:.3f} before -> {ev['ppl_after']:.3f} after "
             f"healing ({ev['measured']}). Same shapes as the pruned model.", ""]

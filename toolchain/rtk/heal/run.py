@@ -238,7 +238,7 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     known = _plan_ppls(plan, evaluation, dt, teacher)
     healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR, fp,
                                 progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1])
-    record["teacher"] = {"model": t_spec, "path": t_path,
+    record["teacher"] = {"model": teacher or (plan or {}).get("model") or t_spec, "path": t_path,
                          "ppl": known[0] if known[0] is not None else eval_ppl(teacher_m, evalb)}
     del teacher_m
     new_plan = dict(plan or {})
