@@ -5,7 +5,7 @@
 # (`vllm bench serve`); the pruned model's card (OUT/model/README.md) gets both.
 # Every step is skipped when its output already exists, so a rerun continues where it stopped.
 # SWEEP=guidellm (or rates) adds a throughput-vs-latency sweep of the pair (RUN/sweep/sweep.png), ~15 min more.
-# HEAL=1 adds `rtk heal OUT -o OUT-healed` (distillation from the original, ~20 min more).
+# HEAL=1 adds `rtk heal OUT -o OUT-healed` (distillation from the original at its defaults, ~20 min more on 2 cores).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 export RTK_DATA_DIR=${RTK_DATA_DIR:-$(cd .. && pwd)/shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
