@@ -5,7 +5,7 @@
 # (`vllm bench serve`); the pruned model's card (OUT/model/README.md) gets both.
 # Every step is skipped when its output already exists, so a rerun continues where it stopped.
 # SWEEP=guidellm (or rates) adds a throughput-vs-latency sweep of the pair (RUN/sweep/sweep.png), ~15 min more.
-# HEAL=1 adds `rtk heal OUT -o OUT-healed` (distillation from the original at its defaults, ~20 min more on 2 cores).
+# HEAL=1 adds `rtk heal OUT -o OUT-healed` (distillation from the original at its defaults, ~11-17 min more on 2 cores).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 export RTK_DATA_DIR=${RTK_DATA_DIR:-$(cd .. && pwd)/shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -34,7 +34,7 @@ if [ -n "${SWEEP:-}" ] && [ ! -f "$RUN/sweep/bench.md" ]; then
     --skip quality --skip speed --sweep "$SWEEP" --sweep-seconds "${SWEEP_SECONDS:-20}" --input-len 128 --output-len 32
 fi
 
-if [ "${HEAL:-0}" = 1 ]; then  # not in the 30-minute demo: healing alone takes ~20 min on 2 cores
+if [ "${HEAL:-0}" = 1 ]; then  # not in the 30-minute demo: healing alone takes 11-17 min on 2 cores
   step "extra: heal the pruned model by distillation from the original (rtk heal at its defaults)"
   [ -d "$OUT-healed" ] || $BIN/rtk heal "$OUT" -o "$OUT-healed" --quiet
 fi

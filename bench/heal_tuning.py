@@ -21,15 +21,26 @@ from pathlib import Path
 
 import torch
 
-RUNS = {  # name -> heal settings beyond HealConfig's (full, KL at T=1, warm-up 5% + cosine)
-    "probe": {"lr": 1e-4, "warmup": 0.0, "min_lr": 1.0, "max_grad_norm": None},  # the naive probe of issue 12
-    "full-lr3e-4-mb2": {"lr": 3e-4, "micro_batch": 2},
-    "full-lr1e-3-mb2": {"lr": 1e-3, "micro_batch": 2},
-    "full-lr3e-4-mb2-ce0.5": {"lr": 3e-4, "micro_batch": 2, "ce_weight": 0.5},
-    "full-lr3e-4-mb2-T2": {"lr": 3e-4, "micro_batch": 2, "temperature": 2.0},
-    "lora-r32-lr2e-3-mb2": {"lr": 2e-3, "micro_batch": 2, "method": "lora", "lora": {"rank": 32, "alpha": 64}},
+PLAIN = {"lr": 3e-4, "ce_weight": 0.0, "train_embeddings": True}  # HealConfig's defaults until 2026-12-02
+LORA = {"method": "lora", "lora": {"rank": 64, "alpha": 128}, "ce_weight": 0.0}
+RUNS = {  # name -> heal settings (full, KL at T=1, warm-up 5% + cosine, 4 x 256 per step unless set)
+    "probe": {**PLAIN, "lr": 1e-4, "warmup": 0.0, "min_lr": 1.0, "max_grad_norm": None},  # issue 12's naive probe
+    "full-lr3e-4": PLAIN,
+    "full-lr1e-3": {**PLAIN, "lr": 1e-3},
+    "full-lr1e-3-mb2": {**PLAIN, "lr": 1e-3, "micro_batch": 2},
+    "full-lr1e-3-noemb": {**PLAIN, "lr": 1e-3, "train_embeddings": False},
+    "full-lr1e-3-T2": {**PLAIN, "lr": 1e-3, "temperature": 2.0},
+    "full-lr1e-3-ce0.5": {**PLAIN, "lr": 1e-3, "ce_weight": 0.5},
+    "lora-r64-lr2e-3": {**LORA, "lr": 2e-3},
+    "lora-r64-lr4e-3": {**LORA, "lr": 4e-3},
+    "lora-r64-lr2e-3-ce0.5": {**LORA, "lr": 2e-3, "ce_weight": 0.5},
+    "noemb-hid1": {**PLAIN, "lr": 1e-3, "train_embeddings": False, "hidden_weight": 1.0},
+    "noemb-ce0.5": {**PLAIN, "lr": 1e-3, "train_embeddings": False, "ce_weight": 0.5},  # the defaults since
+    "noemb-ce0.5-hid1": {**PLAIN, "lr": 1e-3, "train_embeddings": False, "ce_weight": 0.5, "hidden_weight": 1.0},
+    "noemb-lr2e-3-ce0.5": {**PLAIN, "lr": 2e-3, "train_embeddings": False, "ce_weight": 0.5},
+    "noemb-ce1": {**PLAIN, "lr": 1e-3, "train_embeddings": False, "ce_weight": 1.0},
 }
-__doc__ += "".join(f"\n- {k}: {v or 'the defaults'}" for k, v in RUNS.items())
+__doc__ += "".join(f"\n- {k}: {v}" for k, v in RUNS.items())
 
 
 def main() -> None:

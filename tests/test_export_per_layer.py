@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import torch
 from click.testing import CliRunner
 
 from conftest import tiny_rtk
 from rtk.cli import main
+from rtk.serve import folder_flags
 from test_export_safetensors import HETERO, probe, reload, tiny_folder
 
 
@@ -40,7 +42,8 @@ def test_per_layer_config_export_then_plugin_reexport(tmp_path):
     original = tiny_rtk("qwen3", tie=False)
     want = probe(original, skip=HETERO)
     torch.testing.assert_close(probe(reload(a)), want, atol=1e-5, rtol=1e-5)  # trust_remote_code: modeling_rtk.py
-    assert "--hf-overrides" in (a / "README.md").read_text()
+    card_command = "vllm serve THIS_FOLDER " + shlex.join(folder_flags(a))  # the flags rtk deploy would use
+    assert "--hf-overrides" in card_command and card_command + "\n" in (a / "README.md").read_text()
     # rtk reads the folder back (per_layer_config -> its own class) and re-exports it in the plugin format,
     # checked against model_path run with the skips
     r = run_cli("export", a, "-o", tmp_path / "b")
@@ -48,6 +51,7 @@ def test_per_layer_config_export_then_plugin_reexport(tmp_path):
     assert "(RtkForCausalLM, float32" in r.output and "original model run with the removed sublayers skipped" in r.output
     b = json.loads((tmp_path / "b" / "config.json").read_text())
     assert b["architectures"] == ["RtkForCausalLM"] and b["per_layer_config"] == raw["per_layer_config"]
+    assert folder_flags(tmp_path / "b") == [] and "vllm serve THIS_FOLDER\n" in (tmp_path / "b" / "README.md").read_text()
     torch.testing.assert_close(probe(reload(tmp_path / "b")), want, atol=1e-5, rtol=1e-5)
 
 

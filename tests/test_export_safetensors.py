@@ -223,6 +223,7 @@ def test_cli_export_dense_with_plan_then_reexport(tmp_path):
             "plan.json", "README.md"} <= {p.name for p in a.iterdir()}
     card = (a / "README.md").read_text()
     assert "tiny-qwen2" in card and "| 2 | MLP + attention |" in card and "trust_remote_code=True" in card
+    assert "vllm serve THIS_FOLDER --trust-remote-code\n" in card  # rtk.serve.folder_flags of the written folder
     # re-export OUT/model-like folder to bfloat16: checked against model_path run with skips
     r = run_cli("export", a, "-o", tmp_path / "b", "--dtype", "bfloat16")
     assert r.exit_code == 0, r.output
@@ -232,6 +233,7 @@ def test_cli_export_dense_with_plan_then_reexport(tmp_path):
     r = run_cli("export", dense, "-o", tmp_path / "c")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert "vllm serve THIS_FOLDER\n" in (tmp_path / "c" / "README.md").read_text()  # stock vLLM, no flag
 
 
 def test_cli_not_a_model(tmp_path):

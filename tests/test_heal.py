@@ -113,6 +113,39 @@ def test_ce_term_and_frozen_embeddings():
     assert rec["trainable_params"] < sum(p.numel() for p in healed.parameters())
 
 
+def test_intermediate_state_loss():
+    """hidden_weight: each layer's residual stream matched to the teacher's; by hand, and it teaches."""
+    from rtk.heal.distill import LayerOutputs, hidden_loss
+
+    teacher, student = teacher_student()
+    ids = tiny_blocks(2, 16)
+    rec_t, rec_s = LayerOutputs(teacher), LayerOutputs(student)
+    with torch.no_grad():
+        teacher.model(input_ids=ids)  # not recording: nothing kept
+        assert rec_t.take() == []
+        rec_t.start(), rec_s.start()
+        teacher.model(input_ids=ids), student.model(input_ids=ids)
+    ts, ss = rec_t.take(), rec_s.take()
+    rec_t.remove(), rec_s.remove()
+    assert len(ts) == len(ss) == 4 and ts[0].shape == (2, 16, teacher.config.hidden_size)
+    by_hand = sum((((s_ - t_) ** 2).sum(-1) / (t_ ** 2).sum(-1)).mean() for s_, t_ in zip(ss, ts)) / 4
+    assert float(hidden_loss(ss, ts)) == pytest.approx(float(by_hand), rel=1e-6) and float(by_hand) > 0
+    assert float(hidden_loss(ts, ts)) == 0.0
+    assert float(hidden_loss(ss, ts)) > 0
+    with pytest.raises(Exception, match="intermediate states need the same layer count"):
+        hidden_loss(ss[:3], ts)
+    # hidden loss alone (no logits) lowers itself; with KL it is added to the loss
+    healed, rec = distill(copy.deepcopy(student), teacher, tiny_blocks(), cfg(kl_weight=0, hidden_weight=1.0,
+                          tokens=16 * 16 * 6), None, "fp", progress=False)
+    h = [s_["hidden"] for s_ in rec["history"]["steps"]]
+    assert sum(h[-4:]) < 0.6 * sum(h[:4]), h
+    _, rec = distill(copy.deepcopy(student), teacher, tiny_blocks(), cfg(hidden_weight=0.5, tokens=256), None,
+                     "fp", progress=False)
+    s0 = rec["history"]["steps"][0]
+    assert s0["loss"] == pytest.approx(s0["kl"] + 0.5 * s0["hidden"], rel=1e-5)
+    assert not any(m._forward_hooks for m in healed.model.layers)  # hooks removed at the end
+
+
 def test_merged_lora_equals_unmerged_adapter():
     teacher, student = teacher_student()
     c = cfg(method="lora", lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]})
@@ -197,7 +230,7 @@ def test_heal_config_validation():
     assert "heal.data and data.evaluation use the same text (wikitext2 [test])" in \
         err({"data": {"source": "wikitext2", "split": "test"}})
     assert err({"lora": {"rank": 4}}).endswith("heal: lora: applies to method: lora")
-    assert err({"kl_weight": 0}).endswith("kl_weight and ce_weight are both 0: nothing to learn from")
+    assert err({"kl_weight": 0}).endswith("kl_weight, ce_weight and hidden_weight are all 0: nothing to learn from")
     assert err({"methd": "full"}) == "recipe: heal.methd: unknown key"
     assert err({"method": "lora", "lora": {"targets": ["qkv"]}}).startswith("recipe: heal.lora.targets: qkv: not a")
     r = parse_recipe({"model": "x", "heal": {}})

@@ -11,7 +11,7 @@ from rtk.export import card as C
 
 SUMMARY = {"layout": "native", "architecture": "DeciLMForCausalLM", "dtype": "float32", "weight_bytes": 1000,
            "params": 80, "params_before": 100, "removed_sublayers": ["attn.3", "mlp.3", "attn.5"],
-           "vllm_servable": True, "vllm": "served natively", "verification": ["max |diff| 1e-6 vs memory"],
+           "vllm_servable": True, "vllm": "served natively", "vllm_flags": ["--trust-remote-code"], "verification": ["max |diff| 1e-6 vs memory"],
            "verification_inputs": "batch 2, 13 tokens"}
 
 

@@ -165,6 +165,18 @@ def test_shipped_recipes_validate():
         load_recipe(f)
 
 
+def test_readme_recipe_block_validates_and_shows_the_defaults():
+    """The README's annotated recipe is a valid recipe, and each heal value it shows is the default."""
+    from rtk.recipe import HealConfig, parse_recipe
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    recipe = parse_recipe(yaml.safe_load(block))
+    shown = yaml.safe_load(block)["heal"]
+    assert recipe.heal.model_dump(include=set(shown) - {"data"}) == \
+        HealConfig().model_dump(include=set(shown) - {"data"})
+
+
 @pytest.mark.e2e
 def test_real_smollm2_small_run(tmp_path, smollm2_dir):
     r = {"model": "embedded:smollm2", "scoring": {"batch_size": 2},

@@ -61,6 +61,13 @@ def plugin_args(model_dir: str | Path) -> Optional[list[str]]:
     return None
 
 
+def folder_flags(model_dir: str | Path) -> list[str]:
+    """The vLLM arguments a model folder itself asks for: --trust-remote-code for a DeciLM folder whose config
+    class ships beside the weights, the plugin's --hf-overrides for per_layer_config skips. The model card
+    writes these; `vllm_args` (rtk deploy, the bench servers) adds the same two from the same functions."""
+    return (["--trust-remote-code"] if needs_remote_code(model_dir) else []) + (plugin_args(model_dir) or [])
+
+
 def check_plugin(model_dir: str | Path, env: Optional[dict] = None) -> None:
     """Before starting vLLM here for a folder that needs rtk's plugin: this Python's vLLM must load it
     (the entry point is installed and VLLM_PLUGINS, when set, names it). Else one clear line."""

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..heal.record import settings_line  # noqa: E402
 from ..outdir import replace_atomic  # noqa: E402
 
 
@@ -207,14 +208,11 @@ def healed_section(res: dict) -> list[str]:
         return []
     d = res["dense"]["eval_ppl"]
     h0 = rows[0]["healed"]
+    steps = h0["tokens"] // (conf["micro_batch"] * conf["grad_accum"] * conf["data"]["seq_len"])
     lines = ["", "## After healing (rtk ablate --heal)", "",
-             f"- Every model distilled from the dense one with the same settings: {conf['method']}, "
-             f"{h0['tokens']:,} tokens of {conf['data']['source']}" + (f" [{conf['data']['split']}]" if
-                                                                     conf['data'].get('split') else "")
-             + f" in blocks of {conf['data']['seq_len']}, KL(T={conf['temperature']:g}) x {conf['kl_weight']:g}"
-             + (f" + CE x {conf['ce_weight']:g}" if conf["ce_weight"] else "")
-             + f", AdamW lr {conf['lr']:g} (warm-up {conf['warmup']:.0%}, cosine), micro-batch {conf['micro_batch']} x "
-             f"{conf['grad_accum']}, seed {conf['seed']}; eval PPL as above.", "",
+             f"- Every model distilled from the dense one with the same settings: {h0['tokens']:,} tokens of "
+             f"{conf['data']['source']}" + (f" [{conf['data']['split']}]" if conf['data'].get('split') else "")
+             + f" in blocks of {conf['data']['seq_len']}; {settings_line(conf, steps)}; eval PPL as above.", "",
              "| variant | target | eval PPL pruned | PPL after healing | x dense before | x dense after | "
              "rank before | rank after | healing s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ranks = heal_ranking(res)

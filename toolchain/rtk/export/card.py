@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -81,8 +82,7 @@ def _removed_lines(summary: dict) -> list[str]:
 
 def _deployment(summary: dict) -> list[str]:
     remote = summary["layout"] != "standard"
-    flag = {"native": " --trust-remote-code",
-            "per-layer-config": " --hf-overrides '{\"architectures\": [\"RtkForCausalLM\"]}'"}.get(summary["layout"], "")
+    flag = "".join(" " + shlex.quote(a) for a in summary["vllm_flags"])  # rtk.serve.folder_flags of the folder
     trc = ", trust_remote_code=True" if remote else ""
     lines = ["## Deployment", "", f"vLLM: {summary['vllm']}.", "", "```bash"]
     if summary.get("vllm_plugin"):

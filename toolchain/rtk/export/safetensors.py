@@ -33,6 +33,7 @@ from ..modeling_rtk import BASE_ARCHS, RtkDeciConfig, RtkDeciLMForCausalLM, conf
 from ..rewrite import MODELING_FILE, atomic_write_dir, expand
 from ..vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 from ..scoring import total_params
+from ..serve import folder_flags
 from .card import model_card
 from .shards import SHARD_BYTES, write_shards
 from .verify import verify
@@ -234,6 +235,7 @@ def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, para
         "weight_bytes": weight_bytes(folder),
         "vllm": vllm_line(layout, architecture),
         "vllm_plugin": layout in PER_LAYER,  # the server needs `pip install rtk` next to vLLM
+        "vllm_flags": folder_flags(folder),  # read from the written config.json, as rtk deploy reads it
         "verification": check.lines(),
         "verification_inputs": check.shape,
     }

@@ -167,6 +167,44 @@ def make_trainable(student, cfg: HealConfig) -> Trainable:
     return Trainable(base, params, finish, pm, sum(p.numel() for p in params.values()))
 
 
+# ---- intermediate states ----------------------------------------------------------------------
+class LayerOutputs:
+    """Collects the residual stream after each decoder layer of a model while it runs (forward hooks)."""
+
+    def __init__(self, model):
+        self.out: list[torch.Tensor] = []
+        self.on = False  # records only between start() and take(): evaluation passes are not kept
+        self._hooks = [layer.register_forward_hook(self._keep) for layer in model.model.layers]
+
+    def _keep(self, _module, _args, output):
+        if self.on:
+            self.out.append(output)
+
+    def start(self) -> None:
+        self.out, self.on = [], True
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.out, self.on = self.out, [], False
+        return out
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def hidden_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers and tokens of ||h_student - h_teacher||^2 / ||h_teacher||^2 (each token's residual
+    stream against the teacher's after the same layer; the pruned model keeps every layer, so they line up)."""
+    if len(student_states) != len(teacher_states):
+        raise RtkError(f"heal.hidden_weight: the student runs {len(student_states)} layers, the teacher "
+                       f"{len(teacher_states)}: intermediate states need the same layer count (set it to 0)")
+    total = 0.0
+    for hs, ht in zip(student_states, teacher_states):
+        ht = ht.float()
+        total = total + ((hs.float() - ht).pow(2).sum(-1) / ht.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    return total / len(student_states)
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 @dataclass
 class History:
@@ -263,6 +301,7 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         tr.forward.train()
         hist.evals.append({"step": step, "tokens": step * per_step, "ppl": ppl})
 
+    hooks = (LayerOutputs(teacher), LayerOutputs(tr.forward)) if cfg.hidden_weight else None
     tr.forward.train()
     started_at = step
     bar = tqdm(total=steps, initial=step, desc="healing", unit="step", disable=not progress, leave=False)
@@ -270,15 +309,21 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         first = step * cfg.micro_batch * cfg.grad_accum
-        loss_sum = kl_sum = ce_sum = 0.0
+        loss_sum = kl_sum = ce_sum = hid_sum = 0.0
         for m in range(cfg.grad_accum):
             idx = order.indices(first + m * cfg.micro_batch, cfg.micro_batch)
             ids = blocks[idx].to(device)
+            if hooks is not None:
+                hooks[0].start(), hooks[1].start()
             with torch.no_grad():
                 t_hidden = teacher.model(input_ids=ids)
             hidden = tr.forward.model(input_ids=ids)  # final normed hidden states; the heads run in the loss
             loss, kl, ce = distill_loss(hidden, tr.forward.lm_head.weight, t_hidden, teacher.lm_head.weight, ids,
                                         cfg.kl_weight, cfg.ce_weight, cfg.temperature)
+            if hooks is not None:
+                hs = hidden_loss(hooks[1].take(), hooks[0].take())
+                loss = loss + cfg.hidden_weight * hs
+                hid_sum += hs.item() / cfg.grad_accum
             (loss / cfg.grad_accum).backward()
             del hidden, t_hidden
             loss_sum += loss.item() / cfg.grad_accum
@@ -294,7 +339,7 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         dt = time.perf_counter() - t0
         hist.train_seconds += dt
         hist.steps.append({"step": step, "tokens": step * per_step, "loss": loss_sum, "kl": _num(kl_sum),
-                           "ce": _num(ce_sum), "lr": lr, "grad_norm": _num(gnorm)})
+                           "ce": _num(ce_sum), **({"hidden": hid_sum} if hooks else {}), "lr": lr, "grad_norm": _num(gnorm)})
         bar.update()
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{per_step / dt:.0f}")
         if cfg.eval_every and evaluate is not None and (step % cfg.eval_every == 0 or step == steps):
@@ -307,6 +352,9 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
             raise HealPaused(f"rtk: heal: paused after {max_steps} step(s) at step {step} of {steps}; state in "
                              f"{state_dir}; rerun the same command to continue")
     bar.close()
+    if hooks is not None:
+        for hk in hooks:
+            hk.remove()
     tr.forward.eval()
     for p in tr.params.values():
         p.requires_grad_(False)

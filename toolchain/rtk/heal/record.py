@@ -13,14 +13,22 @@ from ..outdir import replace_atomic  # noqa: E402
 LOSS_CURVE = "loss_curve.png"
 
 
-def _how(h: dict) -> str:
-    c = h["config"]
+def settings_line(c: dict, steps: int) -> str:
+    """How a healing trained, in words, from its HealConfig (as JSON) and its optimizer steps."""
     what = (f"LoRA r={c['lora']['rank']} alpha={c['lora']['alpha']:g} on {', '.join(c['lora']['targets'])} "
-            "(merged)" if h["method"] == "lora" else
+            "(merged)" if c["method"] == "lora" else
             "full fine-tuning" + ("" if c["train_embeddings"] else " (embeddings / LM head frozen)"))
-    loss = f"{c['kl_weight']:g} x KL(T={c['temperature']:g})" + (f" + {c['ce_weight']:g} x CE" if c["ce_weight"] else "")
+    terms = [(c["kl_weight"], f"KL(T={c['temperature']:g})"), (c["ce_weight"], "CE on the text"),
+             (c.get("hidden_weight") or 0.0, "layer states")]
+    loss = " + ".join(f"{w:g} x {name}" for w, name in terms if w)
+    mb, ga = c["micro_batch"], c["grad_accum"]
+    batch = f"{mb * ga} blocks" + (f" ({ga} micro-batches of {mb})" if ga > 1 else "")
     return (f"{what}; loss {loss}; AdamW lr {c['lr']:g}, {c['warmup']:.0%} warm-up then cosine to "
-            f"{c['min_lr']:g} x lr; {h['steps']} steps of {c['micro_batch']} x {c['grad_accum']} blocks")
+            f"{c['min_lr']:g} x lr; {steps} steps of {batch}, seed {c['seed']}")
+
+
+def _how(h: dict) -> str:
+    return settings_line(h["config"], h["steps"])
 
 
 def loss_curve(plan: dict, out: Path) -> str:
@@ -35,7 +43,7 @@ def loss_curve(plan: dict, out: Path) -> str:
               for i in range(len(steps))]
     ax.plot(xs, smooth, lw=1.6, label=f"loss ({k}-step mean)")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("distillation loss")
+    ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     ev = h["eval"]
     ax2 = ax.twinx()
@@ -43,6 +51,7 @@ def loss_curve(plan: dict, out: Path) -> str:
     pts.append((h["tokens"], ev["ppl_after"]))
     pts = sorted(dict(pts).items())
     ax2.plot([p[0] for p in pts], [p[1] for p in pts], color="C3", marker="o", ms=3,
+             ls="-" if len(pts) > 2 else ":",  # before and after only: no curve to draw between them
              label=f"evaluation PPL ({ev.get('split') or ev.get('text')})")
     if "teacher" in h:
         ax2.axhline(h["teacher"]["ppl"], color="C2", ls="--", lw=1, label="teacher PPL")
