@@ -44,10 +44,13 @@ def tiny_blocks(n: int = 16, t: int = 16) -> torch.Tensor:
 
 
 def cfg(**kw) -> HealConfig:
+    # KL only, embeddings trained: the mechanics under test, independent of the shipped defaults
     base = dict(tokens=16 * 16 * 4, micro_batch=4, lr=1e-3, warmup=0.1, checkpoint_every=2,
+                kl_weight=1.0, ce_weight=0.0, hidden_weight=0.0, train_embeddings=True,
                 data={"source": "unused.txt", "samples": 16, "seq_len": 16})
     if kw.get("method") == "lora":
         base["lr"] = 1e-2
+        del base["train_embeddings"]
     return HealConfig(**{**base, **kw})
 
 
@@ -230,7 +233,7 @@ def test_heal_config_validation():
     assert "heal.data and data.evaluation use the same text (wikitext2 [test])" in \
         err({"data": {"source": "wikitext2", "split": "test"}})
     assert err({"lora": {"rank": 4}}).endswith("heal: lora: applies to method: lora")
-    assert err({"kl_weight": 0}).endswith("kl_weight, ce_weight and hidden_weight are all 0: nothing to learn from")
+    assert err({"kl_weight": 0, "ce_weight": 0}).endswith("kl_weight, ce_weight and hidden_weight are all 0: nothing to learn from")
     assert err({"methd": "full"}) == "recipe: heal.methd: unknown key"
     assert err({"method": "lora", "lora": {"targets": ["qkv"]}}).startswith("recipe: heal.lora.targets: qkv: not a")
     r = parse_recipe({"model": "x", "heal": {}})
