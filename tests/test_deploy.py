@@ -372,3 +372,31 @@ def test_run_serves_until_ctrl_c(smollm2_pruned_dir):
             proc.kill()
     assert proc.returncode == 0 and rest == "rtk: vLLM stopped\n"
     assert not port_in_use(port)
+
+
+CHILD_HOLDS_PORT = r"""
+import os, signal, socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+if os.fork() == 0:                      # like vLLM's forked engine: inherits the listening socket
+    signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), os._exit(0)))
+    while True: time.sleep(1)
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+print("ready", flush=True)
+while True: time.sleep(1)
+"""
+
+
+def test_stop_returns_when_the_whole_process_group_is_gone():
+    """The API server exits at once on SIGTERM, its forked child 2 s later, still holding the port:
+    stop() must wait for the child, or 'vLLM stopped' would be printed with the port still taken."""
+    from rtk.serve import VLLMServer, free_port, port_in_use
+
+    port = free_port()
+    server = VLLMServer(".", port=port, command=[sys.executable, "-c", CHILD_HOLDS_PORT, str(port)])
+    server.proc = subprocess.Popen(server.command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert server.proc.stdout.readline() == "ready\n"
+    assert port_in_use(port)
+    server.stop()
+    assert server.proc.returncode == 0
+    assert not port_in_use(port)

@@ -31,6 +31,30 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of process group `pgid` is still running (zombies, which hold no sockets and
+    are reaped by their new parent, do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _config(model_dir: str | Path) -> dict:
     cfg = Path(model_dir) / "config.json"
     data = json.loads(cfg.read_text()) if cfg.is_file() else {}
@@ -202,17 +226,29 @@ class VLLMServer:
         except OSError:
             return ""
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the server's whole process group; SIGKILL what is left after `grace` seconds. Returns
+        when every process of the group is gone, not only the API server: the engine processes vLLM
+        forks inherit its listening socket, so the port is free only once they have exited too."""
+        if self.proc is not None:
+            pgid = self.proc.pid
+            if _group_alive(pgid):
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    os.killpg(pgid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while (self.proc.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.proc.poll() is None or _group_alive(pgid):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 self.proc.wait(timeout=10)
+                deadline = time.monotonic() + 10
+                while _group_alive(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
         if getattr(self, "_log", None):
             self._log.close()
 
