@@ -231,26 +231,26 @@ class VLLMServer:
         when every process of the group is gone, not only the API server: the engine processes vLLM
         forks inherit its listening socket, so the port is free only once they have exited too."""
         if self.proc is not None:
-            pgid = self.proc.pid
-            if _group_alive(pgid):
+            for sig, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+                if self._gone_within(0):
+                    break
                 try:
-                    os.killpg(pgid, signal.SIGTERM)
+                    os.killpg(self.proc.pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + grace
-            while (self.proc.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.proc.poll() is None or _group_alive(pgid):
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-                deadline = time.monotonic() + 10
-                while _group_alive(pgid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                if self._gone_within(seconds):
+                    break
         if getattr(self, "_log", None):
             self._log.close()
+
+    def _gone_within(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the server and every process of its group to exit."""
+        deadline = time.monotonic() + seconds
+        while self.proc.poll() is None or _group_alive(self.proc.pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def __exit__(self, *exc) -> None:
         self.stop()
