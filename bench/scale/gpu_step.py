@@ -128,7 +128,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         got, sec = timed(lambda: s.score(frozenset(), cands, desc=engine), a.device)
         ref = ref or got
-        row = {"seconds": round(sec, 2), "candidate_evals_per_s": round(len(cands) / sec, 3),
+        row = {"seconds": float(f"{sec:.4g}"),  # 4 significant digits: a tiny run takes milliseconds
+               "candidate_evals_per_s": round(len(cands) / sec, 3),
                "candidate_eval_tokens_per_s": round(len(cands) * n * t / sec, 1),
                "tflops": round(flops / sec / 1e12, 1), "mfu": round(flops / sec / (a.peak_tflops * 1e12), 3),
                "max_rel_ppl_diff_vs_first_engine": max(abs(got[k] - ref[k]) / ref[k] for k in ref)}
