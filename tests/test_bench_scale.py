@@ -9,26 +9,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What a bare GPU machine has: torch and transformers (and their dependencies), not rtk's CLI stack.
-BLOCK = """
+# Runs a script with some packages made unimportable, as on a bare GPU machine.
+RUNNER = """
 import sys, importlib.abc
+BLOCKED = set(sys.argv[1].split(','))
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'click', 'pydantic', 'matplotlib', 'ray', 'peft', 'lm_eval', 'vllm'}:
+        if name.split('.')[0] in BLOCKED:
             raise ImportError(f'blocked: {name}')
         return None
 sys.meta_path.insert(0, _Block())
-sys.argv = sys.argv[1:]
+sys.argv = sys.argv[2:]
 import runpy
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
+# torch and transformers (and their dependencies) only, not rtk's CLI stack
+BARE = "click,pydantic,matplotlib,ray,peft,lm_eval,vllm"
+# the lent H200's image (device tool's KINDS.md): it has peft, click and matplotlib, not pydantic
+H200_IMAGE = "pydantic,ray,lm_eval,vllm"
+
+
+def run_script(name: str, blocked: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "toolchain")}
+    return subprocess.run([sys.executable, "-c", RUNNER, blocked, str(REPO / "bench" / "scale" / name), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_gpu_step_script_runs_with_torch_and_transformers_only(tmp_path):
     out = tmp_path / "step.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "toolchain")}
-    r = subprocess.run([sys.executable, "-c", BLOCK, str(REPO / "bench" / "scale" / "gpu_step.py"), "--tiny",
-                        "--device", "cpu", "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    r = run_script("gpu_step.py", BARE, "--tiny", "--device", "cpu", "-o", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["candidates"] == 7 and res["step_pflop"] > 0
@@ -36,3 +45,52 @@ def test_gpu_step_script_runs_with_torch_and_transformers_only(tmp_path):
     for row in res["engines"].values():
         assert row["seconds"] > 0 and row["max_rel_ppl_diff_vs_first_engine"] < 1e-5
     assert res["engines"]["layer-major"]["groups"] == 1
+
+
+def test_gpu_heal_script_runs_on_the_h200_image(tmp_path):
+    out = tmp_path / "heal.json"
+    r = run_script("gpu_heal.py", H200_IMAGE, "--tiny", "--device", "cpu", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"full", "lora"} and res["timed_steps"] == 6
+    assert res["student_params"] < res["teacher_params"] and 0.1 < res["params_removed"] < 0.3
+    full, lora = res["methods"]["full"], res["methods"]["lora"]
+    # full trains every weight but the (frozen) embeddings and LM head: 4 layers of a 64-wide model, minus one
+    # attention and one MLP; LoRA trains only its adapters (rank 64 on the 7 projections that remain)
+    assert 0 < full["trainable_params"] < res["student_params"] and lora["trainable_params"] > 0
+    assert full["trainable_params"] != lora["trainable_params"]
+    for row in (full, lora):
+        assert row["tokens_per_s"] > 0 and row["seconds_per_step"] > 0 and row["model_tflops"] >= 0
+        assert len(row["loss"]) == 6 and all(0 < x < 20 for x in row["loss"])
+        assert row["gradient_checkpointing"] is False  # a tiny model fits: auto leaves it off
+
+
+def test_gpu_heal_settings_are_the_recipes(tmp_path):
+    """The bench's plain settings (no pydantic on the GPU machine) stay equal to rtk's heal defaults and to the
+    8B recipe's LoRA healing, and its 8B plan removes about 20% of the parameters."""
+    import torch
+    import yaml
+
+    sys.path.insert(0, str(REPO / "bench" / "scale"))
+    try:
+        import gpu_heal
+    finally:
+        sys.path.remove(str(REPO / "bench" / "scale"))
+    from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
+    from rtk.recipe import HealConfig, LoraSpec
+
+    defaults = HealConfig()
+    for k, v in gpu_heal.HEAL_DEFAULTS.items():
+        assert getattr(defaults, k) == v, k
+    assert gpu_heal.LORA_TARGETS == LoraSpec().targets
+    heal = yaml.safe_load((REPO / "recipes" / "llama-8b-gpu.yaml").read_text())["heal"]
+    lora = gpu_heal.heal_config("lora", 1, 4, 8)
+    assert (lora.lr, lora.lora.rank, lora.lora.alpha) == (heal["lr"], heal["lora"]["rank"], heal["lora"]["alpha"])
+    assert (heal["micro_batch"], heal["grad_accum"]) == (4, 8) and heal["method"] == "lora"
+
+    c = RtkDeciConfig(**gpu_heal.LLAMA_8B, tie_word_embeddings=False)
+    with torch.device("meta"):
+        teacher = RtkDeciLMForCausalLM(c)
+        student = RtkDeciLMForCausalLM(gpu_heal.student_config(c, gpu_heal.REMOVED["Llama-3.1-8B"]))
+    assert 8.0e9 < gpu_heal.n_params(teacher) < 8.1e9
+    assert 0.19 < 1 - gpu_heal.n_params(student) / gpu_heal.n_params(teacher) < 0.21

@@ -22,15 +22,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import RtkError
 from ..outdir import replace_atomic, write_json_atomic
-from ..recipe import HealConfig
 from .loss import CHUNK_ELEMENTS, distill_loss
+
+if TYPE_CHECKING:  # annotations only: the loop runs without pydantic (bench/scale/gpu_heal.py on a bare GPU machine)
+    from ..recipe import HealConfig
 
 CHECKPOINT = "checkpoint.pt"
 STATE = "heal_state.json"
