@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_step import LLAMA_8B, TINY, build  # noqa: E402  (also shims click where it is missing)
+from gpu_step import LLAMA_8B, TINY, build, write_result  # noqa: E402  (also shims click where it is missing)
 
 from rtk.heal.distill import distill  # noqa: E402
 from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, make_block  # noqa: E402
@@ -160,10 +160,7 @@ def main(argv=None):
         del student
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
-    return res
+    return write_result(res, a.out)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t0
 
 
+def write_result(res: dict, out: str) -> dict:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model, 4 x 32 tokens (exercises the script)")
@@ -140,10 +147,7 @@ def main(argv=None):
         res["engines"][engine] = row
         print(json.dumps({engine: row}), flush=True)
     res["ideal_seconds_at_peak"] = round(flops / (a.peak_tflops * 1e12), 2)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
-    return res
+    return write_result(res, a.out)
 
 
 if __name__ == "__main__":
