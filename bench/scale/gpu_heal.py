@@ -16,19 +16,21 @@ recomputation under gradient checkpointing not counted (MFU's convention).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_step import LLAMA_8B, TINY, build, write_result  # noqa: E402  (also shims click where it is missing)
+from gpu_step import LLAMA_8B, TINY, build, timed, write_result  # noqa: E402  (also shims click where it is missing)
 
+from rtk.cost import head_kernel, model_cost, model_params  # noqa: E402
 from rtk.heal.distill import distill  # noqa: E402
-from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, make_block  # noqa: E402
+from rtk.modeling_rtk import RtkDeciLMForCausalLM  # noqa: E402
+from rtk.rewrite import apply_plan, pruned_config  # noqa: E402
 
 # What rtk.recipe.HealConfig / LoraSpec default to (pydantic is not on a bare GPU machine, so the settings are
 # plain here; tests/test_bench_scale.py holds them equal to the recipe's).
@@ -38,59 +40,27 @@ HEAL_DEFAULTS = dict(warmup=0.05, min_lr=0.1, weight_decay=0.0, max_grad_norm=1.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The 8B recipe's healing (recipes/llama-8b-gpu.yaml); full fine-tuning at a tenth of LoRA's rate.
 METHODS = {"full": dict(lr=2e-5), "lora": dict(lr=2e-4, lora=dict(rank=64, alpha=128.0, dropout=0.0))}
-REMOVED = {"Llama-3.1-8B": dict(attn=range(22, 27), mlp=range(20, 28)), "tiny": dict(attn=[3], mlp=[2])}
+REMOVED = {"Llama-3.1-8B": [f"mlp.{i}" for i in range(20, 28)] + [f"attn.{i}" for i in range(22, 27)],
+           "tiny": ["mlp.2", "attn.3"]}
 
 
 def heal_config(method: str, tokens: int, micro_batch: int, grad_accum: int) -> types.SimpleNamespace:
     m = dict(METHODS[method])
-    lora = types.SimpleNamespace(**{**dict(rank=16, alpha=32.0, dropout=0.0), **m.pop("lora", {}),
-                                    "targets": list(LORA_TARGETS)})
+    lora = types.SimpleNamespace(**m.pop("lora"), targets=list(LORA_TARGETS)) if "lora" in m else None
     return types.SimpleNamespace(**HEAL_DEFAULTS, **m, method=method, lora=lora, tokens=tokens,
                                  micro_batch=micro_batch, grad_accum=grad_accum, checkpoint_every=10 ** 9)
 
 
-def student_config(c: RtkDeciConfig, removed: dict) -> RtkDeciConfig:
-    group = c.num_attention_heads // c.num_key_value_heads
-    blocks = [make_block(None if i in removed["attn"] else group, None if i in removed["mlp"] else c.intermediate_size)
-              for i in range(c.num_hidden_layers)]
-    return RtkDeciConfig.from_dict({**c.to_dict(), "block_configs": blocks})
+def pruned_student(teacher: RtkDeciLMForCausalLM, removed: list[str]) -> RtkDeciLMForCausalLM:
+    """The teacher without the `removed` sublayers, in weights of its own (apply_plan's share the teacher's)."""
+    return copy.deepcopy(apply_plan(teacher, removed))
 
 
-def pruned_student(teacher: RtkDeciLMForCausalLM, removed: dict) -> RtkDeciLMForCausalLM:
-    """The teacher with the `removed` sublayers gone; the rest are the teacher's weights."""
-    with torch.device("meta"):
-        student = RtkDeciLMForCausalLM(student_config(teacher.config, removed))
-    dev, dtype = teacher.lm_head.weight.device, teacher.lm_head.weight.dtype
-    student.to_empty(device=dev).to(dtype)
-    own = student.state_dict()
-    missing = set(own) - set(teacher.state_dict())
-    assert not missing, missing
-    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in own})
-    student.model.inv_freq = teacher.model.inv_freq.clone()
-    return student
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def forward_flops_per_token(model, t: int) -> tuple[float, float]:
-    """(decoder layers, LM head) forward FLOPs per token at sequence length t (causal attention: t/2 keys)."""
-    c = model.config
-    layers = 0.0
-    for layer in model.model.layers:
-        if layer.self_attn is not None:
-            a = layer.self_attn
-            layers += 2 * sum(p.numel() for p in a.parameters() if p.dim() == 2)
-            layers += 2 * 2 * c.num_attention_heads * c.head_dim * t / 2  # QK^T and AV
-        if layer.mlp is not None:
-            layers += 2 * sum(p.numel() for p in layer.mlp.parameters())
-    return layers, 2 * c.hidden_size * c.vocab_size
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def forward_flops_per_token(config, t: int, removed: list[str] = ()) -> tuple[float, float]:
+    """(decoder layers, LM head) forward FLOPs per token over a t-token sequence, from rtk.cost's prefill model
+    (whose prefill runs the head on the last token only)."""
+    head = head_kernel(config, 1).flops
+    return (model_cost(config, 1, t, "prefill", removed)["flops"] - head) / t, head
 
 
 def main(argv=None):
@@ -112,35 +82,30 @@ def main(argv=None):
     steps = a.steps or (6 if a.tiny else 4)
     dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
 
-    t0 = time.perf_counter()
-    teacher = build(TINY if a.tiny else LLAMA_8B, a.device, dtype)
+    teacher, build_s = timed(lambda: build(TINY if a.tiny else LLAMA_8B, a.device, dtype), a.device)
+    removed = REMOVED[name]
     per_step = mb * ga * t
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, teacher.config.vocab_size, ((steps + 1) * mb * ga, t), generator=g)
-    probe = pruned_student(teacher, REMOVED[name])
-    lt, ht = forward_flops_per_token(teacher, t)
-    ls, hs = forward_flops_per_token(probe, t)
+    lt, ht = forward_flops_per_token(teacher.config, t)
+    ls, hs = forward_flops_per_token(teacher.config, t, removed)
     res = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name(0)
            if a.device.startswith("cuda") else "cpu", "torch": torch.__version__,
-           "teacher_params": n_params(teacher), "student_params": n_params(probe),
-           "removed": {k: list(v) for k, v in REMOVED[name].items()},
+           "teacher_params": model_params(teacher.config),
+           "student_params": model_params(pruned_config(teacher.config, removed)), "removed": removed,
            "step": f"{mb} x {ga} blocks of {t} random tokens ({per_step:,} tokens)", "timed_steps": steps,
-           "build_seconds": round(time.perf_counter() - t0, 1), "methods": {}}
+           "build_seconds": round(build_s, 1), "methods": {}}
     res["params_removed"] = round(1 - res["student_params"] / res["teacher_params"], 4)
-    del probe
     for method in a.methods.split(","):
-        student = pruned_student(teacher, REMOVED[name])
+        student = pruned_student(teacher, removed)
         # warm-up: one step on the same student (its own data), not timed
         student, _ = distill(student, teacher, blocks[: mb * ga], heal_config(method, per_step, mb, ga), None, "",
                              progress=False, echo=lambda s: None)
         cfg = heal_config(method, steps * per_step, mb, ga)
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        sync(a.device)
-        w0 = time.perf_counter()
-        student, rec = distill(student, teacher, blocks[mb * ga:], cfg, None, "", progress=True, echo=print)
-        sync(a.device)
-        wall = time.perf_counter() - w0
+        (student, rec), wall = timed(lambda: distill(student, teacher, blocks[mb * ga:], cfg, None, "", progress=True,
+                                                     echo=print), a.device)
         tok_s = steps * per_step / wall
         student_mult = (3 * ls + 2 * hs) if method == "full" else 2 * (ls + hs)
         flops_per_token = lt + ht + student_mult
@@ -151,7 +116,7 @@ def main(argv=None):
                "trainable_params": rec["trainable_params"], "gradient_checkpointing": rec["gradient_checkpointing"],
                "memory_estimate_gib": round(rec["memory_estimate_bytes"] / 2 ** 30, 1),
                "memory_available_gib": round(rec["memory_available_bytes"] / 2 ** 30, 1),
-               "lr": METHODS[method]["lr"], "kl": [round(s["kl"], 5) for s in hist],
+               "lr": cfg.lr, "kl": [round(s["kl"], 5) for s in hist],
                "loss": [round(s["loss"], 4) for s in hist]}
         if a.device.startswith("cuda"):
             row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
