@@ -1,5 +1,5 @@
 """Tuning runs for `rtk heal`'s defaults: the demo plan healed with different settings, evaluation PPL along
-the way (rtk.heal.distill with an evaluate callback, the same loop `rtk heal` runs).
+the way (rtk.heal.trainer with an evaluate callback, the same loop `rtk heal` runs).
 
     python bench/heal_tuning.py runs/smollm2-demo --tokens 25600 -o bench/results/heal/tuning.json \\
         [--only NAME,...] [--set NAME='{"lr": 5e-4}']
@@ -55,10 +55,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from rtk.data import token_blocks
-    from rtk.heal.distill import distill
-    from rtk.heal.run import eval_ppl, heal_blocks, locate, teacher_spec
-    from rtk.load import load_model
-    from rtk.recipe import DataSpec, HealConfig
+    from rtk.heal.trainer import distill
+    from rtk.heal.run import heal_blocks, locate, teacher_spec
+    from rtk.model.ppl import model_ppl
+    from rtk.model.load import load_model
+    from rtk.data import DataSpec
+    from rtk.heal.config import HealConfig
 
     runs = dict(RUNS)
     for kv in args.set:
@@ -74,7 +76,7 @@ def main() -> None:
                    f"blocks; evaluation {eval_info['text']} {eval_info['samples']} x {eval_info['seq_len']}; "
                    f"float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with light jobs)")
-    ppl0 = done.get("ppl_before") or eval_ppl(student0, evalb)
+    ppl0 = done.get("ppl_before") or model_ppl(student0, evalb)
     done["ppl_before"] = ppl0
     for name in names:
         if name in done["runs"]:
@@ -86,7 +88,7 @@ def main() -> None:
         cfg = cfg.model_copy(update={"eval_every": max(1, (args.eval_tokens or cfg.tokens) // per_step)})
         t0 = time.perf_counter()
         healed, rec = distill(copy.deepcopy(student0), teacher, blocks, cfg, None, name, progress=True,
-                              evaluate=lambda m: eval_ppl(m, evalb))
+                              evaluate=lambda m: model_ppl(m, evalb))
         curve = [[0, ppl0]] + [[e["tokens"], e["ppl"]] for e in rec["history"]["evals"]]
         done["runs"][name] = {"settings": runs[name], "config": cfg.model_dump(mode="json"), "curve": curve,
                               "ppl_final": curve[-1][1], "tokens": rec["tokens"],

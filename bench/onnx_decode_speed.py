@@ -58,7 +58,7 @@ def main():
 
     from rtk.export.onnx import torch_greedy
     from rtk.export.onnx_runtime import OrtLM
-    from rtk.load import load_model
+    from rtk.model.load import load_model
 
     torch.set_num_threads(a.threads)
     model, tok, _ = load_model(a.model_dir)

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from rtk.data import token_blocks
-from rtk.load import load_model
-from rtk.recipe import DataSpec
-from rtk.scoring import ModelScorer, candidates
-from rtk.scoring.layer_major import LayerMajorScorer
-from rtk.scoring.offload import InMemory
+from rtk.model.load import load_model
+from rtk.data import DataSpec
+from rtk.prune.scoring import ModelScorer, candidates
+from rtk.prune.scoring.layer_major import LayerMajorScorer
+from rtk.model.layers import InMemory
 
 
 def main():

@@ -49,7 +49,7 @@ def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 
 
 
 def tiny_rtk(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
-    from rtk.load import from_hf
+    from rtk.model.load import from_hf
 
     return from_hf(tiny_hf(arch, layers, tie, seed)).eval()
 
@@ -65,7 +65,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The dense SmolLM2-135M as a standard fp32 Llama folder (GGUF dequantized once, cached)."""
-    from rtk.load import resolve
+    from rtk.model.load import resolve
 
     return Path(resolve("embedded:smollm2"))
 
@@ -75,8 +75,8 @@ def smollm2_pruned_dir(smollm2_dir, tmp_path_factory) -> Path:
     """SmolLM2 with SMOLLM2_PLAN physically removed, as an rtk (DeciLM / nemotron-nas) folder, written
     and verified by the same export `rtk prune` uses."""
     from rtk.export.safetensors import export_model
-    from rtk.load import load_model
-    from rtk.rewrite import apply_plan
+    from rtk.model.load import load_model
+    from rtk.model.rewrite import apply_plan
 
     model, tok, path = load_model(str(smollm2_dir))
     out = tmp_path_factory.mktemp("smollm2-pruned") / "model"

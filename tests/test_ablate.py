@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 from rtk.ablate.variants import (RUN_ORDER, VARIANTS, CachedScorer, block_influence, parse_targets, prefix_for,
                         ranked_removal, run_all, select_variants)
-from rtk.cost import Hardware, ideal_speedup, model_cost, sublayer_cost, sublayer_cost_fn, sublayer_kernels
+from rtk.model.cost import Hardware, ideal_speedup, model_cost, sublayer_cost, sublayer_cost_fn, sublayer_kernels
 from rtk.errors import RtkError
-from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
-from rtk.recipe import CostConfig
-from rtk.rewrite import pruned_config
-from rtk.search import Candidate, StopRule, run_search
+from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
+from rtk.prune.config import CostConfig
+from rtk.model.rewrite import pruned_config
+from rtk.prune.search import Candidate, StopRule, run_search
 
 from conftest import REPO, tiny_hf, tiny_rtk
 
@@ -208,7 +208,7 @@ HW = Hardware(name="toy", bandwidth=100.0, peak_flops=1000.0, bytes_per_el=2)
 def test_cost_model_against_hand_counts():
     cfg = _small_config()
     # params: attn q 8*8 + k 8*4 + v 8*4 + o 8*8 + norm 8 = 200; mlp 3*8*16 + norm 8 = 392
-    from rtk.scoring import candidates
+    from rtk.prune.scoring import candidates
 
     model = RtkDeciLMForCausalLM(cfg)
     cs = {c.name: c.params for c in candidates(model)}
@@ -244,7 +244,7 @@ def test_cost_model_against_hand_counts():
 
 
 def test_cost_counts_biases_and_gqa_like_the_model():
-    from rtk.scoring import candidates
+    from rtk.prune.scoring import candidates
 
     cfg = _small_config(attention_bias=True, qkv_bias=True, mlp_bias=True)
     model = RtkDeciLMForCausalLM(cfg)
@@ -268,7 +268,7 @@ cost: {{batch: 4, context: 256}}
 
 
 def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkeypatch):
-    from rtk.ablate import outputs as ablate_report
+    from rtk.records import ablation as ablate_report
     from rtk.cli import main
 
     rec, out = _recipe(tmp_path, tiny_folder), tmp_path / "abl"
@@ -308,14 +308,23 @@ def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkey
     assert (out / "ppl_vs_params.png").stat().st_size > 0
     # the exported model loads and gives the evaluated PPL
     from rtk.data import token_blocks
-    from rtk.load import load_model
-    from rtk.recipe import load_recipe
-    from rtk.scoring import ModelScorer
+    from rtk.model.load import load_model
+    from rtk.prune.config import load_recipe
+    from rtk.prune.scoring import ModelScorer
 
     row = res["rows"][-1]
     m, tok, _ = load_model(str(out / row["model_dir"]))
     blocks, _ = token_blocks(tok, load_recipe(rec).data.evaluation, "e")
     assert ModelScorer(m, blocks, progress=False).ppl() == pytest.approx(row["eval_ppl"], rel=1e-5)
+    # its plan.json names what it lacks (rtk.plan's schema), so it re-exports like an rtk prune output: before
+    # the schema, ablate wrote only `removed` and `rtk export` refused the folder
+    plan = json.loads((out / row["model_dir"] / "plan.json").read_text())
+    assert sorted(plan["removed_sublayers"]) == sorted([f"attn.{i}" for i in row["attn_removed"]]
+                                                       + [f"mlp.{i}" for i in row["mlp_removed"]])
+    r = CliRunner().invoke(main, ["export", str(out / row["model_dir"]), "-o", str(tmp_path / "re-exported")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "re-exported" / "plan.json").read_text())["removed_sublayers"] == \
+        plan["removed_sublayers"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "already holds this ablation" in r.output
     r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(out), "--targets", "0.5"])
@@ -323,7 +332,7 @@ def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkey
 
 
 def test_shipped_ablation_recipe_is_valid():
-    from rtk.recipe import load_recipe
+    from rtk.prune.config import load_recipe
 
     r = load_recipe(REPO / "recipes" / "smollm2-ablation.yaml")
     assert r.data.calibration.split != r.data.evaluation.split and r.cost.batch == 16

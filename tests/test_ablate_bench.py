@@ -8,10 +8,10 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from rtk.ablate.outputs import equal_speed, ppl_at_speed
+from rtk.records.ablation import equal_speed, ppl_at_speed
 from rtk.ablate.measure import Workload, speedups
-from rtk.bench.cost import read_config
-from rtk.cost import model_params
+from rtk.model.load import rtk_config_of
+from rtk.model.cost import model_params
 
 WL = (Workload("short", 2, 8, 4, 1), Workload("kv-heavy", 2, 16, 4, 2))
 
@@ -24,7 +24,7 @@ class FakeServed:
     loads: list[tuple[str, int, int]] = []
 
     def __init__(self, folder, log_dir, dtype):
-        self.folder, self.params = folder, model_params(read_config(folder))
+        self.folder, self.params = folder, model_params(rtk_config_of(folder))
         self.closed = False
         FakeServed.opened.append(self)
 
@@ -43,7 +43,7 @@ class FakeServed:
 def fake_lm_eval(spec, work, label, echo=print):
     """rtk.bench.accuracy.harness.run without lm-eval (tested in test_bench_accuracy / test_vllm_bench): acc
     from the folder's parameter count, n = the limit, for the tasks asked."""
-    p = model_params(read_config(spec.model_args["pretrained"]))
+    p = model_params(rtk_config_of(spec.model_args["pretrained"]))
     assert spec.model == "hf" and spec.tasks.lm_eval_names == ("rtk_piqa", "rtk_arc_easy")
     return {"command": spec.command(), "tasks": {t: {"acc": p % 97 / 97, "acc_stderr": 0.1, "acc_norm": 0.5,
                                                      "acc_norm_stderr": 0.1, "n": spec.limit}
@@ -141,10 +141,10 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
     # the resumed run measured only what was missing: dense server + one server per remaining folder
     assert len(FakeServed.opened) - opened_before == 1 + len(folders) - 1
     assert all(f.closed for f in FakeServed.opened)
-    dense_params = model_params(read_config(str(tiny_folder)))
+    dense_params = model_params(rtk_config_of(str(tiny_folder)))
     for row in res["rows"]:
         b = row["bench"]
-        p = model_params(read_config(str(out / row["model_dir"])))
+        p = model_params(rtk_config_of(str(out / row["model_dir"])))
         assert p == res["params_total"] - row["params_removed"]
         for w in WL:
             sp = b["served"]["speedup"][w.name]

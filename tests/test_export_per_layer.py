@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import tiny_rtk
 from rtk.cli import main
-from rtk.serve import folder_flags
+from rtk.serve.flags import folder_flags
 from test_export_safetensors import HETERO, probe, reload, tiny_folder
 
 
@@ -62,7 +62,7 @@ def test_stock_transformers_does_not_read_skip_yet(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rtk.export.safetensors import export_model
-    from rtk.rewrite import apply_plan
+    from rtk.model.rewrite import apply_plan
 
     original = tiny_rtk("llama")
     export_model(apply_plan(original, ["attn.0", "mlp.2"]), None, tmp_path / "p", original=original,

@@ -14,8 +14,9 @@ from conftest import tiny_hf, tiny_rtk
 from rtk.cli import main
 from rtk.errors import RtkError
 from rtk.export import FORMATS
-from rtk.export.safetensors import export_model, vllm_blocker
-from rtk.rewrite import apply_plan
+from rtk.export.configs import vllm_blocker
+from rtk.export.safetensors import export_model
+from rtk.model.rewrite import apply_plan
 
 # layer 1 keeps only its MLP, layer 2 loses both, layer 3 keeps only attention (the last layer's MLP goes)
 HETERO = ["attn.1", "attn.2", "mlp.2", "mlp.3"]
@@ -105,7 +106,7 @@ def test_llama_attention_bias_maps_to_qkv_and_o_bias(tmp_path):
     """Llama's attention_bias is a bias on q, k, v and o: DeciLM says so with qkv_bias + attention_bias."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rtk.load import from_hf
+    from rtk.model.load import from_hf
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -181,7 +182,7 @@ def test_first_sublayer_mlp_goes_to_the_plugin_format(tmp_path):
 def test_no_vllm_format_is_refused_with_the_list(tmp_path):
     """A nemotron-nas model rtk did not make (no base architecture) whose first sublayer is an MLP: neither
     stock vLLM's DeciLM nor rtk's plugin can serve it, and nothing is written."""
-    from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
+    from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
 
     cfg = tiny_rtk("llama").config.to_dict()
     cfg.pop("rtk_base_model_type")
@@ -223,7 +224,7 @@ def test_cli_export_dense_with_plan_then_reexport(tmp_path):
             "plan.json", "README.md"} <= {p.name for p in a.iterdir()}
     card = (a / "README.md").read_text()
     assert "tiny-qwen2" in card and "| 2 | MLP + attention |" in card and "trust_remote_code=True" in card
-    assert "vllm serve THIS_FOLDER --trust-remote-code\n" in card  # rtk.serve.folder_flags of the written folder
+    assert "vllm serve THIS_FOLDER --trust-remote-code\n" in card  # rtk.serve.flags.folder_flags of the written folder
     # re-export OUT/model-like folder to bfloat16: checked against model_path run with skips
     r = run_cli("export", a, "-o", tmp_path / "b", "--dtype", "bfloat16")
     assert r.exit_code == 0, r.output

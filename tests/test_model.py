@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_hf, tiny_rtk
-from rtk.load import from_hf
-from rtk.rewrite import apply_plan
+from rtk.model.load import from_hf
+from rtk.model.rewrite import apply_plan
 
 ARCHS = [("llama", True), ("llama", False), ("mistral", True), ("qwen2", False), ("qwen3", False), ("qwen3", True)]
 
@@ -36,7 +36,7 @@ def test_conversion_matches_hf(arch, tie):
 def test_skip_equals_absent(arch, tie, plan):
     m = tiny_rtk(arch, tie=tie)
     pruned = apply_plan(m, plan)
-    from rtk.rewrite import expand
+    from rtk.model.sublayer import expand
 
     ids, mask = _inputs()
     with torch.no_grad():

@@ -2,12 +2,15 @@
 `rtk bench --card` filling Evaluation (lm-eval table with recovery, commands) and Inference performance."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from rtk.bench import runner
-from rtk.export import card as C
+from rtk.bench.config import BenchConfig
+from rtk.bench.metrics import ratios
+from rtk.records import card as C
+from rtk.records import names as N
 
 SUMMARY = {"layout": "native", "architecture": "DeciLMForCausalLM", "dtype": "float32", "weight_bytes": 1000,
            "params": 80, "params_before": 100, "removed_sublayers": ["attn.3", "mlp.3", "attn.5"],
@@ -33,13 +36,13 @@ def test_card_sections_and_no_machine_paths(tmp_path):
     assert "vllm serve THIS_FOLDER --trust-remote-code" in text and "model: Llama-x" in text
     assert "| evaluation | 11.000 | 13.500 | wiki.txt, 4 blocks x 64 tokens (252 predicted) |" in text
     assert C.check_fillable(text) and "Not measured yet: `rtk bench" in text
-    assert C.base_name("embedded:smollm2").startswith("SmolLM2-135M-Instruct")
-    assert C.base_name("meta-llama/Llama-3.1-8B") == "`meta-llama/Llama-3.1-8B`"
-    assert C.base_name(str(tmp_path / "m.gguf")) == "`m.gguf` (a local GGUF file)"
+    assert N.base_name("embedded:smollm2").startswith("SmolLM2-135M-Instruct")
+    assert N.base_name("meta-llama/Llama-3.1-8B") == "`meta-llama/Llama-3.1-8B`"
+    assert N.base_name(str(tmp_path / "m.gguf")) == "`m.gguf` (a local GGUF file)"
 
 
 def _bench_result(tmp_path, base_dir, cand_dir):
-    from rtk.load import cache_dir
+    from rtk.outdir import cache_dir
 
     inc = str(cache_dir() / "lm_eval" / "tasks")
 
@@ -59,14 +62,14 @@ def _bench_result(tmp_path, base_dir, cand_dir):
                        "command": f"vllm bench serve --backend vllm --base-url http://127.0.0.1:41234 --model {folder} "
                                   f"--tokenizer {folder}"}}
 
-    cfg = runner.BenchConfig(baseline=str(base_dir), candidates=[str(cand_dir)], backend="vllm", tasks=["piqa", "boolq"],
+    cfg = BenchConfig(baseline=str(base_dir), candidates=[str(cand_dir)], backend="vllm", tasks=["piqa", "boolq"],
                              limit=20, concurrency=[1], rounds=2)
-    res = {"config": runner.asdict(cfg), "serving": True, "machine": "2 CPU cores", "how": ["PPL: x.", "Speed: y."],
+    res = {"config": asdict(cfg), "serving": True, "machine": "2 CPU cores", "how": ["PPL: x.", "Speed: y."],
            "models": [{"label": "baseline", "path": str(base_dir), "quality": quality(0.8, 0.6, base_dir),
                        "speed": [speed(100.0, 10.0, base_dir), speed(110.0, 9.0, base_dir)]},
                       {"label": "candidate1", "path": str(cand_dir), "quality": quality(0.7, 0.6, cand_dir),
                        "speed": [speed(80.0, 12.5, cand_dir), speed(100.0, 10.0, cand_dir)]}]}
-    res["ratios"] = runner.ratios(res, cfg)
+    res["ratios"] = ratios(res, cfg)
     return res
 
 

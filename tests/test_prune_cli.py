@@ -73,9 +73,9 @@ def test_prune_writes_plan_model_report(tmp_path, tiny_dir):
     assert "target sublayers: 3, protect attn.0\n" in (out / "report.md").read_text()  # no None entries
     # the written model is the pruned one: its PPL on the evaluation blocks is the reported one
     from rtk.data import token_blocks
-    from rtk.load import load_model
-    from rtk.recipe import DataSpec
-    from rtk.scoring import ModelScorer
+    from rtk.model.load import load_model
+    from rtk.data import DataSpec
+    from rtk.prune.scoring import ModelScorer
 
     model, tok, _ = load_model(str(out / "model"))
     blocks, _ = token_blocks(tok, DataSpec(source="wikitext2", split="test", samples=3, seq_len=48), "eval")
@@ -157,7 +157,7 @@ def test_unsupported_architecture_and_bad_yaml(tmp_path, tiny_dir):
 
 
 def test_shipped_recipes_validate():
-    from rtk.recipe import load_recipe
+    from rtk.prune.config import load_recipe
 
     files = sorted((REPO / "recipes").glob("*.yaml"))
     assert files
@@ -167,7 +167,8 @@ def test_shipped_recipes_validate():
 
 def test_readme_recipe_block_validates_and_shows_the_defaults():
     """The README's annotated recipe is a valid recipe, and each heal value it shows is the default."""
-    from rtk.recipe import HealConfig, parse_recipe
+    from rtk.heal.config import HealConfig
+    from rtk.prune.config import parse_recipe
 
     text = (REPO / "README.md").read_text()
     block = text.split("## Recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]

@@ -117,8 +117,8 @@ def test_jsonl_calibration(tmp_path, tiny_folder, data_dir):
 
 def test_wikitext_32x2048(smollm2_dir):
     from rtk.data import token_blocks
-    from rtk.load import load_tokenizer
-    from rtk.recipe import DataSpec
+    from rtk.model.load import load_tokenizer
+    from rtk.data import DataSpec
 
     tok = load_tokenizer(str(smollm2_dir))
     b, info = token_blocks(tok, DataSpec(source="wikitext2", split="valid", samples=32, seq_len=2048), "calib")
@@ -193,8 +193,8 @@ def test_hub_dataset_source_streams_records(tmp_path, smollm2_dir):
     dataset folder takes the same path offline (splits from file names, as on the hub)."""
     from rtk.data import token_blocks
     from rtk.errors import RtkError
-    from rtk.load import load_tokenizer
-    from rtk.recipe import DataSpec
+    from rtk.model.load import load_tokenizer
+    from rtk.data import DataSpec
 
     ds = tmp_path / "ds"
     ds.mkdir()

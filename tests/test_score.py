@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_rtk
-from rtk.scoring import ModelScorer, candidates, total_params
-from rtk.rewrite import apply_plan
+from rtk.model.params import total_params
+from rtk.prune.scoring import ModelScorer, candidates
+from rtk.model.rewrite import apply_plan
 
 
 def _blocks(n=5, t=12, vocab=128):

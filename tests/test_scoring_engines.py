@@ -9,11 +9,12 @@ import torch
 
 from conftest import tiny_hf
 from rtk.export.verify import logits, probe_inputs
-from rtk.load import from_hf
-from rtk.scoring import ModelScorer, candidates, total_params
-from rtk.scoring.layer_major import LayerMajorScorer
-from rtk.scoring.offload import CpuOffload, DiskOffload, InMemory, streamed_logits
-from rtk.search import StopRule, run_search
+from rtk.model.load import from_hf
+from rtk.model.params import total_params
+from rtk.prune.scoring import ModelScorer, candidates
+from rtk.prune.scoring.layer_major import LayerMajorScorer
+from rtk.model.layers import CpuOffload, DiskOffload, InMemory, streamed_logits
+from rtk.prune.search import StopRule, run_search
 
 ARCHS = [("llama", True), ("mistral", False), ("qwen2", False)]
 REL = 2e-6  # fp32: batching streams together changes summation order, nothing else

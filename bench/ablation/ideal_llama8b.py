@@ -1,10 +1,10 @@
-"""Ideal (roofline, rtk.cost) speedups for a Llama-3.1-8B shape with ~20% of parameters removed,
+"""Ideal (roofline, rtk.model.cost) speedups for a Llama-3.1-8B shape with ~20% of parameters removed,
 to set beside the H200 measurements quoted in bench/RESULTS.md (Ablations). Config only, no weights.
 
     PYTHONPATH=toolchain python bench/ablation/ideal_llama8b.py
 """
-from rtk.cost import ideal_speedup
-from rtk.modeling_rtk import RtkDeciConfig
+from rtk.model.cost import ideal_speedup
+from rtk.model.modeling_rtk import RtkDeciConfig
 
 cfg = RtkDeciConfig(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=128, intermediate_size=14336, tie_word_embeddings=False)

@@ -1,4 +1,4 @@
-"""Healing at Llama-3.1-8B shape on one GPU: rtk.heal.distill trains a pruned student (20% of parameters gone:
+"""Healing at Llama-3.1-8B shape on one GPU: rtk.heal.trainer trains a pruned student (20% of parameters gone:
 the MLPs of layers 20-27 and the attention of layers 22-26) towards its dense teacher, bf16, full fine-tuning and
 LoRA, and reports tokens/s, model FLOP utilisation, peak GPU memory against rtk's own estimate (which decides
 gradient checkpointing), and the loss over the steps. Random weights and tokens: timing and memory only. Needs
@@ -27,12 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_step import LLAMA_8B, TINY, build, timed, write_result  # noqa: E402  (also shims click where it is missing)
 
-from rtk.cost import head_kernel, model_cost, model_params  # noqa: E402
-from rtk.heal.distill import distill  # noqa: E402
-from rtk.modeling_rtk import RtkDeciLMForCausalLM  # noqa: E402
-from rtk.rewrite import apply_plan, pruned_config  # noqa: E402
+from rtk.model.cost import head_kernel, model_cost, model_params  # noqa: E402
+from rtk.heal.trainer import distill  # noqa: E402
+from rtk.model.modeling_rtk import RtkDeciLMForCausalLM  # noqa: E402
+from rtk.model.rewrite import apply_plan, pruned_config  # noqa: E402
 
-# What rtk.recipe.HealConfig / LoraSpec default to (pydantic is not on a bare GPU machine, so the settings are
+# What rtk.heal.config.HealConfig / LoraSpec default to (pydantic is not on a bare GPU machine, so the settings are
 # plain here; tests/test_bench_scale.py holds them equal to the recipe's).
 HEAL_DEFAULTS = dict(warmup=0.05, min_lr=0.1, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0, kl_weight=1.0,
                      ce_weight=0.5, hidden_weight=0.0, train_embeddings=False, gradient_checkpointing="auto", seed=0,
@@ -57,7 +57,7 @@ def pruned_student(teacher: RtkDeciLMForCausalLM, removed: list[str]) -> RtkDeci
 
 
 def forward_flops_per_token(config, t: int, removed: list[str] = ()) -> tuple[float, float]:
-    """(decoder layers, LM head) forward FLOPs per token over a t-token sequence, from rtk.cost's prefill model
+    """(decoder layers, LM head) forward FLOPs per token over a t-token sequence, from rtk.model.cost's prefill model
     (whose prefill runs the head on the last token only)."""
     head = head_kernel(config, 1).flops
     return (model_cost(config, 1, t, "prefill", removed)["flops"] - head) / t, head

@@ -29,10 +29,10 @@ except ImportError:
         Exception.__init__(s, m), setattr(s, "message", m))[0]})
     sys.modules["click"] = shim
 
-from rtk.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, make_block  # noqa: E402
-from rtk.scoring import ModelScorer, candidates  # noqa: E402
-from rtk.scoring.layer_major import LayerMajorScorer  # noqa: E402
-from rtk.scoring.offload import InMemory  # noqa: E402
+from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, make_block  # noqa: E402
+from rtk.prune.scoring import ModelScorer, candidates  # noqa: E402
+from rtk.prune.scoring.layer_major import LayerMajorScorer  # noqa: E402
+from rtk.model.layers import InMemory  # noqa: E402
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, intermediate_size=14336)

@@ -34,7 +34,7 @@ def make_model(folder: Path, layers: int, hidden: int, inter: int, heads: int, k
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rtk.export.shards import write_shards
-    from rtk.load import resolve
+    from rtk.model.load import resolve
 
     smol = Path(resolve("embedded:smollm2"))
     vocab = json.loads((smol / "config.json").read_text())["vocab_size"]

@@ -16,12 +16,108 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
-from .errors import RtkError
-from .recipe import DataSpec
+from pydantic import Field, model_validator
+
+from rtk.errors import RtkError
+from rtk.settings import Strict
+
+class DataSpec(Strict):
+    """Where text comes from and how it is cut into token blocks.
+
+    `source`: `wikitext2` (WikiText-2 raw; `split` valid | test), a `.jsonl` file (one JSON object per
+    line, the text under `field`), any other path (a plain UTF-8 text file), or `hub:<dataset id>`
+    (a Hugging Face dataset, streamed: `subset` is its config name, `split` its split, `field` the text
+    column; needs `pip install rtk[hub]` and the hub)."""
+
+    source: str = Field("wikitext2", description="'wikitext2', a .txt or .jsonl path, or hub:<dataset id>")
+    split: Optional[str] = Field(None, description="wikitext2: valid | test (default valid); hub: the split "
+                                 "(default train); not used for files")
+    subset: Optional[str] = Field(None, description="hub: the dataset's config name (e.g. 'en' for allenai/c4)")
+    field: Optional[str] = Field(None, description="jsonl / hub: the key that holds the text (default 'text')")
+    samples: int = Field(8, gt=0, description="number of token blocks")
+    seq_len: int = Field(128, gt=1, description="tokens per block")
+
+    @property
+    def kind(self) -> str:
+        """wikitext2 | hub | jsonl | text"""
+        if self.source == "wikitext2":
+            return "wikitext2"
+        if self.source.startswith("hub:"):
+            return "hub"
+        return "jsonl" if self.source.lower().endswith(".jsonl") else "text"
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self):
+        kind = self.kind
+        if kind == "wikitext2":
+            if self.split is None:
+                self.split = "valid"
+            if self.split not in ("valid", "test"):
+                raise ValueError(f"split: WikiText-2 has 'valid' and 'test' here (no train), got '{self.split}'")
+        elif kind == "hub":
+            if not self.source[4:].strip():
+                raise ValueError("source: 'hub:' needs a dataset id, e.g. hub:allenai/c4")
+            self.split = self.split or "train"
+        elif self.split is not None:
+            raise ValueError(f"split: applies to wikitext2 and hub: sources, not to the file {self.source}")
+        if kind in ("wikitext2", "text"):
+            if self.field is not None:
+                raise ValueError(f"field: applies to .jsonl and hub: sources, not to {self.source}")
+            if self.subset is not None:
+                raise ValueError(f"subset: applies to hub: sources, not to {self.source}")
+        else:
+            self.field = self.field or "text"
+            if kind == "jsonl" and self.subset is not None:
+                raise ValueError(f"subset: applies to hub: sources, not to {self.source}")
+        return self
+
+    def text_id(self) -> tuple:
+        """What identifies the text itself (not how it is cut): two specs with the same id read the same text."""
+        src = self.source
+        if self.kind in ("jsonl", "text"):
+            src = str(Path(src).expanduser().resolve())
+        return (self.kind, src, self.split, self.subset, self.field)
+
+    def describe(self) -> str:
+        if self.kind == "wikitext2":
+            src = f"WikiText-2 raw [{self.split}]"
+        elif self.kind == "hub":
+            src = f"{self.source}" + (f"/{self.subset}" if self.subset else "") + f" [{self.split}] .{self.field}"
+        elif self.kind == "jsonl":
+            src = f"{Path(self.source).name} .{self.field}"
+        else:
+            src = Path(self.source).name
+        return f"{src}, {self.samples} blocks x {self.seq_len} tokens"
+
+
+def same_text(a: DataSpec, b: DataSpec) -> bool:
+    return a.text_id() == b.text_id()
+
+
+def text_name(spec: DataSpec) -> str:
+    """The text a spec reads, as errors name it: 'wikitext2 [test]', 'corpus.jsonl'."""
+    return spec.source + (f" [{spec.split}]" if spec.split else "")
+
+
+class DataConfig(Strict):
+    calibration: DataSpec = DataSpec(split="valid", samples=8, seq_len=128)
+    evaluation: DataSpec = DataSpec(split="test", samples=32, seq_len=256)
+
+    @model_validator(mode="after")
+    def _different_splits(self):
+        c, e = self.calibration, self.evaluation
+        if same_text(c, e):
+            raise ValueError(
+                f"calibration and evaluation use the same text ({text_name(c)}); calibrate on one split and "
+                "report on another"
+            )
+        return self
+
+
 
 HUB_SPLITS = {"valid": "validation", "test": "test"}
 RECORD_SEP = "\n\n"

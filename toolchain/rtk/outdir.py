@@ -1,13 +1,21 @@
 """Output folders that are never half-written: OUT appears only when complete (work in progress lives in
-OUT.partial/ and is resumed), and each file is written beside its place, then renamed over it."""
+OUT.partial/ and is resumed), and each file is written beside its place, then renamed over it. Also the one
+fingerprint scheme that decides whether saved work may be resumed or reused."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import RtkError
+from rtk.errors import RtkError
+
+
+def cache_dir() -> Path:
+    """Where rtk caches what it makes once (dequantized GGUF checkpoints): $RTK_CACHE_DIR or ~/.cache/rtk."""
+    return Path(os.environ.get("RTK_CACHE_DIR", Path.home() / ".cache" / "rtk"))
 
 
 def replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -23,6 +31,31 @@ def replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 def write_json_atomic(path: Path, data, indent: int = 1) -> None:
     replace_atomic(path, lambda p: p.write_text(json.dumps(data, indent=indent)))
+
+
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write a text file beside `path` (making its folder), then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+        if mode is not None:
+            os.chmod(tmp, mode)
+
+    replace_atomic(path, write)
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A new temporary folder next to `final`: the caller fills it and renames it to `final` when complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def fingerprint(data) -> str:
+    """16 hex digits of the SHA-256 of `data` as sorted JSON: equal settings give equal fingerprints."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_json(path: Path, default=None):

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import RtkError
-from ..bench.metrics import ratio_stats
-from ..bench.accuracy.tasks import TASKS
+from rtk.errors import RtkError
+from rtk.bench.metrics import ratio_stats
+from rtk.bench.accuracy.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class AblationBenchConfig:
 
 def zero_shot(folder: str, tasks: list[str], limit: Optional[int], dtype: str, work: Path, label: str) -> dict:
     """Per task lm-eval's acc / acc_norm (rtk.bench.accuracy.harness, `hf` model on the folder), averaged."""
-    from ..bench.accuracy import harness
-    from ..bench.accuracy.tasks import prepare
+    from rtk.bench.accuracy import harness
+    from rtk.bench.accuracy.tasks import prepare
 
     run = harness.run(harness.hf_run(folder, prepare(tasks), limit, dtype=dtype), work, label, echo=lambda s: None)
     return {**average(run["tasks"], tasks), "lm_eval_command": run["command"]}
@@ -96,7 +96,7 @@ def speedups(base_rounds: list[dict], cand_rounds: list[dict], workloads) -> dic
 
 
 def _default_open(folder: str, log_dir: Path, dtype: str):
-    from ..bench.backends import VLLMBackend
+    from rtk.bench.backends import VLLMBackend
 
     return VLLMBackend(folder, log_dir=log_dir, dtype=dtype)
 

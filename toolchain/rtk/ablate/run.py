@@ -15,22 +15,25 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import __version__
-from .variants import CachedScorer, Variant, ablation_fingerprint, block_influence, clean_dir, plans, run_all, _key
-from ..cost import H200, ideal_speedup, sublayer_cost_fn
-from ..data import token_blocks
-from ..errors import RtkError
-from ..load import load_model
-from ..outdir import check_out, load_json, write_json_atomic
-from ..recipe import Recipe
-from ..rewrite import apply_plan, expand
-from ..search import StopRule, check_reachable
-from ..scoring import ModelScorer, make_scorer, candidates, existing_names, total_params
+from rtk import __version__
+from rtk.ablate.variants import CachedScorer, Variant, ablation_fingerprint, block_influence, clean_dir, plans, run_all, _key
+from rtk.model.cost import H200, ideal_speedup, sublayer_cost_fn
+from rtk.data import token_blocks
+from rtk.errors import RtkError
+from rtk.model.load import load_model
+from rtk.outdir import check_out, load_json, write_json_atomic
+from rtk.prune.config import Recipe
+from rtk.model.rewrite import apply_plan
+from rtk.model.sublayer import expand, layer_of, model_order
+from rtk.prune.search import StopRule, check_reachable
+from rtk.model.params import total_params
+from rtk.model.ppl import model_ppl
+from rtk.prune.scoring import make_scorer, candidates, existing_names
 
 
 
 def _layers(names, kind: str) -> list[int]:
-    return sorted(int(n.split(".")[1]) for n in expand(names) if n.startswith(kind + "."))
+    return sorted(layer_of(n) for n in expand(names) if n.startswith(kind + "."))
 
 
 class Evaluator:
@@ -47,16 +50,17 @@ class Evaluator:
         if key in self.cache and (not removed or (self.root / self.cache[key]["model_dir"]).is_dir()):
             return self.cache[key]
         pruned = apply_plan(self.model, removed) if removed else self.model
-        ppl = ModelScorer(pruned, self.evalb, self.recipe.scoring.batch_size, progress=False).ppl(frozenset())
+        ppl = model_ppl(pruned, self.evalb, self.recipe.scoring.batch_size)
         after = total_params(pruned)
         final = self.root / "models" / name
         if removed:  # exported as `rtk prune` exports: verified, servable by vLLM, atomic
-            from ..export.safetensors import export_model
+            from rtk.export.safetensors import export_model
 
             if final.exists():
                 shutil.rmtree(final)
             export_model(pruned, self.tok, final, original=self.model, source=self.source,
-                         plan={"model": self.recipe.model, "removed": sorted(expand(removed)), "params_total": self.total,
+                         plan={"model": self.recipe.model, "removed_sublayers": model_order(expand(removed)),
+                               "params_total": self.total,
                                "params_removed": self.total - after, "variant": name})
         cfg, cc = self.model.config, self.recipe.cost
         dec = ideal_speedup(cfg, removed, cc.batch, cc.context, "decode")
@@ -143,8 +147,9 @@ def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str]
     (rtk.heal), export it beside the unhealed one (models/<name>-healed) and measure its evaluation PPL.
     Each result is saved in ROOT/state/heal.json as it completes (a rerun heals only what is missing; a
     healing stopped halfway resumes from its checkpoint); other settings than the saved ones are refused."""
-    from ..export.safetensors import export_model
-    from ..heal.run import check_heal_text, heal_blocks, heal_model, student_copy
+    from rtk.export.safetensors import export_model
+    from rtk.heal.config import check_heal_text
+    from rtk.heal.run import heal_blocks, heal_model, student_copy
 
     root = Path(root)
     path = root / "state" / "heal.json"
@@ -173,7 +178,7 @@ def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str]
             final = root / "models" / f"{name}-healed"
             clean_dir(final)
             export_model(healed, tokenizer, final, source=src,
-                         plan={"model": recipe.model, "removed": sorted(expand(r["removed"])),
+                         plan={"model": recipe.model, "removed_sublayers": model_order(expand(r["removed"])),
                                "params_total": res["params_total"], "params_removed": r["params_removed"],
                                "variant": name, "heal": rec})
             saved["models"][key] = {
@@ -192,10 +197,10 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     """Search, export and evaluate every variant. `report_only`: search nothing; write
     OUT.partial/ablation.* from the searches saved so far (targets reached by unfinished ones).
     `bench` (rtk.ablate.measure.AblationBench): then measure every exported model with it (also when OUT
-    is already complete: the measurements are added to it). `heal` (rtk.recipe.HealConfig): first heal every
+    is already complete: the measurements are added to it). `heal` (rtk.heal.config.HealConfig): first heal every
     exported model with it (heal_models; also added to a complete OUT)."""
-    from ..device import resolve_runtime
-    from .outputs import write_outputs
+    from rtk.model.device import resolve_runtime
+    from rtk.records.ablation import write_outputs
 
     recipe = resolve_runtime(recipe)
     if recipe.scoring.offload != "none" or recipe.scoring.workers > 1:

@@ -17,8 +17,6 @@ made); a rerun of the same command resumes; OUT appears only when complete.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -28,9 +26,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import RtkError
-from ..recipe import Recipe
-from ..search import Candidate, StopRule, check_reachable, run_search
+from rtk.errors import RtkError
+from rtk.outdir import fingerprint
+from rtk.prune.config import Recipe
+from rtk.prune.search import Candidate, StopRule, check_reachable, run_search
 
 
 @dataclass(frozen=True)
@@ -171,14 +170,11 @@ def ranked_removal(ranking: dict[str, float], cands: list[Candidate], stop: Stop
 
 
 def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:
-    d = recipe.model_dump(mode="json")
-    d["data"].pop("evaluation", None)
-    for k in ("scoring", "device", "heal"):  # none changes a plan
-        d.pop(k, None)
-    for k in ("method", "normalize", "target", "candidates"):
+    d = recipe.plan_settings()
+    for k in ("method", "normalize", "target", "candidates"):  # the variants set these
         d["search"].pop(k, None)
     d["targets"] = targets
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(d)
 
 
 def run_variant_search(v: Variant, scorer, cands: dict[str, list[Candidate]], stop: StopRule,

@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import RtkError
-from . import endpoint
-from .metrics import median_speed
+from rtk.errors import RtkError
+from rtk.model.ppl import logprobs_ppl
+from rtk.bench import endpoint
+from rtk.bench.metrics import median_speed
 
 BACKENDS = ("torch", "onnx", "vllm", "openai")
 
@@ -43,7 +44,7 @@ class TorchBackend:
     serving = False
 
     def __init__(self, folder: str, dtype: str = "float32"):
-        from ..load import load_model
+        from rtk.model.load import load_model
 
         self.model, self.tokenizer, self.path = load_model(str(folder), dtype=dtype)
         self.vocab_size = self.model.config.vocab_size
@@ -98,10 +99,10 @@ class OnnxBackend:
 
     def __init__(self, folder: str, dtype: str = "float32"):
         try:
-            from ..export.onnx_runtime import OrtLM
+            from rtk.export.onnx_runtime import OrtLM
         except ImportError as exc:
             raise RtkError(f"--backend onnx needs rtk.export.onnx_runtime ({exc})") from None
-        from ..load import load_tokenizer
+        from rtk.model.load import load_tokenizer
 
         self.path = str(folder)
         self.lm = OrtLM(folder)
@@ -143,7 +144,7 @@ class EndpointBackend:
     serving = True
 
     def __init__(self, folder: str, url: str, parallel: int = 4, timeout: float = 300.0):
-        from ..load import load_tokenizer
+        from rtk.model.load import load_tokenizer
 
         self.path, self.url, self.parallel, self.timeout = str(folder), url.rstrip("/"), parallel, timeout
         self.model_name = endpoint.served_model(self.url)
@@ -161,8 +162,8 @@ class EndpointBackend:
         at `request_rate` when given); its JSON result is kept at `result_file`. Returns vLLM's totals and
         latency statistics, per-request samples (ms) and the command that reproduces it."""
         endpoint.served_model(self.url)  # a server that died since the last run: one clear error now
-        from ..serve import needs_remote_code
-        from .speed import vllm_serve
+        from rtk.serve.flags import needs_remote_code
+        from rtk.bench.speed import vllm_serve
 
         args = vllm_serve.bench_args(self.url, self.model_name, self.path, num_prompts=num_prompts,
                                      input_len=input_len, output_len=output_len, concurrency=concurrency, seed=seed,
@@ -178,14 +179,14 @@ class EndpointBackend:
 
 
 class VLLMBackend(EndpointBackend):
-    """Starts a local vLLM server for the folder (rtk.serve.VLLMServer), benches it, stops it."""
+    """Starts a local vLLM server for the folder (rtk.serve.server.VLLMServer), benches it, stops it."""
 
     kind = "vllm"
     started = 0  # servers started by this process (numbers the log files)
 
     def __init__(self, folder: str, log_dir: Optional[Path] = None, startup_timeout: float = 600.0,
                  max_model_len: int = 2048, dtype: str = "float32", server_kw: Optional[dict] = None, **kw):
-        from ..serve import VLLMServer
+        from rtk.serve.server import VLLMServer
 
         VLLMBackend.started += 1
         log = (Path(log_dir) / f"vllm-{Path(folder).resolve().name}-{os.getpid()}-{VLLMBackend.started}.log"
@@ -243,10 +244,5 @@ def open_backend(kind: str, folder: str, url: Optional[str] = None, log_dir: Opt
 
 def ppl(backend, blocks: torch.Tensor, batch: int = 8) -> dict:
     """Perplexity over token blocks: every token after the first of each block is predicted."""
-    nll, n = 0.0, 0
     seqs = blocks.tolist()
-    for s in range(0, len(seqs), batch):
-        for lp in backend.token_logprobs(seqs[s: s + batch]):
-            nll -= sum(lp)
-            n += len(lp)
-    return {"ppl": math.exp(nll / n), "nll_per_token": nll / n, "predicted_tokens": n}
+    return logprobs_ppl(lp for s in range(0, len(seqs), batch) for lp in backend.token_logprobs(seqs[s: s + batch]))

@@ -1,29 +1,13 @@
 """Ideal speedup of a pruned model folder over its original for a bench workload, from the roofline
-cost model of rtk.cost (one cost model for search and bench): the FLOPs ratio for prefill
+cost model of rtk.model.cost (one cost model for search and bench): the FLOPs ratio for prefill
 (compute-bound) and the ratio of bytes read (weights + KV cache) for decode (memory-bound)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from ..cost import Hardware, workload_cost
-from ..errors import RtkError
+from rtk.model.cost import Hardware, workload_cost
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def read_config(folder):
-    """The folder's model as an rtk (DeciLM) config, or None where it has no supported config.json
-    (an ONNX export, a foreign architecture)."""
-    from ..arch import rtk_config_from_hf
-    from ..load import load_hf_config
-
-    if not (Path(folder) / "config.json").is_file():
-        return None
-    try:
-        return rtk_config_from_hf(load_hf_config(str(folder)))
-    except (RtkError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def ideal(base, cand, prompt_len: int, output_len: int, batch: int = 1, dtype_bytes: int = 4) -> dict:

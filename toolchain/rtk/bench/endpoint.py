@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import requests
 
-from ..errors import RtkError
+from rtk.errors import RtkError
 
 CONNECT_TIMEOUT = 5.0
 

@@ -6,6 +6,8 @@ import math
 import statistics
 from typing import Sequence
 
+from rtk.records.bench import at_path, speed_keys
+
 
 def median_speed(n_tokens: int, seconds: Sequence[float]) -> dict:
     """Tokens/s from the median of repeated timings."""
@@ -26,3 +28,29 @@ def ratio_stats(base: Sequence[float], cand: Sequence[float]) -> dict:
     lo, hi = min(rs), max(rs)
     return {"rounds": rs, "median": statistics.median(rs), "min": lo, "max": hi,
             "spread_includes_1": bool(lo <= 1.0 <= hi) if len(rs) > 1 else None}
+
+
+def ratios(result: dict, cfg) -> dict:
+    """Every candidate against the baseline: quality ratios and differences, speed ratios per round."""
+    base = result["models"][0]
+    serving = result["serving"]
+    out = {}
+    for j, cand in enumerate(result["models"][1:], start=1):
+        r = {}
+        if cand.get("quality") and base.get("quality"):
+            q, qb = cand["quality"], base["quality"]
+            r["wikitext2.ppl"] = {"ratio": q["wikitext2"]["ppl"] / qb["wikitext2"]["ppl"], "higher_is_better": False}
+            for t, s in q["tasks"].items():
+                sb = qb["tasks"][t]
+                for k in ("acc", "acc_norm"):
+                    if k not in s or k not in sb:
+                        continue  # lm-eval reports acc only for boolq and winogrande
+                    se = math.hypot(s[f"{k}_stderr"], sb[f"{k}_stderr"])
+                    r[f"{t}.{k}"] = {"ratio": s[k] / sb[k] if sb[k] else math.nan, "diff": s[k] - sb[k],
+                                     "diff_stderr": se, "higher_is_better": True}
+        if cand.get("speed"):
+            for key, hib in speed_keys(cfg.concurrency, cfg.batch_sizes, serving):
+                st = ratio_stats([at_path(x, key) for x in base["speed"]], [at_path(x, key) for x in cand["speed"]])
+                r[key] = {**st, "higher_is_better": hib}
+        out[cand["label"]] = r
+    return out

@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import RtkError
-from ..modeling_rtk import RtkDeciLMForCausalLM, TensorCache
+from rtk.errors import RtkError
+from rtk.model.modeling_rtk import RtkDeciLMForCausalLM, TensorCache
 
 GRAPH, DATA = "model.onnx", "model.onnx.data"
 ATOL = 1e-3  # max |onnx - torch| allowed for logits and presents (fp32)
@@ -137,7 +137,7 @@ def validate(folder: Path, model: RtkDeciLMForCausalLM, atol: float = ATOL, prov
     of left padding in one row, then greedy decode steps) and return {output: max |diff|}.
     Raises RtkError naming the first output over `atol`, presents in layer order first (the earliest
     diverging layer names the culprit), then logits. Logits at padded positions are ignored."""
-    from .onnx_runtime import OrtLM
+    from rtk.export.onnx_runtime import OrtLM
 
     lm = OrtLM(folder, provider=provider)
     wrapper = KVWrapper(model).eval()
@@ -247,8 +247,8 @@ def write_folder(model: RtkDeciLMForCausalLM, tokenizer, folder: Path, atol: flo
 def export_onnx(model_dir: str, out_dir, atol: float = ATOL, echo: Callable[[str], None] = lambda s: None) -> dict:
     """Export the model at `model_dir` (any model rtk loads) to `out_dir` and validate it.
     Nothing is left at `out_dir` unless the export validated."""
-    from ..load import load_model
-    from ..rewrite import atomic_write_dir
+    from rtk.model.load import load_model
+    from rtk.outdir import temp_dir_beside
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -256,7 +256,7 @@ def export_onnx(model_dir: str, out_dir, atol: float = ATOL, echo: Callable[[str
     if not str(model_dir).startswith("embedded:") and not Path(model_dir).expanduser().exists():
         raise RtkError(f"model: {model_dir}: no such folder")
     model, tokenizer, _ = load_model(str(model_dir), dtype="float32")
-    tmp = atomic_write_dir(out)
+    tmp = temp_dir_beside(out)
     try:
         report = write_folder(model, tokenizer, tmp, atol=atol, echo=echo)
         if out.exists():

@@ -9,7 +9,6 @@ generation with the KV cache.
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import RtkError
+from rtk.errors import RtkError
+from rtk.model.ppl import logprobs_ppl
 
 GRAPH = "model.onnx"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -99,9 +99,7 @@ class OrtLM:
     def ppl(self, blocks: torch.Tensor, batch_size: int = 4) -> float:
         """exp(mean NLL) over every predicted token of the [N, T] blocks (as rtk's torch scorer)."""
         lps = self.token_logprobs(blocks.tolist(), batch_size=batch_size)
-        n = sum(len(x) for x in lps)
-        nll = -sum(sum(x) for x in lps) / n
-        return math.exp(nll) if nll < 700 else math.inf
+        return logprobs_ppl(lps)["ppl"]
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy decoding with the KV cache: prefill once, then one token per call."""

@@ -3,7 +3,7 @@ shards one tensor at a time, never the whole model in memory.
 
 The folder is the one `export_model` writes for the same plan (the same `choose_layout` and `write_layout`,
 so the same config, tensor names and bytes; tested); only where the tensors come from differs. Verification
-runs through the same layer-by-layer engine as the search (`rtk.scoring.offload.streamed_logits`): the
+runs through the same layer-by-layer engine as the search (`rtk.model.layers.streamed_logits`): the
 written folder, read back from disk, against the original read from its shards with the removed sublayers
 skipped, on the probe batch; one model's embeddings and head are held at a time.
 """
@@ -15,14 +15,17 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..device import DTYPES
-from ..errors import RtkError
-from ..modeling_rtk import RtkDeciConfig
-from ..rewrite import atomic_write_dir, expand, pruned_config
-from ..scoring.offload import DiskOffload, WeightFiles, streamed_logits
-from .safetensors import choose_layout, finish, generation_config_of, summary_of, write_layout
-from .shards import SHARD_BYTES
-from .verify import Verification, probe_inputs
+from rtk.model.device import DTYPES
+from rtk.errors import RtkError
+from rtk.model.modeling_rtk import RtkDeciConfig
+from rtk.model.rewrite import pruned_config
+from rtk.model.sublayer import expand
+from rtk.outdir import temp_dir_beside
+from rtk.model.layers import DiskOffload, WeightFiles, streamed_logits
+from rtk.export.configs import choose_layout
+from rtk.export.safetensors import finish, generation_config_of, summary_of, write_layout
+from rtk.export.shards import SHARD_BYTES
+from rtk.export.verify import Verification, probe_inputs
 
 
 def export_streamed(source_folder: str, config: RtkDeciConfig, removed: Iterable[str], tokenizer, out: Path, *,
@@ -37,7 +40,7 @@ def export_streamed(source_folder: str, config: RtkDeciConfig, removed: Iterable
     cfg = pruned_config(config, removed)
     layout = choose_layout(cfg, layout)
     src = WeightFiles(source_folder)
-    tmp = atomic_write_dir(out)
+    tmp = temp_dir_beside(out)
     try:
         params = 0
 
@@ -63,8 +66,8 @@ def export_streamed(source_folder: str, config: RtkDeciConfig, removed: Iterable
 def _verify(written: Path, source_folder: str, source_cfg, removed, dtype: torch.dtype, device: str) -> Verification:
     """Logits of the written folder vs the source with `removed` skipped, both read layer by layer from disk,
     in float32 on the scoring device (the source rounded to the exported dtype first)."""
-    from ..arch import rtk_config_from_hf
-    from ..load import load_hf_config
+    from rtk.model.arch import rtk_config_from_hf
+    from rtk.model.load import load_hf_config
 
     inputs = probe_inputs(source_cfg.vocab_size)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
-from ..errors import RtkError
+from rtk.errors import RtkError
 
 PROBE_BATCH, PROBE_LEN, PROBE_PAD = 2, 13, 5
 REL_TOL = 1e-4
@@ -93,3 +94,25 @@ def verify(reloaded: torch.nn.Module, pruned: torch.nn.Module, dtype: torch.dtyp
         v.add("the original model run with the removed sublayers skipped", got,
               logits(as_float32(original, dtype), inputs, skip))
     return v
+
+
+def reload_written(out: Path, layout: str):
+    """The written folder, loaded the way its users load it (fails on any missing/unexpected weight):
+    standard and per_layer_config folders by AutoModelForCausalLM (the latter with the folder's own
+    modeling_rtk.py, trust_remote_code), DeciLM folders by rtk's class."""
+    from transformers import AutoModelForCausalLM
+
+    from rtk.export.layouts import LAYOUTS
+    from rtk.model.modeling_rtk import RtkDeciLMForCausalLM
+
+    cls, kw = {"transformers": (AutoModelForCausalLM, {}),
+               "remote-code": (AutoModelForCausalLM, {"trust_remote_code": True}),
+               "rtk": (RtkDeciLMForCausalLM, {})}[LAYOUTS[layout].loads_with]
+    try:
+        m, info = cls.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True, **kw)
+    except Exception as exc:
+        raise RtkError(f"export: the written folder does not load ({type(exc).__name__}: {exc})") from None
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise RtkError(f"export: the written folder loads with {bad}")
+    return m.eval()

@@ -12,6 +12,8 @@ one chunk's logits whatever the vocabulary, and nothing is computed twice.
 from __future__ import annotations
 
 import torch
+
+from rtk.errors import RtkError
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in float32)
@@ -83,3 +85,41 @@ def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, teacher_hidden
                          float(temperature))
     kl, ce = out[1].item(), out[2].item()
     return out[0], (kl if kl_weight else float("nan")), (ce if ce_weight else float("nan"))
+
+
+# ---- intermediate states ----------------------------------------------------------------------
+class LayerOutputs:
+    """Collects the residual stream after each decoder layer of a model while it runs (forward hooks)."""
+
+    def __init__(self, model):
+        self.out: list[torch.Tensor] = []
+        self.on = False  # records only between start() and take(): evaluation passes are not kept
+        self._hooks = [layer.register_forward_hook(self._keep) for layer in model.model.layers]
+
+    def _keep(self, _module, _args, output):
+        if self.on:
+            self.out.append(output)
+
+    def start(self) -> None:
+        self.out, self.on = [], True
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.out, self.on = self.out, [], False
+        return out
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def hidden_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers and tokens of ||h_student - h_teacher||^2 / ||h_teacher||^2 (each token's residual
+    stream against the teacher's after the same layer; the pruned model keeps every layer, so they line up)."""
+    if len(student_states) != len(teacher_states):
+        raise RtkError(f"heal.hidden_weight: the student runs {len(student_states)} layers, the teacher "
+                       f"{len(teacher_states)}: intermediate states need the same layer count (set it to 0)")
+    total = 0.0
+    for hs, ht in zip(student_states, teacher_states):
+        ht = ht.float()
+        total = total + ((hs.float() - ht).pow(2).sum(-1) / ht.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    return total / len(student_states)

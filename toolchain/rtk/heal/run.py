@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -18,13 +17,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import __version__
-from ..data import read_text, token_blocks
-from ..errors import RtkError
-from ..outdir import check_out, write_json_atomic
-from ..recipe import DataConfig, DataSpec, HealConfig, HealData, same_text
-from ..scoring import ModelScorer, total_params
-from .distill import HealPaused, STATE, distill
+from rtk import __version__
+from rtk.data import read_text, token_blocks
+from rtk.errors import RtkError
+from rtk.outdir import check_out, fingerprint
+from rtk.model.sublayer import removed_sublayers
+from rtk.plan import PLAN_FILE, read_plan, write_plan
+from rtk.data import DataConfig, DataSpec
+from rtk.heal.config import HealConfig, HealData, check_heal_text
+from rtk.model.params import total_params
+from rtk.model.ppl import model_ppl
+from rtk.heal.trainer import HealPaused, STATE, distill
 
 HEAL_DIR = "heal"  # checkpoints inside OUT.partial/
 __all__ = ["HealPaused", "heal_blocks", "heal_model", "run_heal", "check_heal_text", "check_same_tokenizer"]
@@ -46,13 +49,6 @@ def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data"
     return blocks, info
 
 
-def check_heal_text(cfg: HealConfig, evaluation: DataSpec, field: str = "heal.data") -> None:
-    if same_text(cfg.data, evaluation):
-        e = evaluation
-        raise RtkError(f"{field}: is the evaluation text ({e.source}" + (f" [{e.split}]" if e.split else "")
-                       + "); heal on other text than the evaluation PPL is measured on")
-
-
 def check_same_tokenizer(student_tok, teacher_tok, teacher_vocab: int, student_vocab: int, teacher: str) -> None:
     """Distillation compares distributions over the same token ids: one line when they are not the same."""
     if teacher_vocab != student_vocab:
@@ -65,11 +61,6 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher_vocab: int, student_v
                        f"pairs differ, e.g. {diff[0][0]!r} -> {diff[0][1]}); distillation needs the same tokenizer")
 
 
-def eval_ppl(model, evalb: torch.Tensor, batch_size: int = 4) -> float:
-    with torch.no_grad():
-        return ModelScorer(model, evalb, batch_size, progress=False).ppl(frozenset())
-
-
 def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor, eval_info: dict,
                state_dir: Optional[Path], fingerprint: str, *, ppl_before: Optional[float] = None,
                progress: bool = True, echo: Callable[[str], None] = print,
@@ -79,14 +70,14 @@ def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor
     t0 = time.perf_counter()
     blocks, info = pool or heal_blocks(tokenizer, cfg.data, cfg.tokens)
     if ppl_before is None:
-        ppl_before = eval_ppl(student, evalb)
+        ppl_before = model_ppl(student, evalb)
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
     device = str(next(student.parameters()).device)
     echo(f"rtk: heal: {cfg.method}, {cfg.tokens:,} tokens of {info['text']} ({blocks.shape[0]} blocks x "
          f"{blocks.shape[1]}), {dtype} on {device}; evaluation PPL before {ppl_before:.3f}")
     healed, rec = distill(student, teacher, blocks, cfg, state_dir, fingerprint, progress=progress, echo=echo,
-                          evaluate=lambda m: eval_ppl(m, evalb), max_steps=max_steps)
-    ppl_after = eval_ppl(healed, evalb)
+                          evaluate=lambda m: model_ppl(m, evalb), max_steps=max_steps)
+    ppl_after = model_ppl(healed, evalb)
     hist = rec.pop("history")
     record = {
         "fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
@@ -110,37 +101,6 @@ def student_copy(pruned):
     return copy.deepcopy(pruned)
 
 
-# ---- rtk heal PRUNED_DIR -o OUT -----------------------------------------------------------------
-def load_heal_config(path: Optional[Path], **overrides) -> HealConfig:
-    """--config FILE (the keys of a recipe's heal: section, or a recipe with a heal: section) with the
-    command-line overrides that are not None; every problem reported at once, one line each."""
-    import yaml
-    from pydantic import ValidationError
-
-    from ..recipe import _format_errors
-
-    data, where = {}, "heal"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RtkError(f"--config {path}: file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            raise RtkError(f"--config {path}: not valid YAML") from None
-        if not isinstance(data, dict):
-            raise RtkError(f"--config {path}: expected a mapping of heal keys (tokens, method, lr, ...)")
-        if "heal" in data:
-            data = data["heal"] or {}
-        where = f"{path}: heal"
-    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        return HealConfig.model_validate(data)
-    except ValidationError as exc:
-        raise RtkError(_format_errors(exc, where).replace(f"{where}: (top level): ", f"{where}: ")) from None
-
-
-
 def locate(pruned_dir: Path) -> tuple[Path, Optional[dict]]:
     """(student model folder, plan.json or None) of an `rtk prune` OUT folder or a model folder."""
     d = Path(pruned_dir)
@@ -152,15 +112,9 @@ def locate(pruned_dir: Path) -> tuple[Path, Optional[dict]]:
         model_dir = d
     else:
         raise RtkError(f"PRUNED_DIR: {d}: neither a model folder (config.json) nor an rtk prune output (model/)")
-    for f in (d / "plan.json", model_dir / "plan.json"):
+    for f in (d / PLAN_FILE, model_dir / PLAN_FILE):
         if f.is_file():
-            try:
-                plan = json.loads(f.read_text())
-            except ValueError:
-                raise RtkError(f"PRUNED_DIR: {f}: not valid JSON") from None
-            if not isinstance(plan, dict):
-                raise RtkError(f"PRUNED_DIR: {f}: not a plan written by rtk")
-            return model_dir, plan
+            return model_dir, read_plan(f, f"PRUNED_DIR: {f}")
     return model_dir, None
 
 
@@ -201,9 +155,8 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
              evaluation: Optional[DataSpec] = None) -> dict:
     """`rtk heal`: heal PRUNED_DIR's model from its original (plan.json) or `teacher` into OUT. The PPL before
     and after is measured on `evaluation`, by default the evaluation text of the recipe that pruned it."""
-    from ..device import resolve_device, resolve_dtype
-    from ..export.safetensors import export_model
-    from ..load import load_model, load_tokenizer, resolve
+    from rtk.model.device import resolve_device, resolve_dtype
+    from rtk.model.load import load_model, load_tokenizer, resolve
 
     cfg = cfg or HealConfig()
     out = Path(out)
@@ -217,15 +170,14 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     dev = resolve_device(device, "--device")
     dt = resolve_dtype(dtype, dev, "--dtype")
     t_path = resolve(t_spec)
-    fp = hashlib.sha256(json.dumps({"heal": cfg.fingerprint(), "student": folder_id(model_dir),
-                                    "teacher": str(t_spec), "dtype": dt}, sort_keys=True).encode()).hexdigest()[:16]
-    partial, complete = check_out(out, fp, "plan.json", f"{HEAL_DIR}/{STATE}", "healing",
+    fp = fingerprint({"heal": cfg.fingerprint(), "student": folder_id(model_dir), "teacher": str(t_spec), "dtype": dt})
+    partial, complete = check_out(out, fp, PLAN_FILE, f"{HEAL_DIR}/{STATE}", "healing",
                                   "another model or other heal settings", result_key="heal_fingerprint")
     if complete:
         echo(f"rtk: {out} already holds this healing")
-        return json.loads((out / "plan.json").read_text())
+        return read_plan(out / PLAN_FILE)
     s_tok, t_tok = load_tokenizer(str(model_dir)), load_tokenizer(t_path)
-    from ..load import load_hf_config
+    from rtk.model.load import load_hf_config
 
     check_same_tokenizer(s_tok, t_tok, load_hf_config(t_path).vocab_size, load_hf_config(str(model_dir)).vocab_size,
                          t_spec)
@@ -239,12 +191,13 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR, fp,
                                 progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1])
     record["teacher"] = {"model": teacher or (plan or {}).get("model") or t_spec, "path": t_path,
-                         "ppl": known[0] if known[0] is not None else eval_ppl(teacher_m, evalb)}
+                         "ppl": known[0] if known[0] is not None else model_ppl(teacher_m, evalb)}
     del teacher_m
     new_plan = dict(plan or {})
     new_plan.setdefault("model", t_spec)
     new_plan.setdefault("model_path", t_path)
     new_plan.setdefault("params_total", None)
+    new_plan.setdefault("removed_sublayers", removed_sublayers(healed.config))  # healed without a plan.json
     new_plan.update({"rtk_version": __version__, "healed_from": str(model_dir), "heal": record,
                      "heal_fingerprint": fp, "params_after": total_params(healed),
                      "heal_wall_seconds": round(time.perf_counter() - t_start, 1)})
@@ -258,8 +211,8 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
 def write_out(healed, tokenizer, plan: dict, partial: Path, source: str, echo: Callable[[str], None],
               recipe_dir: Optional[Path] = None) -> None:
     """PARTIAL/{model/, plan.json, report.md, loss_curve.png} of a healing (the checkpoints are removed)."""
-    from ..export.safetensors import export_model
-    from .record import write_heal_report
+    from rtk.export.safetensors import export_model
+    from rtk.records.heal import write_heal_report
 
     model_dir = partial / "model"
     if model_dir.exists():
@@ -274,6 +227,6 @@ def write_out(healed, tokenizer, plan: dict, partial: Path, source: str, echo: C
         echo(f"rtk: note: the model is {exported['vllm']}")
     plan["heal"]["export"] = {k: exported[k] for k in ("architecture", "dtype", "params", "weight_bytes",
                                                        "verification")}
-    write_json_atomic(partial / "plan.json", plan, indent=2)
+    write_plan(partial / PLAN_FILE, plan)
     write_heal_report(plan, partial)
     shutil.rmtree(partial / HEAL_DIR, ignore_errors=True)

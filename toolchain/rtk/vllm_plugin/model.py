@@ -3,7 +3,7 @@
 Every layer's attention and MLP sublayer is present or absent, as the folder's config says: a standard
 Llama / Mistral / Qwen2 / Qwen3 config whose `per_layer_config` lists the removed modules
 (`{"3": {"skip": ["attention"]}}`), or rtk's nemotron-nas config (`block_configs`); both are read by
-`rtk.modeling_rtk` (`config_from_standard`), the class transformers loads from the same folder.
+`rtk.model.modeling_rtk` (`config_from_standard`), the class transformers loads from the same folder.
 
 - Attention is vLLM's `LlamaAttention` (fused q/k/v, RoPE, paged KV cache), or `Qwen3Attention` when
   the model normalizes q and k per head; the MLP is vLLM's `LlamaMLP`; norms are vLLM's `RMSNorm`.
@@ -33,7 +33,7 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer,
                                               make_empty_intermediate_tensors_factory, make_layers, maybe_prefix)
 from vllm.sequence import IntermediateTensors
 
-from ..modeling_rtk import RtkDeciConfig, config_from_standard
+from rtk.model.modeling_rtk import RtkDeciConfig, config_from_standard
 
 
 def rtk_config(hf_config) -> RtkDeciConfig:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ...errors import RtkError
-from .tasks import TaskSet
+from rtk.errors import RtkError
+from rtk.model.load import transformers_remote_code
+from rtk.bench.accuracy.tasks import TaskSet
 
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
@@ -39,11 +40,6 @@ def check_installed() -> str:
         return version("lm_eval")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _needs_remote_code(folder: str) -> bool:
-    cfg = Path(folder) / "config.json"
-    return cfg.is_file() and "auto_map" in json.loads(cfg.read_text())
 
 
 @dataclass
@@ -79,7 +75,7 @@ def hf_run(folder: str, tasks: TaskSet, limit: Optional[int], dtype: str = "floa
            batch_size: int = 8) -> LmEvalRun:
     """lm-eval's `hf` model on a model folder in this machine's memory."""
     args = {"pretrained": str(folder), "dtype": dtype}
-    if _needs_remote_code(folder):
+    if transformers_remote_code(folder):
         args["trust_remote_code"] = True
     return LmEvalRun("hf", args, tasks, limit, batch_size, device)
 
@@ -91,7 +87,7 @@ def served_run(url: str, served_name: str, tokenizer_dir: str, tasks: TaskSet, l
     args = {"model": served_name, "base_url": url.rstrip("/") + "/v1/completions", "tokenizer": str(tokenizer_dir),
             "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": num_concurrent,
             "max_retries": 3}
-    if _needs_remote_code(tokenizer_dir):
+    if transformers_remote_code(tokenizer_dir):
         args["trust_remote_code"] = True
     return LmEvalRun("local-completions", args, tasks, limit, 1, None)
 

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import yaml
 
-from ...errors import RtkError
+from rtk.errors import RtkError
+from rtk.outdir import write_text_atomic
 
 CONVERTER_VERSION = 1
 SHIPPED = Path(__file__).with_name("lm_eval_tasks")
@@ -151,7 +152,7 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 def cache_root() -> Path:
-    from ...load import cache_dir
+    from rtk.outdir import cache_dir
 
     return cache_dir() / "lm_eval"
 
@@ -187,13 +188,6 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _convert(spec: TaskSpec, root: Path, data: Path) -> dict:
     paths = [root / f for f in spec.files]
     for p in paths:
@@ -211,8 +205,8 @@ def _convert(spec: TaskSpec, root: Path, data: Path) -> dict:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise RtkError(f"--tasks {spec.name}: {paths[0]} is not in the expected format "
                            f"({type(exc).__name__}: {exc})") from None
-        _write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-        _write_atomic(meta, json.dumps(src, indent=1))
+        write_text_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        write_text_atomic(meta, json.dumps(src, indent=1))
     return {**src, "records": sum(1 for _ in target.open(encoding="utf-8"))}
 
 
@@ -247,5 +241,5 @@ def prepare(names: list[str], data_dir: Optional[str] = None) -> TaskSet:
         text = task_config(s, lm_tasks, data)
         path = tasks_dir / f"{s.local}.yaml"
         if not path.is_file() or path.read_text() != text:
-            _write_atomic(path, text)
+            write_text_atomic(path, text)
     return TaskSet(tuple(names), tuple(s.local for s in specs), str(tasks_dir), sources)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ...errors import RtkError
+from rtk.errors import RtkError
 
 RATE_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 

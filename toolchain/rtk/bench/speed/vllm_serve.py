@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ...errors import RtkError
+from rtk.errors import RtkError
 
 PERCENTILE_METRICS = "ttft,tpot,itl,e2el"
 # the numbers rtk reads from a result (vLLM's names)

@@ -1,0 +1,49 @@
+"""`rtk heal PRUNED_DIR -o OUT`: parse -> heal config -> rtk.heal.run -> echo."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+from rtk.cli.echo import echo_healed
+
+
+@click.command()
+@click.argument("pruned_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: OUT/{plan.json, model/, report.md, loss_curve.png}.")
+@click.option("--teacher", default=None, help="The original model (default: plan.json's model_path / model).")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML with heal settings (the keys of a recipe's heal: section, or a recipe with one).")
+@click.option("--tokens", type=int, default=None, help="Training tokens (overrides the config).")
+@click.option("--method", type=click.Choice(["full", "lora"]), default=None, help="Overrides the config.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Pause after this many optimizer steps; rerunning the same command continues.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def heal(pruned_dir: Path, out: Path, teacher: str | None, config: Path | None, tokens: int | None,
+         method: str | None, device: str, dtype: str, max_steps: int | None, threads: int | None, quiet: bool):
+    """Heal a pruned model by knowledge distillation from the original (teacher).
+
+    PRUNED_DIR is an `rtk prune` output (or a model folder with its plan.json); the healed model is
+    exported and verified as `rtk prune` exports, with the same shapes."""
+    from rtk.heal.config import load_heal_config
+    from rtk.heal.run import HealPaused, run_heal
+
+    cfg = load_heal_config(config, tokens=tokens, method=method)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        plan = run_heal(pruned_dir, out, cfg, teacher=teacher, device=device, dtype=dtype, progress=not quiet,
+                        echo=click.echo, max_steps=max_steps)
+    except HealPaused as exc:
+        click.echo(str(exc))
+        return
+    echo_healed(plan["heal"])
+    click.echo(f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md, {out}/loss_curve.png")

@@ -1,0 +1,51 @@
+"""`rtk prune RECIPE`: parse -> recipe -> rtk.prune.run -> echo."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+from rtk.cli.echo import echo_healed
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: runs/<recipe name>).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many search steps; rerunning the same command continues.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | None, quiet: bool):
+    """Score every sublayer, search which to remove, and write OUT/{plan.json, model/, report.md}."""
+    from rtk.prune.config import load_recipe
+
+    rec = load_recipe(recipe)
+    out = out or Path("runs") / recipe.stem
+    import torch
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    if threads:
+        torch.set_num_threads(threads)
+    from rtk.prune.run import SearchPaused, run_prune
+
+    try:
+        plan = run_prune(rec, out, progress=not quiet, echo=click.echo, max_steps=max_steps)
+    except SearchPaused as exc:
+        click.echo(str(exc))
+        return
+    ev = plan["eval"]
+    click.echo(
+        f"rtk: removed {len(plan['removed'])} sublayers, {plan['params_removed']:,} of {plan['params_total']:,} "
+        f"parameters ({plan['params_removed_fraction']:.1%})\n"
+        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, {plan['recipe']['dtype']}): "
+        f"{ev['ppl_base']:.3f} before -> {ev['ppl_final']:.3f} after\n"
+        f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md"
+    )
+    if plan.get("heal"):
+        echo_healed(plan["heal"])

@@ -1,0 +1,25 @@
+"""Parameter counts of modules and models in memory. (A config's count on paper, from its shapes, is
+`rtk.model.cost.model_params`, beside the per-sublayer shapes it sums; tests hold the two equal.)"""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def param_count(module) -> int:
+    """Parameters of a module (0 for an absent one)."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def unique_params(params: Iterable) -> list:
+    """Parameters without repeats (a tied embedding / LM head is one tensor)."""
+    return list({id(p): p for p in params}.values())
+
+
+def total_params(model) -> int:
+    """All parameters, a tied embedding/head counted once."""
+    return sum(p.numel() for p in unique_params(model.parameters()))
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in unique_params(model.parameters()))
+

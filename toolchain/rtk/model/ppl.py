@@ -1,0 +1,48 @@
+"""Perplexity, computed one way everywhere: the summed next-token NLL of each block (every token after the
+first is predicted), exp(mean) over all predicted tokens, and +inf where exp would overflow."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+EXP_MAX = 700.0  # exp(700) ~ 1e304; beyond it a float overflows, and the model is broken anyway
+
+
+def ppl_of(nll_sum: float, n_tokens: int) -> float:
+    """exp(nll_sum / n_tokens), +inf when that overflows."""
+    mean = nll_sum / n_tokens
+    return math.exp(mean) if mean < EXP_MAX else math.inf
+
+
+def logits_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed cross-entropy (float32) of logits [..., vocab] against the next tokens [...]."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum").item()
+
+
+def logprobs_ppl(per_sequence: Iterable[Sequence[float]]) -> dict:
+    """PPL from the log-probabilities of every predicted token (served and ONNX backends)."""
+    nll, n = 0.0, 0
+    for lp in per_sequence:
+        nll -= sum(lp)
+        n += len(lp)
+    return {"ppl": ppl_of(nll, n), "nll_per_token": nll / n, "predicted_tokens": n}
+
+
+@torch.no_grad()
+def model_ppl(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """PPL of an rtk model (all its sublayers run) on [N, T] token blocks; the same operations, in the same
+    order, as the scoring engines' PPL of the model with nothing skipped."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pos = torch.arange(blocks.shape[1], device=device)[None]
+    cos, sin = model.model.rotary(pos, dtype)
+    total = 0.0
+    for ids in blocks.split(batch_size):
+        ids = ids.to(device)
+        h = model.model.run_layers(model.model.embed_tokens(ids), cos, sin, None, 0, len(model.model.layers),
+                                   frozenset())
+        total += logits_nll(model.lm_head(model.model.norm(h[:, :-1])), ids[:, 1:])
+    return ppl_of(total, int(blocks.shape[0] * (blocks.shape[1] - 1)))

@@ -1,0 +1,259 @@
+"""The recipe of `rtk prune`: a validated, fully-resolved description of one pruning run (its data and
+heal: sections are rtk.data's and rtk.heal.config's settings).
+
+Unknown keys are errors; every problem in a file is reported at once, one line each field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from rtk.data import DataConfig
+from rtk.errors import RtkError
+from rtk.heal.config import HEAL_TEXT_RULE, HealConfig, evaluation_clash
+from rtk.outdir import fingerprint
+from rtk.settings import Strict, format_errors
+
+
+
+class Target(Strict):
+    """Stop rule: exactly one of these."""
+
+    params_removed: Optional[float] = Field(None, description="fraction of all parameters, in (0, 1)")
+    ppl_increase: Optional[float] = Field(None, description="relative PPL budget, e.g. 0.5 = +50%")
+    ppl_max: Optional[float] = Field(None, description="absolute PPL budget")
+    sublayers: Optional[int] = Field(None, description="number of sublayers to remove")
+    speedup: Optional[float] = Field(None, description="predicted serving speedup to reach, e.g. 1.3 (cost: says "
+                                     "the workload; cost.profile a measured profile, else the roofline)")
+
+    @field_validator("params_removed")
+    @classmethod
+    def _fraction(cls, v):
+        if v is not None and not (0.0 < v < 1.0):
+            raise ValueError(f"must be inside (0, 1), got {v}")
+        return v
+
+    @field_validator("ppl_increase", "ppl_max")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("speedup")
+    @classmethod
+    def _faster(cls, v):
+        if v is not None and not v > 1.0:
+            raise ValueError(f"must be > 1 (a speedup over the dense model), got {v}")
+        return v
+
+    @field_validator("sublayers")
+    @classmethod
+    def _count(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        set_ = [k for k, v in self.model_dump().items() if v is not None]
+        if len(set_) != 1:
+            raise ValueError(
+                "give exactly one of params_removed, ppl_increase, ppl_max, sublayers, speedup"
+                + (f" (got {', '.join(set_)})" if set_ else "")
+            )
+        return self
+
+    def describe(self) -> str:
+        k, v = next((k, v) for k, v in self.model_dump().items() if v is not None)
+        return f"{k}={v}"
+
+
+class SearchConfig(Strict):
+    method: Literal["progressive", "one-shot"] = "progressive"
+    normalize: Literal["params", "none", "cost"] = "params"
+    target: Target = Target(params_removed=0.2)
+    protect: list[str] = Field(default_factory=lambda: ["attn.0"])
+    candidates: Literal["sublayers", "blocks"] = Field(
+        "sublayers", description="'blocks' removes whole layers (attn+mlp together)"
+    )
+    rescoring: Literal["full", "lazy"] = Field(
+        "full", description="progressive: full re-scores every candidate each step (the paper's); lazy re-scores "
+        "only those that can still be the minimum (rtk.prune.search.run_search)")
+
+    @field_validator("protect")
+    @classmethod
+    def _names(cls, v):
+        for name in v:
+            kind, _, idx = name.partition(".")
+            if kind not in ("attn", "mlp", "layer") or not idx.isdigit():
+                raise ValueError(f"'{name}' is not a sublayer name like 'attn.0', 'mlp.12' or 'layer.3'")
+        return v
+
+    @model_validator(mode="after")
+    def _lazy_is_progressive(self):
+        if self.rescoring == "lazy" and self.method != "progressive":
+            raise ValueError("rescoring: lazy applies to method: progressive (one-shot scores once)")
+        return self
+
+
+# cost: keys added after recipes were first fingerprinted: at these values they leave a fingerprint unchanged
+COST_KEYS_ADDED = {"phase": "decode", "profile": None, "engine": None}
+
+
+class CostConfig(Strict):
+    """The serving workload a sublayer's cost is judged on (normalize: cost, target: speedup): a measured
+    profile of the user's engine (`profile`, see rtk.model.speed), else the roofline of rtk.model.cost for one
+    step of `batch` sequences at `context` tokens in `phase`."""
+
+    batch: int = Field(16, gt=0)
+    context: int = Field(2048, gt=0)
+    phase: Literal["decode", "prefill"] = Field("decode", description="roofline: the step whose time counts")
+    profile: Optional[str] = Field(None, description="a speed profile JSON (rtk.model.speed): measured shares "
+                                   "of the step time per sublayer kind, used instead of the roofline")
+    engine: Optional[str] = Field(None, description="the engine the profile must have been measured on")
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+                 "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value) -> int:
+    """'8GB' (10^9), '512MiB' (2^20), '1.5 GiB' or a number of bytes, as accelerate's max_memory reads them."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '8GB' or '512MiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _MEMORY_UNITS:
+            raise ValueError(f"expected a size like '8GB' or '512MiB', got {value!r}")
+        n = float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return int(n)
+
+
+class ScoringConfig(Strict):
+    """How the PPLs of a search step are computed. None of these change the plan (tested), so a run may
+    resume with other values."""
+
+    engine: Literal["layer-major", "per-candidate"] = Field(
+        "layer-major", description="layer-major: one pass over the layers per step, every candidate's "
+        "activation stream batched through each layer; per-candidate: one candidate after another")
+    batch_size: int = Field(4, gt=0, description="token blocks per forward pass")
+    reuse_activations: bool = Field(True, description="per-candidate: start each candidate from the cached "
+                                    "input of its layer (layer-major always does)")
+    memory: str = Field("8GB", description="budget for activation streams on the scoring device")
+    streams: Literal["device", "cpu"] = Field(
+        "device", description="where activation streams wait between layers: device (past the budget, "
+        "candidates go in groups) or cpu (pinned host memory, moved through each layer in budget-sized parts)")
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "none", description="none: the model on the device; cpu: layers in host memory, moved to the device "
+        "one at a time; disk: each layer read from the safetensors files when it is used")
+    workers: int = Field(1, ge=1, description="> 1: Ray actors, the candidates of each step shared among them")
+    ray_address: Optional[str] = Field(None, description="an existing Ray cluster (ray start --head); "
+                                       "null starts a local one")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        parse_bytes(v)
+        return v
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_bytes(self.memory)
+
+    @model_validator(mode="after")
+    def _engine_options(self):
+        if not self.reuse_activations and self.engine != "per-candidate":
+            raise ValueError("reuse_activations: false applies to engine: per-candidate only "
+                             "(the layer-major engine always starts a candidate at its layer)")
+        if self.offload != "none" and self.engine != "layer-major":
+            raise ValueError(f"offload: {self.offload} streams each layer once per step and needs "
+                             "engine: layer-major")
+        if self.ray_address is not None and self.workers < 2:
+            raise ValueError("ray_address: set workers: 2 or more to use a Ray cluster")
+        return self
+
+
+DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
+
+
+class Recipe(Strict):
+    model: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when it is there)")
+    data: DataConfig = DataConfig()
+    search: SearchConfig = SearchConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    cost: CostConfig = CostConfig()
+    heal: Optional[HealConfig] = Field(None, description="distill the pruned model from the original after the "
+                                       "search (rtk prune)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(DEVICE_RE, v):
+            raise ValueError(f"'{v}' is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _heal_text(self):
+        clash = self.heal is not None and evaluation_clash(self.heal.data, self.data.evaluation)
+        if clash:
+            raise ValueError(f"heal.data and data.evaluation use the same text ({clash}); {HEAL_TEXT_RULE}")
+        return self
+
+    def fingerprint(self) -> str:
+        """What must match for a resume: everything that changes the plan (not the scoring engine, not where
+        it runs, not the healing after it; the dtype once resolved, since float16 and float32 scores differ)."""
+        return fingerprint(self.plan_settings())
+
+    def plan_settings(self) -> dict:
+        """The recipe without what cannot change a plan: the evaluation text, the scoring engine, where it runs,
+        the healing after it."""
+        d = self.model_dump(mode="json")
+        d["data"].pop("evaluation", None)
+        for k in ("scoring", "device", "heal"):
+            d.pop(k, None)
+        # keys added later, at their defaults, are left out: a recipe from before keeps its fingerprint
+        if d["search"]["target"].get("speedup") is None:
+            d["search"]["target"].pop("speedup", None)
+        if d["search"].get("rescoring") == "full":
+            d["search"].pop("rescoring")
+        for k, v in COST_KEYS_ADDED.items():
+            if d["cost"].get(k) == v:
+                d["cost"].pop(k, None)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RtkError(f"{where}: expected a mapping of keys (model, data, search, ...), got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RtkError(format_errors(exc, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RtkError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise RtkError(f"{path}: not valid YAML{at}") from None
+    return parse_recipe(data, where=str(path))

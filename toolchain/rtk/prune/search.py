@@ -1,0 +1,225 @@
+"""Which sublayers to remove: progressive and one-shot search, pure functions of a scorer.
+
+A scorer answers two questions about the model with a set of sublayers removed:
+``ppl(removed)`` and ``score(removed, candidates)`` -> PPL of the model with each candidate
+removed in addition. Everything here is deterministic given those answers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol
+
+from rtk.errors import RtkError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # "attn.3", "mlp.7" or "layer.5"
+    layer: int
+    kind: str  # "attn" | "mlp" | "layer"
+    params: int
+    cost: float = 0.0  # serving cost removed (normalize: cost); 0 when unused
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The sublayers this candidate removes."""
+        if self.kind == "layer":
+            return (f"attn.{self.layer}", f"mlp.{self.layer}")
+        return (self.name,)
+
+
+class Scorer(Protocol):
+    def ppl(self, removed: frozenset[str]) -> float: ...
+
+    def score(self, removed: frozenset[str], candidates: list[Candidate]) -> dict[str, float]: ...
+
+
+def relative_impact(ppl_without: float, ppl_current: float) -> float:
+    """RI(s) = (PPL(M \\ s) - PPL(M)) / PPL(M)."""
+    return (ppl_without - ppl_current) / ppl_current
+
+
+def normalized(ri: float, cand: Candidate, normalize: str) -> float:
+    """NRI: RI per unit of what removing the candidate saves."""
+    if normalize == "none":
+        return ri
+    if normalize == "params":
+        return ri / cand.params
+    if normalize == "cost":
+        return ri / cand.cost
+    raise ValueError(f"unknown normalize '{normalize}'")
+
+
+@dataclass
+class StopRule:
+    params_total: int
+    params_removed: Optional[float] = None
+    ppl_increase: Optional[float] = None
+    ppl_max: Optional[float] = None
+    sublayers: Optional[int] = None
+    speedup: Optional[float] = None
+    speed: Optional[Callable[[Iterable[str]], float]] = None  # removed sublayers -> predicted speedup
+
+    def ppl_budget(self, ppl_base: float) -> Optional[float]:
+        if self.ppl_max is not None:
+            return self.ppl_max
+        if self.ppl_increase is not None:
+            return ppl_base * (1.0 + self.ppl_increase)
+        return None
+
+    def reached(self, removed_params: int, removed_count: int, removed: Iterable[str] = ()) -> bool:
+        """True when the count/fraction/speed rules are satisfied (PPL rules stop on overshoot)."""
+        if self.params_removed is not None:
+            return removed_params >= self.params_removed * self.params_total - 1e-9
+        if self.sublayers is not None:
+            return removed_count >= self.sublayers
+        if self.speedup is not None:
+            return self.speed(removed) >= self.speedup
+        return False
+
+
+def _entry(cand: Candidate, ri: float, nri: float, ppl_after: float) -> dict:
+    return {"name": cand.name, "layer": cand.layer, "kind": cand.kind, "params": cand.params,
+            "ri": ri, "nri": nri, "ppl_after": ppl_after}
+
+
+def _removed_set(state: dict, by_name: dict[str, Candidate]) -> frozenset[str]:
+    return frozenset(p for e in state["removed"] for p in by_name[e["name"]].parts)
+
+
+def check_reachable(cands: list[Candidate], stop: StopRule, speed_source: str = "predicted") -> None:
+    avail = sum(c.params for c in cands)
+    if stop.params_removed is not None and avail < stop.params_removed * stop.params_total:
+        raise RtkError(
+            f"search.target.params_removed: {stop.params_removed:.0%} of {stop.params_total:,} parameters "
+            f"cannot be reached: the sublayers that are not protected hold only "
+            f"{avail:,} ({avail / stop.params_total:.1%})"
+        )
+    if stop.speedup is not None:
+        most = stop.speed([p for c in cands for p in c.parts])
+        if most < stop.speedup:
+            raise RtkError(f"search.target.speedup: {stop.speedup:g} cannot be reached: removing every candidate "
+                           f"that is not protected is predicted {most:.3f}x ({speed_source})")
+    if stop.sublayers is not None and stop.sublayers > len(cands):
+        raise RtkError(
+            f"search.target.sublayers: {stop.sublayers} cannot be reached: only {len(cands)} "
+            "candidates are not protected"
+        )
+
+
+def new_state(method: str) -> dict:
+    return {"method": method, "ppl_base": None, "ppl_current": None, "removed": [], "steps": [], "done": False}
+
+
+def run_search(
+    scorer: Scorer,
+    cands: list[Candidate],
+    stop: StopRule,
+    method: str = "progressive",
+    normalize: str = "params",
+    state: Optional[dict] = None,
+    save: Callable[[dict], None] = lambda s: None,
+    log: Callable[[str], None] = lambda s: None,
+    rescoring: str = "full",
+) -> dict:
+    """Run (or continue) a search. ``state`` is the JSON-able record saved after every step.
+
+    ``rescoring`` (progressive only): ``full`` scores every remaining candidate at every step (the paper's);
+    ``lazy`` scores everything once, then at each step re-scores candidates in the order of their last known
+    NRI, LAZY_BATCH at a time, and stops as soon as the best fresh NRI is no higher than the next candidate's
+    last known one. It picks what ``full`` picks whenever removing a sublayer never lowers another's NRI (the
+    usual case: a smaller model is more fragile); where that fails it may pick another. Measured in
+    bench/RESULTS.md."""
+    check_reachable(cands, stop)
+    by_name = {c.name: c for c in cands}
+    state = state or new_state(method)
+    if state["ppl_base"] is None:
+        state["ppl_base"] = state["ppl_current"] = scorer.ppl(frozenset())
+        save(state)
+    budget = stop.ppl_budget(state["ppl_base"])
+    key = lambda item: (item[1]["nri"], cands.index(by_name[item[0]]))  # noqa: E731  ties: model order
+
+    def removed_params() -> int:
+        return sum(e["params"] for e in state["removed"])
+
+    def finished() -> bool:
+        return state["done"] or stop.reached(removed_params(), len(state["removed"]), _removed_set(state, by_name))
+
+    if method == "one-shot" and not state["steps"]:
+        _score_step(scorer, cands, frozenset(), state, normalize, by_name)
+        save(state)
+
+    while not finished():
+        removed = _removed_set(state, by_name)
+        taken = {e["name"] for e in state["removed"]}
+        remaining = [c for c in cands if c.name not in taken]
+        if not remaining:
+            break
+        if method == "progressive" and rescoring == "lazy" and state["steps"]:
+            scores = _lazy_step(scorer, remaining, removed, state, normalize, by_name, key)
+            name, s = min(scores.items(), key=key)
+            ppl_after = s["ppl"]
+        elif method == "progressive":
+            scores = _score_step(scorer, remaining, removed, state, normalize, by_name)
+            name, s = min(scores.items(), key=key)
+            ppl_after = s["ppl"]
+        else:
+            ranked = sorted(((n, s) for n, s in state["steps"][0]["scores"].items() if n not in taken), key=key)
+            name, s = ranked[0]
+            ppl_after = scorer.ppl(removed | frozenset(by_name[name].parts))
+        if budget is not None and ppl_after > budget:
+            log(f"stop: removing {name} would raise PPL to {ppl_after:.3f} > budget {budget:.3f}")
+            state["done"] = True
+            break
+        cand = by_name[name]
+        state["removed"].append(_entry(cand, s["ri"], s["nri"], ppl_after))
+        state["ppl_current"] = ppl_after
+        log(f"removed {name:8s} ri={s['ri']:+.4f} ppl={ppl_after:.3f} "
+            f"params removed={removed_params() / stop.params_total:.1%}")
+        save(state)
+    state["done"] = True
+    save(state)
+    return state
+
+
+def _scores(scorer, cands, removed, ppl_cur, normalize) -> dict:
+    ppls = scorer.score(removed, cands)
+    scores = {}
+    for c in cands:
+        p = ppls[c.name]
+        ri = relative_impact(p, ppl_cur) if math.isfinite(p) else math.inf
+        scores[c.name] = {"ppl": p, "ri": ri, "nri": normalized(ri, c, normalize)}
+    return scores
+
+
+def _record_step(state, scores, **extra) -> None:
+    state["steps"].append({"step": len(state["steps"]), "ppl_current": state["ppl_current"],
+                           "removed_before": [e["name"] for e in state["removed"]], "scores": scores, **extra})
+
+
+def _score_step(scorer, remaining, removed, state, normalize, by_name) -> dict:
+    scores = _scores(scorer, remaining, removed, state["ppl_current"], normalize)
+    _record_step(state, scores)
+    return scores
+
+
+LAZY_BATCH = 4  # candidates re-scored together (one pass of the layer-major engine serves them all)
+
+
+def _lazy_step(scorer, remaining, removed, state, normalize, by_name, key) -> dict:
+    """Re-score only the candidates that can still be the minimum (see run_search); returns the fresh scores."""
+    last: dict[str, float] = {}
+    for step in reversed(state["steps"]):  # each candidate's most recent score (resumable: all in the state)
+        for n, sc in step["scores"].items():
+            last.setdefault(n, sc["nri"])
+    order = sorted(remaining, key=lambda c: key((c.name, {"nri": last[c.name]})))
+    fresh: dict = {}
+    while len(fresh) < len(order):
+        todo = [c for c in order if c.name not in fresh][:LAZY_BATCH]
+        fresh.update(_scores(scorer, todo, removed, state["ppl_current"], normalize))
+        nxt = next((c for c in order if c.name not in fresh), None)
+        if nxt is None or key(min(fresh.items(), key=key)) <= key((nxt.name, {"nri": last[nxt.name]})):
+            break
+    _record_step(state, fresh, lazy=True)
+    return fresh
