@@ -74,7 +74,9 @@ class Target(Strict):
 
 
 class SearchConfig(Strict):
-    method: Literal["progressive", "one-shot"] = "progressive"
+    method: Literal["progressive", "one-shot", "global"] = Field(
+        "progressive", description="progressive (re-score after each removal), one-shot (rank once), global (the "
+        "set with the lowest summed RI that reaches a params_removed target: an exact knapsack over one scoring)")
     normalize: Literal["params", "none", "cost"] = "params"
     target: Target = Target(params_removed=0.2)
     protect: list[str] = Field(default_factory=lambda: ["attn.0"])
@@ -98,6 +100,8 @@ class SearchConfig(Strict):
     def _lazy_is_progressive(self):
         if self.rescoring == "lazy" and self.method != "progressive":
             raise ValueError("rescoring: lazy applies to method: progressive (one-shot scores once)")
+        if self.method == "global" and self.target.params_removed is None:
+            raise ValueError("method: global supports target params_removed (a budget that adds up over sublayers)")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Which sublayers to remove: progressive and one-shot search, pure functions of a scorer.
+"""Which sublayers to remove: progressive, one-shot and global search, pure functions of a scorer.
 
 A scorer answers two questions about the model with a set of sublayers removed:
 ``ppl(removed)`` and ``score(removed, candidates)`` -> PPL of the model with each candidate
@@ -128,9 +128,9 @@ def run_search(
     ``rescoring`` (progressive only): ``full`` scores every remaining candidate at every step (the paper's);
     ``lazy`` scores everything once, then at each step re-scores candidates in the order of their last known
     NRI, LAZY_BATCH at a time, and stops as soon as the best fresh NRI is no higher than the next candidate's
-    last known one. It picks what ``full`` picks whenever removing a sublayer never lowers another's NRI (the
-    usual case: a smaller model is more fragile); where that fails it may pick another. Measured in
-    bench/RESULTS.md."""
+    last known one. It picks what ``full`` picks whenever removing a sublayer never lowers another's NRI; on
+    SmolLM2 that fails (a removal can make a neighbour nearly free) and the plan differs from step 6: an
+    option, not the default (bench/RESULTS.md, "Search cost")."""
     check_reachable(cands, stop)
     by_name = {c.name: c for c in cands}
     state = state or new_state(method)
@@ -146,8 +146,10 @@ def run_search(
     def finished() -> bool:
         return state["done"] or stop.reached(removed_params(), len(state["removed"]), _removed_set(state, by_name))
 
-    if method == "one-shot" and not state["steps"]:
-        _score_step(scorer, cands, frozenset(), state, normalize, by_name)
+    if method in ("one-shot", "global") and not state["steps"]:
+        scores = _score_step(scorer, cands, frozenset(), state, normalize, by_name)
+        if method == "global":
+            state["steps"][0]["chosen"] = global_choice(cands, scores, stop)
         save(state)
 
     while not finished():
@@ -165,7 +167,13 @@ def run_search(
             name, s = min(scores.items(), key=key)
             ppl_after = s["ppl"]
         else:
-            ranked = sorted(((n, s) for n, s in state["steps"][0]["scores"].items() if n not in taken), key=key)
+            pool = state["steps"][0]["scores"].items()
+            if method == "global":  # the chosen set, most harmless first
+                chosen = set(state["steps"][0]["chosen"]) - taken
+                if not chosen:
+                    break
+                pool = [(n, sc) for n, sc in pool if n in chosen]
+            ranked = sorted(((n, s) for n, s in pool if n not in taken), key=key)
             name, s = ranked[0]
             ppl_after = scorer.ppl(removed | frozenset(by_name[name].parts))
         if budget is not None and ppl_after > budget:
@@ -223,3 +231,54 @@ def _lazy_step(scorer, remaining, removed, state, normalize, by_name, key) -> di
             break
     _record_step(state, fresh, lazy=True)
     return fresh
+
+
+def global_choice(cands: list[Candidate], scores: dict, stop: StopRule) -> list[str]:
+    """method: global: the set of candidates whose step-0 RIs sum lowest among all sets that reach a
+    params_removed target (an exact covering knapsack; one-shot ranks by RI / params and takes a prefix, which
+    can overshoot the target or pass over a cheaper mix). Returned in model order."""
+    if stop.params_removed is None:
+        raise RtkError("search.method: global supports target params_removed (its budget adds up); "
+                       "use progressive or one-shot for other targets")
+    need = stop.params_removed * stop.params_total
+    picked = cover_knapsack([c.params for c in cands], [scores[c.name]["ri"] for c in cands], need)
+    return [cands[i].name for i in sorted(picked)]
+
+
+def cover_knapsack(weights: list[float], costs: list[float], need: float, max_states: int = 200_000) -> list[int]:
+    """Indices of items whose weights sum to at least `need` at the least total cost. Items of cost <= 0 are
+    always taken; the rest by dynamic programming over the weight reached, capped at `need`. Weights are
+    counted in units (their common divisor when they are integers and that keeps the table small, else need /
+    max_states, rounded down: the chosen set then still covers `need`, at most one unit per item from exact)."""
+    n = len(weights)
+    take = [i for i in range(n) if costs[i] <= 0]
+    left = need - sum(weights[i] for i in take)
+    rest = [i for i in range(n) if i not in set(take) and math.isfinite(costs[i])]
+    if left <= 0:
+        return take
+    if sum(weights[i] for i in rest) < left:
+        raise RtkError(f"search.target: {need:,.0f} cannot be covered by the candidates")
+    unit = 0
+    if all(float(weights[i]).is_integer() for i in rest):
+        unit = math.gcd(*[int(weights[i]) for i in rest])
+    if not unit or left / unit > max_states:
+        unit = left / max_states
+    full = math.ceil(left / unit - 1e-9)
+    w = [min(full, int(weights[i] // unit)) for i in rest]
+    full = min(full, sum(w))  # rounding down lost the last unit: then only all of `rest` (a true cover) reaches it
+    states: dict[int, float] = {0: 0.0}
+    history = []
+    for k, i in enumerate(rest):
+        new, back = dict(states), {}
+        for at, cost in states.items():
+            to, value = min(full, at + w[k]), cost + costs[i]
+            if value < new.get(to, math.inf):
+                new[to], back[to] = value, at
+        history.append(back)
+        states = new
+    at = full
+    for k in reversed(range(len(rest))):
+        if at in history[k]:
+            take.append(rest[k])
+            at = history[k][at]
+    return take
