@@ -27,8 +27,8 @@ class Scripted:
     """PPL as a fixed function of the removed set, with pairwise interactions (so progressive and
     one-shot differ); records every set it is asked about."""
 
-    def __init__(self, n_layers: int = 6):
-        g = torch.Generator().manual_seed(1)
+    def __init__(self, n_layers: int = 6, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
         names = [f"{k}.{i}" for i in range(n_layers) for k in ("attn", "mlp")]
         self.single = {n: float(v) for n, v in zip(names, torch.rand(len(names), generator=g) * 0.3 - 0.02)}
         self.pair = {(a, b): float(torch.rand(1, generator=g)) * 0.05 for a in names for b in names if a < b}

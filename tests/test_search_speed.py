@@ -140,30 +140,19 @@ def test_recipes_from_before_keep_their_fingerprint():
 
 
 # ---- cheaper search ------------------------------------------------------------------------------------------
-class Monotone:
-    """PPL = 10 exp(sum of singles + sum of pairwise terms >= 0): removing a sublayer never lowers another's RI,
-    so lazy re-scoring must pick exactly what full re-scoring picks. Counts candidate evaluations."""
+def monotone(names, seed=1):
+    """test_ablate's scripted PPL, 10 exp(singles + pairwise terms >= 0), over `names` (attn.i, mlp.i of 8 layers):
+    removing a sublayer never lowers another's RI, so lazy re-scoring must pick what full re-scoring picks.
+    `evaluations` counts the PPLs it was asked for."""
+    from test_ablate import Scripted
 
-    def __init__(self, names, seed=1):
-        import torch
+    s = Scripted(len(names) // 2, seed)
+    assert sorted(s.single) == sorted(names)
+    return s
 
-        g = torch.Generator().manual_seed(seed)
-        self.single = {n: float(v) for n, v in zip(names, torch.rand(len(names), generator=g) * 0.3 - 0.02)}
-        self.pair = {(a, b): float(torch.rand(1, generator=g)) * 0.05 for a in names for b in names if a < b}
-        self.evaluations = 0
 
-    def _ppl(self, removed) -> float:
-        rs = sorted(removed)
-        x = sum(self.single[n] for n in rs) + sum(self.pair[(a, b)] for i, a in enumerate(rs) for b in rs[i + 1:])
-        return 10.0 * math.exp(x)
-
-    def ppl(self, removed):
-        self.evaluations += 1
-        return self._ppl(removed)
-
-    def score(self, removed, cands):
-        self.evaluations += len(cands)
-        return {c.name: self._ppl(removed | set(c.parts)) for c in cands}
+def evaluations(scorer) -> int:
+    return len(scorer.asked)
 
 
 @pytest.mark.parametrize("normalize", ["params", "none"])
@@ -173,12 +162,12 @@ def test_lazy_rescoring_gives_the_identical_plan_with_fewer_evaluations(normaliz
 
     cands = [Candidate(f"{k}.{i}", i, k, 10 if k == "attn" else 30) for i in range(8) for k in ("attn", "mlp")]
     stop = StopRule(params_total=400, params_removed=0.5)
-    full, lazy = Monotone([c.name for c in cands], seed), Monotone([c.name for c in cands], seed)
+    full, lazy = monotone([c.name for c in cands], seed), monotone([c.name for c in cands], seed)
     a = run_search(full, cands, stop, "progressive", normalize)
     b = run_search(lazy, cands, stop, "progressive", normalize, rescoring="lazy")
     assert [e["name"] for e in a["removed"]] == [e["name"] for e in b["removed"]]
     assert [e["ppl_after"] for e in a["removed"]] == [e["ppl_after"] for e in b["removed"]]
-    assert lazy.evaluations < full.evaluations
+    assert evaluations(lazy) < evaluations(full)
     assert b["steps"][0].get("lazy") is None and all(s["lazy"] for s in b["steps"][1:])
 
 
@@ -187,7 +176,7 @@ def test_lazy_rescoring_resumes_to_the_same_plan():
 
     cands = [Candidate(f"{k}.{i}", i, k, 10 if k == "attn" else 30) for i in range(6) for k in ("attn", "mlp")]
     stop = StopRule(params_total=240, params_removed=0.5)
-    whole = run_search(Monotone([c.name for c in cands]), cands, stop, "progressive", "params", rescoring="lazy")
+    whole = run_search(monotone([c.name for c in cands]), cands, stop, "progressive", "params", rescoring="lazy")
 
     class Stop(Exception):
         pass
@@ -200,9 +189,9 @@ def test_lazy_rescoring_resumes_to_the_same_plan():
             raise Stop
 
     with pytest.raises(Stop):
-        run_search(Monotone([c.name for c in cands]), cands, stop, "progressive", "params", save=save,
+        run_search(monotone([c.name for c in cands]), cands, stop, "progressive", "params", save=save,
                    rescoring="lazy")
-    resumed = run_search(Monotone([c.name for c in cands]), cands, stop, "progressive", "params",
+    resumed = run_search(monotone([c.name for c in cands]), cands, stop, "progressive", "params",
                          state=saved["state"], rescoring="lazy")
     assert [e["name"] for e in resumed["removed"]] == [e["name"] for e in whole["removed"]]
 
@@ -244,8 +233,8 @@ def test_global_search_is_never_worse_than_greedy_on_its_objective(seed, target)
 
     cands = [Candidate(f"{k}.{i}", i, k, 10 if k == "attn" else 30) for i in range(8) for k in ("attn", "mlp")]
     stop = StopRule(params_total=400, params_removed=target)
-    greedy = run_search(Monotone([c.name for c in cands], seed), cands, stop, "one-shot", "params")
-    best = run_search(Monotone([c.name for c in cands], seed), cands, stop, "global", "params")
+    greedy = run_search(monotone([c.name for c in cands], seed), cands, stop, "one-shot", "params")
+    best = run_search(monotone([c.name for c in cands], seed), cands, stop, "global", "params")
     ri = greedy["steps"][0]["scores"]
     objective = lambda st: sum(ri[e["name"]]["ri"] for e in st["removed"])  # noqa: E731
     assert sum(e["params"] for e in best["removed"]) >= target * 400

@@ -32,6 +32,7 @@ from rtk.heal.adapters import disable_checkpointing, enable_checkpointing, make_
 from rtk.heal.checkpoint import CHECKPOINT, STATE, History, num_or_none, rng_state, set_rng_state
 from rtk.heal.loss import CHUNK_ELEMENTS, LayerOutputs, distill_loss, hidden_loss
 from rtk.heal.schedule import DataOrder, lr_factor, plan_steps
+from rtk.model.params import param_bytes, total_params
 
 if TYPE_CHECKING:  # annotations only: the loop runs without pydantic (bench/scale/gpu_heal.py on a bare GPU machine)
     from rtk.heal.config import HealConfig
@@ -47,16 +48,13 @@ def memory_estimate(student, teacher, cfg: HealConfig, seq_len: int) -> int:
     """Bytes training needs, roughly: weights of both models, gradients and AdamW state of what trains,
     and the activations of one micro-batch (per layer ~ 16 x hidden + 4 x intermediate values per token
     kept for the backward pass; the loss keeps one chunk of logits, rtk.heal.loss)."""
-    def size(m):
-        return sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values())
-
     c = student.config
     esize = next(student.parameters()).element_size()
-    n_train = sum(p.numel() for p in student.parameters()) if cfg.method == "full" else 0
+    n_train = total_params(student) if cfg.method == "full" else 0
     tokens = cfg.micro_batch * seq_len
     inter = c.intermediate_size
     per_token = len(student.model.layers) * (16 * c.hidden_size + 4 * inter) * esize
-    return size(student) + size(teacher) + n_train * (esize + 8) + tokens * per_token + 6 * CHUNK_ELEMENTS * 4
+    return param_bytes(student) + param_bytes(teacher) + n_train * (esize + 8) + tokens * per_token + 6 * CHUNK_ELEMENTS * 4
 
 
 def available_memory(device: str) -> int:

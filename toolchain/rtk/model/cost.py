@@ -100,9 +100,10 @@ def sublayer_cost(config, name: str, batch: int, context: int, phase: str = "dec
 
 
 def sublayer_cost_fn(config, cost_cfg, hw: Hardware = H200) -> Callable:
-    """Candidate -> decode-step microseconds it saves for the recipe's workload (normalize: cost)."""
+    """Candidate -> microseconds per step it saves for the recipe's workload (normalize: cost; cost.phase, decode
+    unless the recipe says prefill)."""
     def fn(cand) -> float:
-        return sublayer_cost(config, cand.name, cost_cfg.batch, cost_cfg.context, "decode", hw)
+        return sublayer_cost(config, cand.name, cost_cfg.batch, cost_cfg.context, cost_cfg.phase, hw)
 
     return fn
 

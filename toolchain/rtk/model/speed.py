@@ -125,11 +125,10 @@ class SpeedModel:
         """Candidate -> the serving cost removing it saves (normalize: cost): the profile's share of the step time,
         else the roofline's microseconds per step."""
         if self.profile is not None:
-            return lambda cand: sum(self.profile.share[p.split(".")[0]] for p in cand.parts)
-        from rtk.model.cost import sublayer_cost
+            return lambda cand: sum(self.profile.share[k] * n for k, n in counts(cand.parts).items())
+        from rtk.model.cost import sublayer_cost_fn
 
-        c = self.cost
-        return lambda cand: sublayer_cost(self.config, cand.name, c.batch, c.context, c.phase)
+        return sublayer_cost_fn(self.config, self.cost)
 
     def describe(self) -> dict:
         if self.profile is not None:

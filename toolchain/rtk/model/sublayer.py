@@ -65,8 +65,8 @@ def model_order(names: Iterable[str]) -> list[str]:
 def owner_prefixes(name: str) -> tuple[str, ...]:
     """State-dict key prefixes of a sublayer's weights ('model.layers.3.self_attn.', ...)."""
     s = Sublayer.parse(name)
-    return tuple(f"model.layers.{s.layer}.{m}." for k in Sublayer.parse(name).parts
-                 for m in OWNERS[k.split(".")[0]])
+    kinds = KINDS if s.kind == "layer" else (s.kind,)
+    return tuple(f"model.layers.{s.layer}.{m}." for k in kinds for m in OWNERS[k])
 
 
 def owner_modules(layer, kind: str) -> list:

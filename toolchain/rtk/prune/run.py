@@ -37,7 +37,7 @@ class SearchPaused(Exception):
 
 def _check_out(out: Path, recipe: Recipe) -> tuple[Path, bool]:
     """Returns (partial dir, already complete). Refuses a folder made by another recipe."""
-    return check_out(out, recipe.fingerprint(), "plan.json", STATE, "run", "a different recipe",
+    return check_out(out, recipe.fingerprint(), PLAN_FILE, STATE, "run", "a different recipe",
                      result_key="recipe_fingerprint")
 
 

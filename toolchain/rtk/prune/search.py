@@ -253,7 +253,7 @@ def cover_knapsack(weights: list[float], costs: list[float], need: float, max_st
     n = len(weights)
     take = [i for i in range(n) if costs[i] <= 0]
     left = need - sum(weights[i] for i in take)
-    rest = [i for i in range(n) if i not in set(take) and math.isfinite(costs[i])]
+    rest = [i for i in range(n) if 0 < costs[i] < math.inf]
     if left <= 0:
         return take
     if sum(weights[i] for i in rest) < left:
