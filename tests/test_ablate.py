@@ -9,8 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rtk.ablate.variants import (RUN_ORDER, VARIANTS, CachedScorer, block_influence, parse_targets, prefix_for,
-                        ranked_removal, run_all, select_variants)
+from rtk.prune.criteria import block_influence
+from rtk.ablate.variants import (RUN_ORDER, VARIANTS, CachedScorer, parse_targets, prefix_for,
+                        run_all, select_variants)
+from rtk.prune.search import ranked_removal
 from rtk.model.cost import Hardware, ideal_speedup, model_cost, sublayer_cost, sublayer_cost_fn, sublayer_kernels
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM

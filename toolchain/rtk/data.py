@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -234,28 +234,61 @@ def _hub_ids(tokenizer, spec: DataSpec, field: str) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def token_blocks(tokenizer, spec: DataSpec, field: str) -> tuple[torch.Tensor, dict]:
+Spans = Sequence[tuple[int, int]]  # token ranges [start, end) of a text's token ids
+
+
+def _starts(n_tokens: int, spec: DataSpec, avoid: Spans, hub: bool) -> list[int]:
+    """Where the blocks start: the grid of whole blocks (from a hub stream, one after another; from a file,
+    evenly spaced over the text) minus every block that overlaps a span of `avoid`."""
+    grid = [k * spec.seq_len for k in range(n_tokens // spec.seq_len)]
+    free = [s for s in grid if not any(s < b and a < s + spec.seq_len for a, b in avoid)]
+    if len(free) < spec.samples:
+        return []
+    if hub:
+        return free[: spec.samples]
+    return [free[i] for i in torch.linspace(0, len(free) - 1, spec.samples).round().long().tolist()]
+
+
+def token_blocks(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> tuple[torch.Tensor, dict]:
     """[samples, seq_len] token ids, and where they came from (`file`: this machine's path or hub id;
-    `text`: a name for the text that is the same on every machine, for model cards)."""
+    `text`: a name for the text that is the same on every machine, for model cards). `avoid`: token ranges of
+    the same text that no block may overlap (held out for another use); without it the blocks are those rtk
+    has always cut."""
+    blocks, info, _ = _cut(tokenizer, spec, field, avoid)
+    return blocks, info
+
+
+def token_spans(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> list[tuple[int, int]]:
+    """The token ranges token_blocks takes for `spec` (what another use of the same text must avoid)."""
+    return _cut(tokenizer, spec, field, avoid)[2]
+
+
+def _cut(tokenizer, spec: DataSpec, field: str, avoid: Spans) -> tuple[torch.Tensor, dict, list]:
     if spec.kind == "hub":
-        ids = _hub_ids(tokenizer, spec, field)
+        extra = sum(b - a for a, b in avoid) + spec.seq_len * len(avoid)
+        ids = _hub_ids(tokenizer, spec.model_copy(update={"samples": spec.samples + -(-extra // spec.seq_len)})
+                       if avoid else spec, field)
         where = f"{spec.source}" + (f"/{spec.subset}" if spec.subset else "")
         name = f"{spec.source[4:]}" + (f" ({spec.subset})" if spec.subset else "") + \
             f" [{spec.split}], field '{spec.field}', first records"
-        starts = [i * spec.seq_len for i in range(spec.samples)]
     else:
         text, where, name = _read_file_source(spec, field)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        n_avail = ids.numel() // spec.seq_len
-        if n_avail < spec.samples:
-            raise _too_few(field, where, ids.numel(), spec)
-        starts = (torch.linspace(0, n_avail - 1, spec.samples).round().long() * spec.seq_len).tolist()
+    starts = _starts(ids.numel(), spec, avoid, spec.kind == "hub")
+    if not starts and not avoid:
+        raise _too_few(field, where, ids.numel(), spec)
+    if not starts:
+        raise RtkError(f"{field}: {where} has {ids.numel():,} tokens, too few for {spec.samples} blocks of "
+                       f"{spec.seq_len} outside the {len(avoid)} block(s) held out for other uses; lower samples "
+                       "or seq_len")
     blocks = torch.stack([ids[s: s + spec.seq_len] for s in starts])
     info = {"source": spec.source, "file": where, "text": name, "split": spec.split, "samples": spec.samples,
             "seq_len": spec.seq_len, "tokens": int(blocks.numel()),
             "predicted_tokens": int(spec.samples * (spec.seq_len - 1))}
+    if avoid:
+        info["held_out_blocks"] = len(avoid)
     if spec.field is not None:
         info["field"] = spec.field
     if spec.subset is not None:
         info["subset"] = spec.subset
-    return blocks, info
+    return blocks, info, [(s, s + spec.seq_len) for s in starts]

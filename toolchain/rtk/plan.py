@@ -56,6 +56,8 @@ class Plan(BaseModel):
     speed: Optional[dict] = None  # predicted serving speedup: how (profile / roofline), target, prediction
     wall_seconds: Optional[float] = None
     variant: Optional[str] = None  # rtk ablate: the variant and target that made it
+    selection: Optional[dict] = None  # recipe select:: every plan proposed, the finalists healed and judged, why
+    #                                   the output won
     heal: Optional[dict] = None  # rtk heal: data, settings, loss history, PPL before / after, export
     heal_fingerprint: Optional[str] = None
 

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from rtk import __version__
-from rtk.ablate.variants import CachedScorer, Variant, ablation_fingerprint, block_influence, clean_dir, plans, run_all, _key
+from rtk.ablate.variants import CachedScorer, Variant, ablation_fingerprint, clean_dir, plans, run_all, _key
+from rtk.prune.criteria import block_influence
 from rtk.model.cost import H200, ideal_speedup, sublayer_cost_fn
 from rtk.data import token_blocks
 from rtk.errors import RtkError

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from rtk.errors import RtkError
 from rtk.outdir import fingerprint
 from rtk.prune.config import Recipe
-from rtk.prune.search import Candidate, StopRule, check_reachable, run_search
+from rtk.prune.search import Candidate, StopRule, ranked_removal, run_search
 
 
 @dataclass(frozen=True)
@@ -129,44 +127,6 @@ def prefix_for(removed: list[dict], target: float, params_total: int) -> list[di
         if stop.reached(acc, k + 1):
             return removed[: k + 1]
     raise RtkError(f"the removal order reaches only {acc / params_total:.1%} of parameters, short of {target:.0%}")
-
-
-@torch.no_grad()
-def block_influence(model, blocks: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
-    """BI(layer i) = 1 - mean over calibration tokens of cos(h_in_i, h_out_i) (ShortGPT), dense model."""
-    m = model.model
-    dev = next(model.parameters()).device
-    pos = torch.arange(blocks.shape[1], device=dev)[None]
-    cos, sin = m.rotary(pos, next(model.parameters()).dtype)
-    sums, n = [0.0] * len(m.layers), 0
-    for chunk in blocks.split(batch_size):
-        h = m.embed_tokens(chunk.to(dev))
-        for i in range(len(m.layers)):
-            out = m.run_layers(h, cos, sin, None, i, i + 1)
-            sums[i] += torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1).sum().item()
-            h = out
-        n += chunk.numel()
-    return {f"layer.{i}": 1.0 - s / n for i, s in enumerate(sums)}
-
-
-def ranked_removal(ranking: dict[str, float], cands: list[Candidate], stop: StopRule, scorer,
-                   ppl_base: float) -> dict:
-    """One-shot removal in ascending `ranking` order until `stop`; PPL measured after each removal."""
-    check_reachable(cands, stop)
-    order = sorted(cands, key=lambda c: (ranking[c.name], cands.index(c)))
-    state = {"method": "one-shot", "ppl_base": ppl_base, "ppl_current": ppl_base, "removed": [],
-             "ranking": {c.name: ranking[c.name] for c in cands}, "done": False}
-    gone: frozenset[str] = frozenset()
-    for c in order:
-        if stop.reached(sum(e["params"] for e in state["removed"]), len(state["removed"])):
-            break
-        gone = gone | frozenset(c.parts)
-        ppl = scorer.ppl(gone)
-        state["removed"].append({"name": c.name, "layer": c.layer, "kind": c.kind, "params": c.params,
-                                 "ri": None, "nri": None, "score": ranking[c.name], "ppl_after": ppl})
-        state["ppl_current"] = ppl
-    state["done"] = True
-    return state
 
 
 def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:

@@ -33,19 +33,23 @@ HEAL_DIR = "heal"  # checkpoints inside OUT.partial/
 __all__ = ["HealPaused", "heal_blocks", "heal_model", "run_heal", "check_heal_text", "check_same_tokenizer"]
 
 
-def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data") -> tuple[torch.Tensor, dict]:
+def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data",
+                avoid=()) -> tuple[torch.Tensor, dict]:
     """The pool of training blocks: `spec.samples` of them, or (samples: null) as many as the budget needs,
-    or every block the text holds when it holds fewer (the loop then reads them again, reshuffled)."""
+    or every block the text holds when it holds fewer (the loop then reads them again, reshuffled). `avoid`:
+    token ranges of the same text held out (rtk.data.token_blocks)."""
     n = spec.samples
     if n is None:
         n = math.ceil(tokens / spec.seq_len)
         if spec.kind != "hub":
             text, _ = read_text(spec, field)
             have = len(tokenizer(text, add_special_tokens=False)["input_ids"]) // spec.seq_len
+            have -= sum(-(-(b - a) // spec.seq_len) + 1 for a, b in avoid)  # blocks an avoided range can overlap
             if have < 1:
-                raise RtkError(f"{field}: {spec.source} holds fewer than {spec.seq_len} tokens; lower seq_len")
+                raise RtkError(f"{field}: {spec.source} holds fewer than {spec.seq_len} tokens"
+                               + (" outside the held-out blocks" if avoid else "") + "; lower seq_len")
             n = min(n, have)
-    blocks, info = token_blocks(tokenizer, DataSpec(**{**spec.model_dump(), "samples": n}), field)
+    blocks, info = token_blocks(tokenizer, DataSpec(**{**spec.model_dump(), "samples": n}), field, avoid)
     return blocks, info
 
 

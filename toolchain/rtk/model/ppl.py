@@ -1,5 +1,6 @@
 """Perplexity, computed one way everywhere: the summed next-token NLL of each block (every token after the
-first is predicted), exp(mean) over all predicted tokens, and +inf where exp would overflow."""
+first is predicted), exp(mean) over all predicted tokens, and +inf where exp would overflow. The scoring
+engines' KL criterion is the same with KL(original model || model) per predicted token in place of the NLL."""
 from __future__ import annotations
 
 import math
@@ -22,6 +23,11 @@ def logits_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum").item()
 
 
+def logits_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> float:
+    """Summed KL(teacher || student) (float32) of logits [..., vocab] against the teacher's log-softmax [..., vocab]."""
+    return (teacher_logp.exp() * (teacher_logp - F.log_softmax(logits.float(), dim=-1))).sum().item()
+
+
 def logprobs_ppl(per_sequence: Iterable[Sequence[float]]) -> dict:
     """PPL from the log-probabilities of every predicted token (served and ONNX backends)."""
     nll, n = 0.0, 0
@@ -31,18 +37,30 @@ def logprobs_ppl(per_sequence: Iterable[Sequence[float]]) -> dict:
     return {"ppl": ppl_of(nll, n), "nll_per_token": nll / n, "predicted_tokens": n}
 
 
-@torch.no_grad()
-def model_ppl(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """PPL of an rtk model (all its sublayers run) on [N, T] token blocks; the same operations, in the same
-    order, as the scoring engines' PPL of the model with nothing skipped."""
+def _full_logits(model, blocks: torch.Tensor, batch_size: int):
+    """(ids, logits of the predicted positions) per batch of [N, T] token blocks, all sublayers run."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     pos = torch.arange(blocks.shape[1], device=device)[None]
     cos, sin = model.model.rotary(pos, dtype)
-    total = 0.0
     for ids in blocks.split(batch_size):
         ids = ids.to(device)
         h = model.model.run_layers(model.model.embed_tokens(ids), cos, sin, None, 0, len(model.model.layers),
                                    frozenset())
-        total += logits_nll(model.lm_head(model.model.norm(h[:, :-1])), ids[:, 1:])
+        yield ids, model.lm_head(model.model.norm(h[:, :-1]))
+
+
+@torch.no_grad()
+def model_ppl(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """PPL of an rtk model (all its sublayers run) on [N, T] token blocks; the same operations, in the same
+    order, as the scoring engines' PPL of the model with nothing skipped."""
+    total = sum(logits_nll(logits, ids[:, 1:]) for ids, logits in _full_logits(model, blocks, batch_size))
     return ppl_of(total, int(blocks.shape[0] * (blocks.shape[1] - 1)))
+
+
+@torch.no_grad()
+def teacher_logprobs(model, blocks: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """The rtk model's log-softmax (float32, on the CPU) at every predicted position of [N, T] token blocks,
+    [N, T-1, vocab]: the reference distributions of the scoring engines' KL criterion."""
+    out = [F.log_softmax(logits.float(), dim=-1).cpu() for _, logits in _full_logits(model, blocks, batch_size)]
+    return torch.cat(out)

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rtk.data import DataConfig
+from rtk.data import DataConfig, DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.heal.config import HEAL_TEXT_RULE, HealConfig, evaluation_clash
 from rtk.outdir import fingerprint
@@ -186,6 +186,46 @@ class ScoringConfig(Strict):
         return self
 
 
+FAMILIES = ("sublayers", "blocks", "spans")
+CRITERIA = ("ppl", "kl", "bi")
+
+
+class SelectConfig(Strict):
+    """Selection judged after healing (rtk.prune.select): one plan per candidate family x criterion, each reaching
+    search.target; the `finalists` most promising are healed briefly (`heal`) and judged by their PPL on held-out
+    calibration text (`judge`: blocks that neither the search's calibration nor this healing touched, never the
+    evaluation text); the best after healing is the output. Families: sublayers (attention / MLP branches),
+    blocks (whole layers), spans (one run of consecutive layers, Minitron's depth pruning). Criteria: ppl
+    (calibration PPL, the paper's RI), kl (KL divergence from the original model's next-token distribution), bi
+    (block influence, 1 - cos of the residual stream around the piece, ShortGPT; one pass, no removal)."""
+
+    families: list[Literal["sublayers", "blocks", "spans"]] = Field(default_factory=lambda: list(FAMILIES))
+    criteria: list[Literal["ppl", "kl", "bi"]] = Field(default_factory=lambda: ["ppl", "bi"])
+    finalists: int = Field(4, description="plans healed and judged: one per family first (its best before "
+                           "healing), then the next best overall")
+    heal: HealConfig = Field(default_factory=lambda: HealConfig(tokens=8192),
+                             description="the brief healing of every finalist (rtk heal's loop)")
+    judge: DataSpec = Field(default_factory=lambda: DataSpec(source="wikitext2", split="valid", samples=16,
+                                                             seq_len=256),
+                            description="held-out text the finalists are judged on after healing")
+
+    @field_validator("finalists")
+    @classmethod
+    def _some(cls, v):
+        if v < 1:
+            raise ValueError(f"{v} finalists leave no plan to choose; give 1 or more")
+        return v
+
+    @field_validator("families", "criteria")
+    @classmethod
+    def _listed(cls, v):
+        if not v:
+            raise ValueError("name at least one")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: a name appears twice")
+        return v
+
+
 DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
 
 
@@ -200,6 +240,8 @@ class Recipe(Strict):
     cost: CostConfig = CostConfig()
     heal: Optional[HealConfig] = Field(None, description="distill the pruned model from the original after the "
                                        "search (rtk prune)")
+    select: Optional[SelectConfig] = Field(None, description="propose plans from several families and criteria, "
+                                           "heal the finalists briefly and keep the best (rtk.prune.select)")
 
     @field_validator("device")
     @classmethod
@@ -215,6 +257,27 @@ class Recipe(Strict):
             raise ValueError(f"heal.data and data.evaluation use the same text ({clash}); {HEAL_TEXT_RULE}")
         return self
 
+    @model_validator(mode="after")
+    def _select(self):
+        sel, ev = self.select, self.data.evaluation
+        if sel is None:
+            return self
+        if same_text(sel.judge, ev):
+            raise ValueError(f"select.judge and data.evaluation use the same text ({text_name(ev)}); finalists are "
+                             "judged on held-out calibration text, never the evaluation text")
+        clash = evaluation_clash(sel.heal.data, ev)
+        if clash:
+            raise ValueError(f"select.heal.data and data.evaluation use the same text ({clash}); {HEAL_TEXT_RULE}")
+        t = self.search.target
+        if t.params_removed is None and t.speedup is None:
+            raise ValueError(f"select: needs search.target params_removed or speedup (a budget every family is held "
+                             f"to), got {t.describe()}")
+        if self.scoring.offload == "disk":
+            raise ValueError("select: heals its finalists in memory; scoring.offload: disk never holds the model")
+        if "kl" in sel.criteria and self.scoring.workers > 1:
+            raise ValueError("select.criteria: kl is not supported with scoring.workers > 1 (Ray); use one worker")
+        return self
+
     def fingerprint(self) -> str:
         """What must match for a resume: everything that changes the plan (not the scoring engine, not where
         it runs, not the healing after it; the dtype once resolved, since float16 and float32 scores differ)."""
@@ -227,6 +290,8 @@ class Recipe(Strict):
         d["data"].pop("evaluation", None)
         for k in ("scoring", "device", "heal"):
             d.pop(k, None)
+        if d.get("select") is None:  # added later: a recipe without it keeps its fingerprint
+            d.pop("select", None)
         # keys added later, at their defaults, are left out: a recipe from before keeps its fingerprint
         if d["search"]["target"].get("speedup") is None:
             d["search"]["target"].pop("speedup", None)

@@ -56,9 +56,12 @@ def _measure_line(info: dict, recipe: Recipe, name: str) -> str:
 
 def _check_lengths(model, recipe: Recipe) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
-    for field, spec in (("calibration", recipe.data.calibration), ("evaluation", recipe.data.evaluation)):
+    specs = [("data.calibration", recipe.data.calibration), ("data.evaluation", recipe.data.evaluation)]
+    if recipe.select is not None:
+        specs.append(("select.judge", recipe.select.judge))
+    for field, spec in specs:
         if limit and spec.seq_len > limit:
-            raise RtkError(f"data.{field}.seq_len: {spec.seq_len} is longer than the model's "
+            raise RtkError(f"{field}.seq_len: {spec.seq_len} is longer than the model's "
                            f"max_position_embeddings ({limit})")
 
 
@@ -117,6 +120,9 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         partial.mkdir(parents=True, exist_ok=True)
         state_path = partial / STATE
         saved = json.loads(state_path.read_text()) if state_path.is_file() else None
+        if recipe.select is not None:  # its state lives in select/; this file marks the folder as this recipe's
+            write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": None, "select": "select/"})
+            saved = None
         if saved:
             echo(f"rtk: resuming {partial} at step {len(saved['state']['steps'])} "
                  f"({len(saved['state']['removed'])} removed)")
@@ -129,9 +135,14 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
                 raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
                                    f"state in {partial}; rerun the same command to continue")
 
-        state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
-                           state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"),
-                           rescoring=recipe.search.rescoring)
+        selection = None
+        if recipe.select is not None:
+            state, selection = _select(recipe, loaded, calib, scorer, speed, stop, cost_fn, partial, pool, progress,
+                                       echo)
+        else:
+            state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
+                               state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"),
+                               rescoring=recipe.search.rescoring)
         removed_names = [e["name"] for e in state["removed"]]
         removed_set = frozenset(expand(removed_names))
 
@@ -166,6 +177,8 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
                       "predicted_speedup": speed.speedup(removed_set)},
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         }
+        if selection is not None:
+            plan["selection"] = selection
         model_dir = partial / "model"
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -207,6 +220,28 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         loaded.close()
     partial.rename(out)
     return plan
+
+
+def _select(recipe: Recipe, loaded, calib, scorer, speed, stop, cost_fn, partial: Path, pool, progress: bool,
+            echo) -> tuple[dict, dict]:
+    """recipe select:: the winner's search state (calibration PPLs in ppl_base / ppl_current) and the record."""
+    from rtk.prune.select import judge_blocks, select_plan
+
+    model, sel = loaded.model, recipe.select
+    scorers = {"ppl": scorer}
+    if "kl" in sel.criteria:
+        from rtk.model.ppl import teacher_logprobs
+
+        scorers["kl"] = scorer_for(recipe, loaded, calib, progress, pool, "calibration-kl",
+                                   teacher_logprobs=teacher_logprobs(model, calib, recipe.scoring.batch_size))
+    jb, jinfo, jspans = judge_blocks(loaded.tokenizer, recipe)
+    jscorer = scorer_for(recipe, loaded, jb, False, pool, "judge", ppl_only=True)
+    fams = {f: candidates(model, f, recipe.search.protect, cost_fn) for f in ("sublayers", "blocks")}
+    state, record = select_plan(recipe, model, loaded.tokenizer, calib, scorers, fams, stop, speed,
+                                (jb, jinfo, jspans, jscorer), partial, progress, echo,
+                                f"{recipe.fingerprint()}-{sel.heal.fingerprint()}")
+    gone = frozenset(expand(e["name"] for e in state["removed"]))
+    return {**state, "ppl_base": scorer.ppl(frozenset()), "ppl_current": scorer.ppl(gone)}, record
 
 
 def _owner(model, name: str):

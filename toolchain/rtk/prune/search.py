@@ -233,6 +233,27 @@ def _lazy_step(scorer, remaining, removed, state, normalize, by_name, key) -> di
     return fresh
 
 
+def ranked_removal(ranking: dict[str, float], cands: list[Candidate], stop: StopRule, scorer,
+                   ppl_base: float) -> dict:
+    """One-shot removal in ascending `ranking` order (e.g. block influence) until `stop`; PPL measured after each
+    removal."""
+    check_reachable(cands, stop)
+    order = sorted(cands, key=lambda c: (ranking[c.name], cands.index(c)))
+    state = {"method": "one-shot", "ppl_base": ppl_base, "ppl_current": ppl_base, "removed": [],
+             "ranking": {c.name: ranking[c.name] for c in cands}, "done": False}
+    gone: frozenset[str] = frozenset()
+    for c in order:
+        if stop.reached(sum(e["params"] for e in state["removed"]), len(state["removed"]), gone):
+            break
+        gone = gone | frozenset(c.parts)
+        ppl = scorer.ppl(gone)
+        state["removed"].append({"name": c.name, "layer": c.layer, "kind": c.kind, "params": c.params,
+                                 "ri": None, "nri": None, "score": ranking[c.name], "ppl_after": ppl})
+        state["ppl_current"] = ppl
+    state["done"] = True
+    return state
+
+
 def global_choice(cands: list[Candidate], scores: dict, stop: StopRule) -> list[str]:
     """method: global: the set of candidates whose step-0 RIs sum lowest among all sets that reach a
     params_removed target (an exact covering knapsack; one-shot ranks by RI / params and takes a prefix, which

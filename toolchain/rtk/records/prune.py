@@ -69,7 +69,8 @@ def target_text(target: dict) -> str:
 
 def write_report(plan: dict, out: Path) -> None:
     out = Path(out)
-    heat = _heatmap(plan, out)
+    step0 = (plan.get("steps") or [{}])[0].get("scores", {})
+    heat = _heatmap(plan, out) if step0 and all("ri" in v for v in step0.values()) else None
     curve = _ppl_curve(plan, out)
     ev, cal = plan["eval"], plan["calibration"]
     n_attn = sum(e["kind"] in ("attn", "layer") for e in plan["removed"])
@@ -84,6 +85,7 @@ def write_report(plan: dict, out: Path) -> None:
         f"target {target_text(plan['recipe']['search']['target'])}, "
         f"protect {', '.join(plan['recipe']['search']['protect']) or 'nothing'}",
         *([_speed_line(plan["speed"])] if plan.get("speed") else []),
+        *(selection_lines(plan["selection"]) if plan.get("selection") else []),
         "",
         "| perplexity | base | pruned | change | measured on |",
         "|---|---:|---:|---:|---|",
@@ -98,15 +100,16 @@ def write_report(plan: dict, out: Path) -> None:
         "|---:|---|---:|---:|---:|---:|",
     ]
     for k, e in enumerate(plan["removed"], 1):
-        lines.append(f"| {k} | {e['name']} | {e['params']:,} | {e['ri']:+.4f} | {e['nri']:+.3e} | {e['ppl_after']:.3f} |")
+        ri = "-" if e.get("ri") is None else f"{e['ri']:+.4f}"
+        nri = "-" if e.get("nri") is None else f"{e['nri']:+.3e}"
+        lines.append(f"| {k} | {e['name']} | {e['params']:,} | {ri} | {nri} | {e['ppl_after']:.3f} |")
     sc = plan["scoring"]
     lines += [
         "",
         f"Scoring: {sc['candidate_evaluations']} PPL evaluations in {sc['seconds']} s "
         f"({_engine_line(sc)}); whole run {plan['wall_seconds']} s.",
         "",
-        f"![RI heatmap]({heat})",
-        "",
+        *([f"![RI heatmap]({heat})", ""] if heat else []),
         f"![PPL along the search]({curve})",
         "",
     ]
@@ -115,6 +118,26 @@ def write_report(plan: dict, out: Path) -> None:
 
         lines += report_lines(plan, out)
     (out / "report.md").write_text("\n".join(lines))
+
+
+def selection_lines(sel: dict) -> list[str]:
+    """recipe select:: every plan proposed, the finalists' judge PPLs before and after the brief healing."""
+    j, h = sel["judge"], sel["heal"]
+    lines = ["", "## Selection: plans judged after healing", "",
+             f"Winner: **{sel['winner']}**. Rule: {sel['rule']}. Judge: {j['text']}, {j['samples']} blocks x "
+             f"{j['seq_len']} tokens, held out from {', '.join(j.get('held_out_from') or []) or 'nothing else'} "
+             f"(never the evaluation text). Brief healing: {h['method']}, {h['tokens']:,} tokens of "
+             f"{sel['heal_data']['text']}, seed {h['seed']}.", "",
+             "| plan | family | criterion | params removed | predicted speedup | calibration PPL | judge PPL | "
+             "finalist | judge PPL healed |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for p in sel["proposals"]:
+        fin = p.get("finalist")
+        healed = f"{p['judge_ppl_after']:.3f}" if fin else ("same plan as " + p["same_as"] if p.get("same_as") else "-")
+        name = f"**{p['name']}**" if p["name"] == sel["winner"] else p["name"]
+        lines.append(f"| {name} | {p['family']} | {p['criterion']} | {p['params_removed_fraction']:.1%} | "
+                     f"{p['predicted_speedup']:.3f}x | {p['calibration_ppl']:.3f} | {p['judge_ppl_before']:.3f} | "
+                     f"{fin or '-'} | {healed} |")
+    return lines
 
 
 def _speed_line(sp: dict) -> str:

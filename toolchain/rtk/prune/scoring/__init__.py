@@ -1,4 +1,5 @@
-"""Scoring: PPL of the model with any set of sublayers skipped, for every candidate of a search step.
+"""Scoring: PPL of the model with any set of sublayers skipped, for every candidate of a search step (or, given
+the unpruned model's `teacher_logprobs`, exp(mean KL) from its next-token distributions).
 
 - `candidates`: what a search may remove, and parameter counts;
 - `per_candidate`: one candidate after another over the model in memory (activation reuse);
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from rtk.errors import RtkError
 from rtk.prune.scoring.candidates import candidates, existing_names
 from rtk.prune.scoring.per_candidate import ModelScorer
 
@@ -64,30 +66,33 @@ def load_for_scoring(recipe, device: Optional[str] = None) -> Loaded:
 
 
 def scorer_for(recipe, loaded: Loaded, blocks, progress: bool = True, pool=None, name: str = "calibration",
-               ppl_only: bool = False):
+               ppl_only: bool = False, teacher_logprobs=None):
     """The engine the recipe's `scoring:` asks for, over `blocks` (a RayScorer when `pool` is given).
     `ppl_only`: only `ppl()` will be asked (evaluation), so one activation stream must fit, not three."""
     s = recipe.scoring
     if pool is not None:
+        if teacher_logprobs is not None:
+            raise RtkError("search criterion kl: not supported with scoring.workers > 1 (Ray); use one worker")
         from rtk.prune.scoring.workers import RayScorer
 
         return RayScorer(pool, name, blocks, progress, ppl_only)
     if s.engine == "per-candidate":
-        return ModelScorer(loaded.model, blocks, s.batch_size, s.reuse_activations, progress)
+        return ModelScorer(loaded.model, blocks, s.batch_size, s.reuse_activations, progress, teacher_logprobs)
     from rtk.prune.scoring.layer_major import LayerMajorScorer
 
-    return LayerMajorScorer(loaded.source, blocks, s.batch_size, s.memory_bytes, s.streams, progress, ppl_only)
+    return LayerMajorScorer(loaded.source, blocks, s.batch_size, s.memory_bytes, s.streams, progress, ppl_only,
+                            teacher_logprobs)
 
 
-def make_scorer(model, blocks, scoring, progress: bool = True):
+def make_scorer(model, blocks, scoring, progress: bool = True, teacher_logprobs=None):
     """A scorer over a model already in memory (rtk ablate and tests)."""
     if scoring.engine == "per-candidate":
-        return ModelScorer(model, blocks, scoring.batch_size, scoring.reuse_activations, progress)
+        return ModelScorer(model, blocks, scoring.batch_size, scoring.reuse_activations, progress, teacher_logprobs)
     from rtk.prune.scoring.layer_major import LayerMajorScorer
     from rtk.model.layers import InMemory
 
     return LayerMajorScorer(InMemory(model), blocks, scoring.batch_size, scoring.memory_bytes, scoring.streams,
-                            progress)
+                            progress, teacher_logprobs=teacher_logprobs)
 
 
 __all__ = ["Loaded", "ModelScorer", "candidates", "existing_names", "load_for_scoring", "make_scorer", "scorer_for"]

@@ -14,6 +14,7 @@ step's streams do not fit, candidates go in groups (in layer order), each group 
 layer; the base stream's state at the next group's first layer is kept, so it is never recomputed. With
 `streams: cpu` every stream waits in (pinned) host memory and each row chunk visits the device for its
 layer: one pass per step however many candidates there are, which is what offloaded weights want.
+With `teacher_logprobs` (the unpruned model's, `rtk.model.ppl.teacher_logprobs`) the "PPL" is exp(mean KL).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from rtk.model.ppl import logits_nll, ppl_of
+from rtk.model.ppl import logits_kl, logits_nll, ppl_of
 
 from rtk.errors import RtkError
 from rtk.prune.search import Candidate
@@ -40,7 +41,7 @@ def _size(n: float) -> str:
 class LayerMajorScorer:
     def __init__(self, source: LayerSource, blocks: torch.Tensor, batch_size: int = 4,
                  memory_bytes: int = 8 * 10 ** 9, streams: str = "device", progress: bool = True,
-                 ppl_only: bool = False):
+                 ppl_only: bool = False, teacher_logprobs: Optional[torch.Tensor] = None):
         self.source = source
         self.blocks = blocks.cpu()
         self.n, self.t = blocks.shape
@@ -62,6 +63,8 @@ class LayerMajorScorer:
                 f"{str(self.dtype).removeprefix('torch.')}); the layer-major engine needs room for {need}: raise "
                 "scoring.memory, lower the calibration samples or seq_len, or set scoring.streams: cpu")
         self.targets = self.blocks[:, 1:].to(self.device)
+        self.teacher = teacher_logprobs  # [N, T-1, vocab] on the CPU; each row chunk goes to the device in turn
+        self.criterion = "ppl" if teacher_logprobs is None else "kl"
         self.cos, self.sin = source.rotary(torch.arange(self.t)[None])
         self.evaluations = 0  # candidate evaluations (incl. plain PPLs)
         self.layer_passes = 0  # stream-layer passes (one stream through one layer)
@@ -96,7 +99,11 @@ class LayerMajorScorer:
         for a in range(0, self.n, self.rows):
             e = min(self.n, a + self.rows)
             h = x[base + a: base + e].to(self.device)
-            total += logits_nll(self.source.head(h[:, :-1]), self.targets[a:e])
+            logits = self.source.head(h[:, :-1])
+            if self.teacher is None:
+                total += logits_nll(logits, self.targets[a:e])
+            else:
+                total += logits_kl(logits, self.teacher[a:e].to(self.device))
         self.evaluations += 1
         return total
 

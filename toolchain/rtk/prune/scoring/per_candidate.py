@@ -3,6 +3,7 @@
 Removing a sublayer of layer i leaves layers 0..i-1 unchanged, so while scoring one step the
 hidden state entering layer i is computed once and every candidate of layer i starts from it
 (`reuse_activations`), instead of re-running the prefix for every candidate.
+With `teacher_logprobs` (the unpruned model's, `rtk.model.ppl.teacher_logprobs`) the "PPL" is exp(mean KL).
 """
 from __future__ import annotations
 
@@ -12,20 +13,23 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from rtk.model.ppl import logits_nll, ppl_of
+from rtk.model.ppl import logits_kl, logits_nll, ppl_of
 
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM
 from rtk.prune.search import Candidate
 
 
 class ModelScorer:
-    """PPL on fixed token blocks, with any set of sublayers skipped."""
+    """PPL (or exp(mean KL) from `teacher_logprobs`) on fixed token blocks, with any set of sublayers skipped."""
 
     def __init__(self, model: RtkDeciLMForCausalLM, blocks: torch.Tensor, batch_size: int = 4,
-                 reuse_activations: bool = True, progress: bool = True):
+                 reuse_activations: bool = True, progress: bool = True,
+                 teacher_logprobs: Optional[torch.Tensor] = None):
         self.model = model
         self.device = next(model.parameters()).device
         self.chunks = [c.to(self.device) for c in blocks.split(batch_size)]
+        self.teacher = teacher_logprobs  # [N, T-1, vocab] on the CPU; each chunk's rows go to the device in turn
+        self.criterion = "ppl" if teacher_logprobs is None else "kl"
         self.reuse = reuse_activations
         self.progress = progress
         self.evaluations = 0  # candidate evaluations (incl. plain PPLs)
@@ -48,9 +52,14 @@ class ModelScorer:
 
     @torch.no_grad()
     def _nll(self, hs) -> float:
-        total = 0.0
+        total, a = 0.0, 0
         for h, ids in zip(hs, self.chunks):
-            total += logits_nll(self.model.lm_head(self.model.model.norm(h[:, :-1])), ids[:, 1:])
+            logits = self.model.lm_head(self.model.model.norm(h[:, :-1]))
+            if self.teacher is None:
+                total += logits_nll(logits, ids[:, 1:])
+            else:
+                total += logits_kl(logits, self.teacher[a: a + len(ids)].to(self.device))
+            a += len(ids)
         return total
 
     def _ppl_from(self, hs, start, skip) -> float:
