@@ -12,6 +12,7 @@ from rtk.cli.bench import bench
 from rtk.cli.deploy import deploy
 from rtk.cli.export import export
 from rtk.cli.heal import heal
+from rtk.cli.profile import profile
 from rtk.cli.prune import prune
 from rtk.errors import RtkError
 
@@ -23,7 +24,7 @@ def main():
     and ship the smaller model to vLLM and ONNX Runtime."""
 
 
-for _command in (prune, heal, export, deploy, bench, ablate):
+for _command in (prune, heal, export, deploy, bench, ablate, profile):
     main.add_command(_command)
 
 
