@@ -8,7 +8,10 @@ Two predictors of each plan's output-tokens/s speedup on each workload:
   (3 plans: attention-only, whole layers, and the method's mix at 10%), then applied to all 23; and, for
   reference, each plan predicted from a profile fitted to the other 22 (leave one out).
 
-Usage: python bench/speed_profile.py [--out bench/results/speed_profile]
+A third predictor, when given: a profile `rtk profile` measured itself (`--rtk-profile short=OUT/profile.json`):
+its own pruned copies, timed by its own rounds, applied to the 23 plans.
+
+Usage: python bench/speed_profile.py [--out bench/results/speed_profile] [--rtk-profile WORKLOAD=FILE ...]
 Writes OUT/speed_profile.json (every prediction and error), OUT/<workload>.profile.json (the fitted profiles,
 usable as a recipe's cost.profile) and prints the table RESULTS.md quotes.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from rtk.model.arch import rtk_config_from_hf
 from rtk.model.load import load_hf_config, resolve
-from rtk.model.speed import fit_profile
+from rtk.model.speed import fit_profile, load_profile
 from rtk.outdir import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,13 +32,22 @@ PROFILING_PLANS = ("none-oneshot-10", "blocks-bi-10", "params-progressive-10")
 METRIC = "throughput"  # output tokens/s, median over rounds of candidate / dense
 
 
+def config_of(ablation: str):
+    return rtk_config_from_hf(load_hf_config(resolve(json.loads(Path(ablation).read_text())["model"])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ablation", default=str(REPO / "bench" / "ablation" / "ablation.json"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "speed_profile"))
+    ap.add_argument("--rtk-profile", action="append", default=[], help="WORKLOAD=profile.json from rtk profile")
     a = ap.parse_args()
+    measured_by_rtk = {}
+    for item in a.rtk_profile:
+        w, _, f = item.partition("=")
+        measured_by_rtk[w] = load_profile(Path(f), config_of(a.ablation), field_name="--rtk-profile")
     abl = json.loads(Path(a.ablation).read_text())
-    config = rtk_config_from_hf(load_hf_config(resolve(abl["model"])))
+    config = config_of(a.ablation)
     workloads = {w["name"]: w for w in abl["bench_config"]["workloads"]}
     rows = [r for r in abl["rows"] if r.get("bench") and r["removed"]]
     name = lambda r: f"{r['variant']}-{round(r['target'] * 100)}"  # noqa: E731
@@ -56,11 +68,15 @@ def main() -> None:
             loo = fit_profile([(x["removed"], measured[name(x)]) for x in rows if name(x) != n], **kw)
             per.append({"plan": n, "measured": measured[n], "profile": prof.speedup(r["removed"]),
                         "profile_leave_one_out": loo.speedup(r["removed"]),
+                        **({"rtk_profile": measured_by_rtk[wname].speedup(r["removed"])} if wname in measured_by_rtk
+                           else {}),
                         "roofline_b1": r["decode_speedup_ideal_b1"], "roofline_b16": r["decode_speedup_ideal"],
                         "spread": [r["bench"]["served"]["speedup"][wname][METRIC]["min"],
                                    r["bench"]["served"]["speedup"][wname][METRIC]["max"]]})
         summary = {}
-        for k in ("profile", "profile_leave_one_out", "roofline_b1", "roofline_b16"):
+        for k in ("profile", "profile_leave_one_out", "rtk_profile", "roofline_b1", "roofline_b16"):
+            if k not in per[0]:
+                continue
             errs = [abs(p[k] / p["measured"] - 1) for p in per]
             worst = max(per, key=lambda p: abs(p[k] / p["measured"] - 1))
             summary[k] = {"median_abs_error": statistics.median(errs), "worst_abs_error": max(errs),

@@ -145,6 +145,7 @@ def test_select_heals_finalists_on_held_out_text_and_keeps_the_best(tmp_path, ti
             assert layers == list(range(layers[0], layers[-1] + 1)) and len(p["removed_sublayers"]) == 2 * len(layers)
     report = (out / "report.md").read_text()
     assert "## Selection: plans judged after healing" in report and f"Winner: **{win['name']}**" in report
+    assert "![judge PPL of every plan](selection.png)" in report and (out / "selection.png").is_file()
 
     # finalists never see the evaluation text: the judge blocks and the healing blocks are cut from the
     # calibration split (valid), the judge's avoid the calibration blocks, the healing's avoid the judge's

@@ -85,7 +85,7 @@ def write_report(plan: dict, out: Path) -> None:
         f"target {target_text(plan['recipe']['search']['target'])}, "
         f"protect {', '.join(plan['recipe']['search']['protect']) or 'nothing'}",
         *([_speed_line(plan["speed"])] if plan.get("speed") else []),
-        *(selection_lines(plan["selection"]) if plan.get("selection") else []),
+        *(selection_lines(plan["selection"], out) if plan.get("selection") else []),
         "",
         "| perplexity | base | pruned | change | measured on |",
         "|---|---:|---:|---:|---|",
@@ -120,7 +120,26 @@ def write_report(plan: dict, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
-def selection_lines(sel: dict) -> list[str]:
+def _selection_plot(sel: dict, out: Path) -> str:
+    """Judge PPL of every proposal before healing, and of the finalists after the brief healing."""
+    props = sel["proposals"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(props) + 2), 3.6))
+    xs = np.arange(len(props))
+    ax.bar(xs - 0.2, [p["judge_ppl_before"] for p in props], 0.4, label="before healing")
+    ax.bar(xs + 0.2, [p.get("judge_ppl_after", np.nan) for p in props], 0.4, label="after the brief healing")
+    ax.set_xticks(xs, [("* " if p["name"] == sel["winner"] else "") + p["name"] for p in props], rotation=30,
+                  ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("judge PPL (held-out)")
+    ax.set_title("plans proposed (* = kept)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection.png", dpi=110)
+    plt.close(fig)
+    return "selection.png"
+
+
+def selection_lines(sel: dict, out: Path) -> list[str]:
     """recipe select:: every plan proposed, the finalists' judge PPLs before and after the brief healing."""
     j, h = sel["judge"], sel["heal"]
     lines = ["", "## Selection: plans judged after healing", "",
@@ -137,7 +156,7 @@ def selection_lines(sel: dict) -> list[str]:
         lines.append(f"| {name} | {p['family']} | {p['criterion']} | {p['params_removed_fraction']:.1%} | "
                      f"{p['predicted_speedup']:.3f}x | {p['calibration_ppl']:.3f} | {p['judge_ppl_before']:.3f} | "
                      f"{fin or '-'} | {healed} |")
-    return lines
+    return lines + ["", f"![judge PPL of every plan]({_selection_plot(sel, out)})"]
 
 
 def _speed_line(sp: dict) -> str:
