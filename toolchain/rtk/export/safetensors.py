@@ -118,7 +118,7 @@ def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, para
         "params_before": params_before,
         "weight_bytes": weight_bytes(folder),
         "vllm": vllm_line(layout, architecture),
-        "vllm_plugin": LAYOUTS[layout].plugin,  # the server needs `pip install rtk` next to vLLM
+        "vllm_plugin": LAYOUTS[layout].plugin,  # the server needs rtk installed next to vLLM
         "vllm_flags": list(LAYOUTS[layout_of(read_config(folder))].vllm_flags),  # as rtk deploy reads the folder
         "verification": check.lines(),
         "verification_inputs": check.shape,
