@@ -28,6 +28,7 @@ class BenchConfig:
     num_prompts: int = 8
     input_len: int = 128
     output_len: int = 32
+    chat: bool = False                   # served speed as chat requests (/v1/chat/completions, the chat template)
     dtype: str = "float32"
     keep_servers: Optional[bool] = None  # None: decide from free memory
     quality: bool = True

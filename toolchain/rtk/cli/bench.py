@@ -49,6 +49,8 @@ def _ints(field: str, value: str) -> list[int]:
 @click.option("--num-prompts", type=click.IntRange(min=1), default=default("num_prompts"), show_default=True)
 @click.option("--input-len", type=click.IntRange(min=1), default=default("input_len"), show_default=True)
 @click.option("--output-len", type=click.IntRange(min=1), default=default("output_len"), show_default=True)
+@click.option("--chat", is_flag=True, help="Served speed as chat requests (/v1/chat/completions): each prompt a user "
+              "message in the model's chat template. In process speed depends only on --prompt-len: refused there.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on CUDA, float32 on the CPU.")
 @click.option("--sweep", type=click.Choice(["guidellm", "rates"]), default=None,
@@ -65,8 +67,8 @@ def _ints(field: str, value: str) -> list[int]:
                    "split --gpu-memory-utilization).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, ppl_samples, ppl_seq_len, rounds,
-          batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, dtype, sweep,
-          sweep_seconds, card, skip, keep_servers, threads):
+          batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, chat, dtype,
+          sweep, sweep_seconds, card, skip, keep_servers, threads):
     """Measure the original and pruned models the same way: WikiText-2 PPL, zero-shot accuracy by lm-eval-harness
     and speed (served: vLLM's benchmark), interleaved over rounds; write OUT/{bench.json, bench.md, *.png}."""
     from rtk.bench.api import bench as run
@@ -79,5 +81,5 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
         dtype=dtype, card=card, echo=click.echo, limit=limit, ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len,
         rounds=rounds, batch_sizes=_ints("--batch-sizes", batch_sizes), prompt_len=prompt_len, gen_len=gen_len,
         repeats=repeats, concurrency=_ints("--concurrency", concurrency), num_prompts=num_prompts,
-        input_len=input_len, output_len=output_len, keep_servers=keep_servers, quality="quality" not in skip,
-        speed="speed" not in skip, sweep=sweep, sweep_seconds=sweep_seconds)
+        input_len=input_len, output_len=output_len, chat=chat, keep_servers=keep_servers,
+        quality="quality" not in skip, speed="speed" not in skip, sweep=sweep, sweep_seconds=sweep_seconds)
