@@ -38,7 +38,8 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     click.echo(
         f"rtk: removed {len(res.removed)} sublayers, {res.params_removed:,} of {res.params_total:,} "
         f"parameters ({res.params_removed_fraction:.1%})\n"
-        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, {res.plan['recipe']['dtype']}): "
+        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, "
+        f"{res.plan['recipe']['dtype']}): "
         f"{res.ppl_before:.3f} before -> {res.ppl_after:.3f} after\n"
         f"rtk: wrote {res.out}/plan.json, {res.out}/model/, {res.out}/report.md"
     )
