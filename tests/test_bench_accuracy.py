@@ -176,7 +176,7 @@ def test_lm_eval_missing_is_one_clear_error(monkeypatch, tmp_path, tiny_folder):
     r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_folder), "--candidate", str(tiny_folder),
                                   "-o", str(tmp_path / "b"), "--tasks", "piqa", "--skip", "speed"])
     assert r.exit_code == 1
-    assert r.output == ("Error: --tasks: lm-eval is not installed (pip install 'rtk[eval]', i.e. lm-eval[api]==0.4.13); "
+    assert r.output == ("Error: --tasks: lm-eval is not installed (pip install 'rtk-prune[eval]', i.e. lm-eval[api]==0.4.13); "
                         "or pass --tasks none\n")
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 

@@ -184,7 +184,8 @@ def test_rate_sweep_runs_vllm_bench_at_fractions_of_the_maximum(tmp_path):
     calls = []
 
     class B:
-        def serve_load(self, n, i, o, c, seed, result_file, log=None, request_rate=None):
+        def serve_load(self, n, i, o, c, seed, result_file, log=None, request_rate=None, chat=False):
+            assert chat is False  # as the run's --chat
             calls.append((n, c, request_rate))
             rps = 4.0 if request_rate == float("inf") else request_rate
             return {"request_throughput": rps, "output_throughput": 32 * rps, "median_ttft_ms": 10 * rps,

@@ -39,7 +39,7 @@ def test_command_names_the_plugin(folders):
     for kind in ("qwen3", "noattn0"):
         r = rtk("deploy", "vllm", folders[kind], "--device", "cpu")
         assert r.exit_code == 0, r.output
-        assert r.stdout.startswith(f"# {kind} needs rtk's vLLM plugin (RtkForCausalLM): pip install rtk next to vLLM\n")
+        assert r.stdout.startswith(f"# {kind} needs rtk's vLLM plugin (RtkForCausalLM): pip install rtk-prune next to vLLM\n")
         argv = _argv(r.stdout)
         assert "--trust-remote-code" not in argv and "--hf-overrides" not in argv  # config: native transformers
     argv = _argv(rtk("deploy", "vllm", folders["plc"], "--device", "cpu").stdout)
@@ -53,10 +53,10 @@ def test_containers_install_rtk(folders, tmp_path):
     out = tmp_path / "c.yml"
     assert rtk("deploy", "vllm", folders["plc"], "--format", "compose", "-o", out).exit_code == 0
     text = out.read_text()
-    assert f"# Needs rtk's vLLM plugin (RtkForCausalLM): image {PLUGIN_IMAGE} = {VLLM_IMAGE} + pip install rtk" in text
+    assert f"# Needs rtk's vLLM plugin (RtkForCausalLM): image {PLUGIN_IMAGE} = {VLLM_IMAGE} + pip install rtk-prune" in text
     svc = yaml.safe_load(text)["services"]["vllm"]
     assert svc["image"] == PLUGIN_IMAGE == f"rtk-vllm-openai:v0.32.0-rtk{__version__}"
-    assert svc["build"]["dockerfile_inline"] == f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir rtk=={__version__}\n"
+    assert svc["build"]["dockerfile_inline"] == f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir rtk-prune=={__version__}\n"
     assert svc["command"][-2:] == OVERRIDE
     r = rtk("deploy", "vllm", folders["qwen3"], "--format", "k8s", "--tensor-parallel", 2)
     assert r.exit_code == 0, r.output
@@ -84,7 +84,7 @@ def test_plugin_missing_is_one_line_before_starting(folders, monkeypatch, no_sta
     import sys
 
     msg = (f"model: {folders['qwen3']}: needs rtk's vLLM plugin (RtkForCausalLM), and the vLLM of {sys.executable} "
-           "does not have it (no rtk entry point in vllm.general_plugins): pip install rtk next to vLLM")
+           "does not have it (no rtk entry point in vllm.general_plugins): pip install rtk-prune next to vLLM")
     _fails([folders["qwen3"], "--run"], f"Error: {msg}")
     with pytest.raises(RtkError) as err:  # checked for every model before the first server starts
         run_bench(BenchConfig(baseline=str(folders["noattn0"]), candidates=[str(folders["qwen3"])], backend="vllm"),

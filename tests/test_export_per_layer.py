@@ -29,7 +29,7 @@ def test_per_layer_config_export_then_plugin_reexport(tmp_path):
     a = tmp_path / "a"
     assert "rtk: wrote" in r.output and "(Qwen3ForCausalLM, float32" in r.output
     assert ("rtk: vLLM: Qwen3ForCausalLM + per_layer_config: no vLLM release reads per_layer_config yet; today rtk's "
-            "vLLM plugin serves it: `pip install rtk` next to vLLM and pass --hf-overrides "
+            "vLLM plugin serves it: `pip install rtk-prune` next to vLLM and pass --hf-overrides "
             "'{\"architectures\": [\"RtkForCausalLM\"]}'") in r.output
     raw = json.loads((a / "config.json").read_text())
     assert raw["architectures"] == ["Qwen3ForCausalLM"] and raw["model_type"] == "qwen3"

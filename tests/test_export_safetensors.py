@@ -165,7 +165,7 @@ def test_first_sublayer_mlp_goes_to_the_plugin_format(tmp_path):
         assert vllm_blocker(pruned.config) == first
         s = export_model(pruned, None, tmp_path / first, original=original)
         assert s["layout"] == "plugin" and s["architecture"] == "RtkForCausalLM" and s["vllm_plugin"]
-        assert s["vllm"] == ("served by rtk's vLLM plugin (RtkForCausalLM): `pip install rtk` next to vLLM 0.32 "
+        assert s["vllm"] == ("served by rtk's vLLM plugin (RtkForCausalLM): `pip install rtk-prune` next to vLLM 0.32 "
                              "(or build the image in deploy/README.md)")
         cfg = AutoConfig.from_pretrained(tmp_path / first)  # transformers' own per_layer_config parsing
         assert type(cfg) is LlamaConfig and cfg.is_heterogeneous
@@ -174,7 +174,7 @@ def test_first_sublayer_mlp_goes_to_the_plugin_format(tmp_path):
         torch.testing.assert_close(probe(reload(tmp_path / first)), probe(original, skip=s["removed_sublayers"]),
                                    atol=1e-5, rtol=1e-5)
         card = (tmp_path / first / "README.md").read_text()
-        assert "pip install rtk  # next to vLLM" in card and "trust_remote_code=True" in card
+        assert "pip install rtk-prune  # next to vLLM" in card and "trust_remote_code=True" in card
     s = export_model(apply_plan(original, ["layer.0"]), None, tmp_path / "l0", original=original)
     assert s["layout"] == "standard" and not s["vllm_plugin"]
 

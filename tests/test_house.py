@@ -31,7 +31,7 @@ RECORDS_MAY_IMPORT = {"records", "outdir", "errors"}  # documents import no stag
 
 def room(module: str) -> str:
     """rtk.<room>... -> room ('rtk' itself for rtk/__init__)."""
-    parts = module.split(".")
+    parts = module.removesuffix(".__init__").split(".")
     return parts[1] if len(parts) > 1 else "rtk"
 
 

@@ -22,6 +22,7 @@ import torch
 
 from pydantic import Field, model_validator
 
+from rtk import pip_install
 from rtk.errors import RtkError
 from rtk.settings import Strict
 
@@ -31,7 +32,7 @@ class DataSpec(Strict):
     `source`: `wikitext2` (WikiText-2 raw; `split` valid | test), a `.jsonl` file (one JSON object per
     line, the text under `field`), any other path (a plain UTF-8 text file), or `hub:<dataset id>`
     (a Hugging Face dataset, streamed: `subset` is its config name, `split` its split, `field` the text
-    column; needs `pip install rtk[hub]` and the hub)."""
+    column; needs the `hub` extra and the hub)."""
 
     source: str = Field("wikitext2", description="'wikitext2', a .txt or .jsonl path, or hub:<dataset id>")
     split: Optional[str] = Field(None, description="wikitext2: valid | test (default valid); hub: the split "
@@ -181,7 +182,7 @@ def _hub_records(spec: DataSpec, field: str) -> Iterator[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise RtkError(f"{field}.source: {spec.source} needs the datasets package (pip install rtk[hub])") from None
+        raise RtkError(f"{field}.source: {spec.source} needs the datasets package ({pip_install('hub')})") from None
     try:
         ds = load_dataset(dataset, spec.subset, split=spec.split, streaming=True)
     except ValueError as exc:  # datasets names the splits it has: "Bad split: x. Available splits: [...]"

@@ -157,20 +157,23 @@ class EndpointBackend:
                                  seqs))
 
     def serve_load(self, num_prompts: int, input_len: int, output_len: int, concurrency: Optional[int], seed: int,
-                   result_file: Path, log: Optional[Path] = None, request_rate: Optional[float] = None) -> dict:
+                   result_file: Path, log: Optional[Path] = None, request_rate: Optional[float] = None,
+                   chat: bool = False) -> dict:
         """One `vllm bench serve` run (random dataset, at most `concurrency` requests in flight, Poisson arrivals
-        at `request_rate` when given); its JSON result is kept at `result_file`. Returns vLLM's totals and
-        latency statistics, per-request samples (ms) and the command that reproduces it."""
+        at `request_rate` when given; `chat`: as chat requests); its JSON result is kept at `result_file`.
+        Returns vLLM's totals and latency statistics, per-request samples (ms) and the command that reproduces
+        it."""
         endpoint.served_model(self.url)  # a server that died since the last run: one clear error now
         from rtk.serve.flags import needs_remote_code
         from rtk.bench.speed import vllm_serve
 
         args = vllm_serve.bench_args(self.url, self.model_name, self.path, num_prompts=num_prompts,
                                      input_len=input_len, output_len=output_len, concurrency=concurrency, seed=seed,
-                                     request_rate=request_rate, trust_remote_code=needs_remote_code(self.path))
+                                     request_rate=request_rate, trust_remote_code=needs_remote_code(self.path),
+                                     chat=chat)
         res = vllm_serve.run(args, result_file, log or Path(result_file).with_suffix(".log"))
         return {**vllm_serve.summary(res), "concurrency": concurrency, "num_prompts": num_prompts,
-                "input_len": input_len, "output_len": output_len, "seed": seed,
+                "input_len": input_len, "output_len": output_len, "seed": seed, "chat": chat,
                 "samples_ms": vllm_serve.samples_ms(res), "command": vllm_serve.command(args),
                 "result_file": str(result_file)}
 

@@ -28,6 +28,7 @@ class BenchConfig:
     num_prompts: int = 8
     input_len: int = 128
     output_len: int = 32
+    chat: bool = False                   # served speed as chat requests (/v1/chat/completions, the chat template)
     dtype: str = "float32"
     keep_servers: Optional[bool] = None  # None: decide from free memory
     quality: bool = True
@@ -37,6 +38,41 @@ class BenchConfig:
     sweep_points: int = 6                # guidellm: sweep_size (synchronous, throughput, then constant rates)
     sweep_rates: list[float] = field(default_factory=list)  # "rates": request rates (req/s); [] = from a probe
     lm_eval_batch_size: int = 8
+
+
+MINIMUM = {"ppl_seq_len": 2, "sweep_seconds": 5}  # every other count is at least 1
+CHOICES = {"sweep": (None, "guidellm", "rates")}
+
+
+def minimum(name: str) -> int:
+    """The smallest value a count setting takes (the CLI's ranges and rtk.bench's checks)."""
+    return MINIMUM.get(name, 1)
+
+
+def check_settings(settings: dict) -> dict:
+    """BenchConfig fields given by a caller (rtk.bench's keywords), checked as the CLI's options are: counts are
+    integers at their minimum, lists of counts are non-empty, switches are booleans."""
+    kinds = {f.name: default(f.name) for f in fields(BenchConfig) if f.name not in ("baseline", "candidates")}
+    for name, v in settings.items():
+        flag, d = f"--{name.replace('_', '-')}", kinds[name]
+        if name in CHOICES:
+            ok = v in CHOICES[name]
+            want = f"one of {', '.join(map(str, CHOICES[name]))}"
+        elif isinstance(d, bool) or name == "keep_servers":
+            ok, want = isinstance(v, bool) or (v is None and d is None), "True or False"
+        elif isinstance(d, int) or name == "limit":
+            ok = (v is None and d is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum(name))
+            want = f"an integer >= {minimum(name)}"
+        elif isinstance(d, list) and name != "sweep_rates":
+            ok = isinstance(v, (list, tuple)) and bool(v) and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
+            want = "positive integers"
+        else:
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and x > 0 for x in v)
+            want = "positive numbers"
+        if not ok:
+            raise RtkError(f"{flag}: expected {want}, got {v!r}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def default(name: str):

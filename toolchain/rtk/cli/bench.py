@@ -1,11 +1,11 @@
-"""`rtk bench`: parse -> BenchConfig (rtk.bench.config holds every default) -> rtk.bench.run -> echo."""
+"""`rtk bench`: parse -> rtk.bench.api.bench (BenchConfig in rtk.bench.config holds every default) -> echo."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from rtk.bench.config import BenchConfig, csv, default, model_folders
+from rtk.bench.config import csv, default, minimum
 from rtk.errors import RtkError
 
 
@@ -37,7 +37,7 @@ def _ints(field: str, value: str) -> list[int]:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N documents of each task.")
 @click.option("--ppl-samples", type=click.IntRange(min=1), default=default("ppl_samples"), show_default=True,
               help="WikiText-2 test blocks for PPL.")
-@click.option("--ppl-seq-len", type=click.IntRange(min=2), default=default("ppl_seq_len"), show_default=True, help="Tokens per block.")
+@click.option("--ppl-seq-len", type=click.IntRange(min=minimum("ppl_seq_len")), default=default("ppl_seq_len"), show_default=True, help="Tokens per block.")
 @click.option("--rounds", type=click.IntRange(min=1), default=default("rounds"), show_default=True,
               help="Interleaved speed rounds (baseline, candidates, baseline, ...).")
 @click.option("--batch-sizes", default=csv(default("batch_sizes")), show_default=True, help="In-process speed: batch sizes.")
@@ -49,12 +49,14 @@ def _ints(field: str, value: str) -> list[int]:
 @click.option("--num-prompts", type=click.IntRange(min=1), default=default("num_prompts"), show_default=True)
 @click.option("--input-len", type=click.IntRange(min=1), default=default("input_len"), show_default=True)
 @click.option("--output-len", type=click.IntRange(min=1), default=default("output_len"), show_default=True)
+@click.option("--chat", is_flag=True, help="Served speed as chat requests (/v1/chat/completions): each prompt a user "
+              "message in the model's chat template. In process speed depends only on --prompt-len: refused there.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on CUDA, float32 on the CPU.")
 @click.option("--sweep", type=click.Choice(["guidellm", "rates"]), default=None,
               help="Also sweep the load (served backends): guidellm = GuideLLM --profile sweep; rates = vllm bench "
                    "serve at several request rates. One throughput-vs-latency plot for all models.")
-@click.option("--sweep-seconds", type=click.IntRange(min=5), default=default("sweep_seconds"), show_default=True,
+@click.option("--sweep-seconds", type=click.IntRange(min=minimum("sweep_seconds")), default=default("sweep_seconds"), show_default=True,
               help="Duration of each sweep point.")
 @click.option("--card", "card", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A --candidate folder whose model card (README.md) gets this run's Evaluation and Inference "
@@ -65,31 +67,19 @@ def _ints(field: str, value: str) -> list[int]:
                    "split --gpu-memory-utilization).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, ppl_samples, ppl_seq_len, rounds,
-          batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, dtype, sweep,
-          sweep_seconds, card, skip, keep_servers, threads):
+          batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, chat, dtype,
+          sweep, sweep_seconds, card, skip, keep_servers, threads):
     """Measure the original and pruned models the same way: WikiText-2 PPL, zero-shot accuracy by lm-eval-harness
     and speed (served: vLLM's benchmark), interleaved over rounds; write OUT/{bench.json, bench.md, *.png}."""
-    from rtk.bench.accuracy.tasks import parse_tasks
-    from rtk.model.device import resolve_dtype
-    backend = "vllm" if serve else backend
-    if endpoints and backend != "openai":
-        raise RtkError("--endpoint is for --backend openai")
-    folders = model_folders((baseline, *candidates), backend)
+    from rtk.bench.api import bench as run
+
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    from rtk.bench.backends import serving_device
-    from rtk.bench.run import run_bench_to
-
-    tasks = tasks if tasks is not None else ("none" if backend == "onnx" else "all")
-    cfg = BenchConfig(baseline=str(folders[0]), candidates=[str(c) for c in folders[1:]], backend=backend,
-                      endpoints=list(endpoints), tasks=[] if tasks == "none" else parse_tasks(tasks), limit=limit,
-                      ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, rounds=rounds,
-                      batch_sizes=_ints("--batch-sizes", batch_sizes), prompt_len=prompt_len, gen_len=gen_len,
-                      repeats=repeats, concurrency=_ints("--concurrency", concurrency), num_prompts=num_prompts,
-                      input_len=input_len, output_len=output_len, keep_servers=keep_servers,
-                      dtype=resolve_dtype(dtype, serving_device() if backend == "vllm" else "cpu", "--dtype"),
-                      quality="quality" not in skip, speed="speed" not in skip, sweep=sweep,
-                      sweep_seconds=sweep_seconds)
-    run_bench_to(cfg, out, echo=click.echo, card=card)
+    run(baseline, list(candidates), out, backend="vllm" if serve else backend, endpoints=list(endpoints), tasks=tasks,
+        dtype=dtype, card=card, echo=click.echo, limit=limit, ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len,
+        rounds=rounds, batch_sizes=_ints("--batch-sizes", batch_sizes), prompt_len=prompt_len, gen_len=gen_len,
+        repeats=repeats, concurrency=_ints("--concurrency", concurrency), num_prompts=num_prompts,
+        input_len=input_len, output_len=output_len, chat=chat, keep_servers=keep_servers,
+        quality="quality" not in skip, speed="speed" not in skip, sweep=sweep, sweep_seconds=sweep_seconds)

@@ -1,4 +1,4 @@
-"""`rtk export MODEL_DIR --format F -o OUT`: parse -> rtk.export.run_export -> echo."""
+"""`rtk export MODEL_DIR --format F -o OUT`: parse -> rtk.export.api.export -> echo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,22 +23,24 @@ def export(model_dir: str, fmt: str, out: Path, dtype: str | None, plan: Path | 
 
     The export is reloaded from disk and its logits compared with the model in memory (and with the
     original model run with the same sublayers skipped, when known) before it is moved into place."""
-    from rtk.export import UnknownFormat, UnsupportedOption, run_export
+    from rtk.export import UnknownFormat, UnsupportedOption
+    from rtk.export.api import export as run
 
     try:
-        s = run_export(fmt, model_dir, out, dtype=dtype, plan=plan, echo=click.echo)
+        res = run(model_dir, fmt, out=out, dtype=dtype, plan=plan, echo=click.echo)
     except UnknownFormat as exc:
-        raise click.BadParameter(str(exc), param_hint="'--format'") from None
+        raise click.BadParameter(exc.message, param_hint="'--format'") from None
     except UnsupportedOption as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(exc.message) from None
+    s = res.summary
     if fmt == "onnx":
-        diffs = s.get("max_abs_diff", {})
+        diffs = res.max_abs_diff
         worst = max(diffs.items(), key=lambda kv: kv[1]) if diffs else None
         click.echo(f"rtk: wrote {out} (onnx) in {s.get('export_seconds', 0):.1f}s"
                    + (f"; validated: max |diff| {worst[1]:.2g} ({worst[0]}) <= {s['atol']:g}" if worst else ""))
         return
-    click.echo(f"rtk: wrote {out} ({s['architecture']}, {s['dtype']}, {s['params']:,} parameters, "
-               f"{s['weight_bytes']:,} weight bytes; {len(s['removed_sublayers'])} sublayers absent)")
-    for line in s.get("verification", []):
+    click.echo(f"rtk: wrote {out} ({res.architecture}, {res.dtype}, {res.params:,} parameters, "
+               f"{res.weight_bytes:,} weight bytes; {len(res.removed_sublayers)} sublayers absent)")
+    for line in res.verification:
         click.echo(f"rtk: verified: {line}")
-    click.echo(f"rtk: vLLM: {s['vllm']}")
+    click.echo(f"rtk: vLLM: {res.vllm}")

@@ -1,4 +1,4 @@
-"""`rtk heal PRUNED_DIR -o OUT`: parse -> heal config -> rtk.heal.run -> echo."""
+"""`rtk heal PRUNED_DIR -o OUT`: parse -> rtk.heal.api.heal -> echo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,19 +31,17 @@ def heal(pruned_dir: Path, out: Path, teacher: str | None, config: Path | None, 
 
     PRUNED_DIR is an `rtk prune` output (or a model folder with its plan.json); the healed model is
     exported and verified as `rtk prune` exports, with the same shapes."""
-    from rtk.heal.config import load_heal_config
-    from rtk.heal.run import HealPaused, run_heal
+    from rtk.heal.api import HealPaused, heal as run
 
-    cfg = load_heal_config(config, tokens=tokens, method=method)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     try:
-        plan = run_heal(pruned_dir, out, cfg, teacher=teacher, device=device, dtype=dtype, progress=not quiet,
-                        echo=click.echo, max_steps=max_steps)
+        res = run(pruned_dir, out, teacher=teacher, config=config, device=device, dtype=dtype, progress=not quiet,
+                  echo=click.echo, max_steps=max_steps, tokens=tokens, method=method)
     except HealPaused as exc:
         click.echo(str(exc))
         return
-    echo_healed(plan["heal"])
-    click.echo(f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md, {out}/loss_curve.png")
+    echo_healed(res.plan["heal"])
+    click.echo(f"rtk: wrote {res.out}/plan.json, {res.out}/model/, {res.out}/report.md, {res.loss_curve}")

@@ -1,4 +1,4 @@
-"""`rtk prune RECIPE`: parse -> recipe -> rtk.prune.run -> echo."""
+"""`rtk prune RECIPE`: parse -> rtk.prune.api.prune -> echo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,33 +19,29 @@ from rtk.cli.echo import echo_healed
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | None, quiet: bool):
     """Score every sublayer, search which to remove, and write OUT/{plan.json, model/, report.md}."""
-    from rtk.prune.config import load_recipe
-
-    rec = load_recipe(recipe)
-    out = out or Path("runs") / recipe.stem
-    import torch
+    from rtk.prune.api import SearchPaused, prune as run
 
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
     if threads:
-        torch.set_num_threads(threads)
-    from rtk.prune.run import SearchPaused, run_prune
+        import torch
 
+        torch.set_num_threads(threads)
     try:
-        plan = run_prune(rec, out, progress=not quiet, echo=click.echo, max_steps=max_steps)
+        res = run(recipe, out, progress=not quiet, echo=click.echo, max_steps=max_steps)
     except SearchPaused as exc:
         click.echo(str(exc))
         return
-    ev = plan["eval"]
+    ev = res.plan["eval"]
     click.echo(
-        f"rtk: removed {len(plan['removed'])} sublayers, {plan['params_removed']:,} of {plan['params_total']:,} "
-        f"parameters ({plan['params_removed_fraction']:.1%})\n"
-        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, {plan['recipe']['dtype']}): "
-        f"{ev['ppl_base']:.3f} before -> {ev['ppl_final']:.3f} after\n"
-        f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md"
+        f"rtk: removed {len(res.removed)} sublayers, {res.params_removed:,} of {res.params_total:,} "
+        f"parameters ({res.params_removed_fraction:.1%})\n"
+        f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, "
+        f"{res.plan['recipe']['dtype']}): "
+        f"{res.ppl_before:.3f} before -> {res.ppl_after:.3f} after\n"
+        f"rtk: wrote {res.out}/plan.json, {res.out}/model/, {res.out}/report.md"
     )
-    if plan.get("heal"):
-        echo_healed(plan["heal"])
+    if res.heal:
+        echo_healed(res.heal)

@@ -1,7 +1,8 @@
 """`rtk export`: one table from format name to the function that writes it (imported only when used).
 
 A format function takes (model_dir, out, **options) and returns a summary dict; options it does not
-accept are reported as usage errors by `run_export`.
+accept are reported as usage errors by `run_export`. `rtk.export(model_dir, format=..., out=...)` (rtk.export.api)
+is the command in process.
 """
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import importlib
 import inspect
 from pathlib import Path
 
+from rtk import callable_stage
+from rtk.errors import RtkError
+
+callable_stage(__name__)
 FORMATS: dict[str, str] = {
     "safetensors": "rtk.export.safetensors:export_dir",
     "onnx": "rtk.export.onnx:export_onnx",
@@ -16,12 +21,12 @@ FORMATS: dict[str, str] = {
 }
 
 
-class UnknownFormat(ValueError):
-    pass
+class UnknownFormat(RtkError):
+    """The command reports it as a usage error of --format (exit 2)."""
 
 
-class UnsupportedOption(ValueError):
-    pass
+class UnsupportedOption(RtkError):
+    """An option the format does not take; the command reports it as a usage error (exit 2)."""
 
 
 def exporter(fmt: str):

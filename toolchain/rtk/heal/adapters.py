@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from rtk import pip_install
 from rtk.errors import RtkError
 
 if TYPE_CHECKING:  # annotations only: the loop runs without pydantic (bench/scale/gpu_heal.py on a bare GPU machine)
@@ -56,7 +57,7 @@ def make_trainable(student, cfg: HealConfig) -> Trainable:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise RtkError("heal.method: lora needs peft (pip install rtk[heal])") from None
+        raise RtkError(f"heal.method: lora needs peft ({pip_install('heal')})") from None
     present = {n.rsplit(".", 1)[-1] for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)}
     targets = [t for t in cfg.lora.targets if t in present]
     if not targets:

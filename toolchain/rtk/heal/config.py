@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -113,13 +113,18 @@ def check_heal_text(cfg: HealConfig, evaluation: DataSpec, field: str = "heal.da
         raise RtkError(f"{field}: is the evaluation text ({clash}); {HEAL_TEXT_RULE}")
 
 
-def load_heal_config(path: Optional[Path], **overrides) -> HealConfig:
-    """--config FILE (the keys of a recipe's heal: section, or a recipe with a heal: section) with the
-    command-line overrides that are not None; every problem reported at once, one line each."""
+def load_heal_config(path: Union[Path, str, Mapping, HealConfig, None], **overrides) -> HealConfig:
+    """--config FILE (the keys of a recipe's heal: section, or a recipe with a heal: section), or those keys as a
+    mapping or a HealConfig (rtk.heal(config=...)), with the overrides that are not None (command-line options,
+    rtk.heal's keyword settings); every problem reported at once, one line each."""
     import yaml
 
     data, where = {}, "heal"
-    if path is not None:
+    if isinstance(path, HealConfig):
+        data = path.model_dump(exclude_unset=True)
+    elif isinstance(path, Mapping):
+        data = dict(path)
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise RtkError(f"--config {path}: file not found")

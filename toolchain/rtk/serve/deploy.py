@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from rtk import __version__
+from rtk import DISTRIBUTION, __version__
 from rtk.errors import RtkError
 from rtk.export.layouts import PER_LAYER, VLLM_RELEASE, layout_of
 from rtk.model.load import read_config
@@ -24,7 +24,7 @@ from rtk.serve.flags import TARGETS, needs_remote_code, plugin_args, vllm_args
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"  # the vLLM release rtk targets (export.layouts)
 # folders that need rtk's vLLM plugin: vLLM's image with rtk installed next to vLLM
 PLUGIN_IMAGE = f"rtk-vllm-openai:{VLLM_IMAGE.split(':')[1]}-rtk{__version__}"
-PLUGIN_DOCKERFILE = f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir rtk=={__version__}\n"
+PLUGIN_DOCKERFILE = f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir {DISTRIBUTION}=={__version__}\n"
 API_MODULE = "vllm.entrypoints.openai.api_server"
 CONTAINER_MODEL = "/model"
 FORMATS = ("command", "compose", "k8s", "ray")

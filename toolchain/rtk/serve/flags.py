@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from rtk import pip_install
 from rtk.errors import RtkError
 from rtk.export.layouts import LAYOUTS, Layout, layout_of
 from rtk.model.load import read_config
@@ -50,7 +51,7 @@ def check_plugin(model_dir: str | Path, env: Optional[dict] = None) -> None:
     where = f"model: {model_dir}: needs rtk's vLLM plugin ({PLUGIN_ARCH})"
     if not found:
         raise RtkError(f"{where}, and the vLLM of {sys.executable} does not have it (no rtk entry point in "
-                       f"{PLUGIN_GROUP}): pip install rtk next to vLLM")
+                       f"{PLUGIN_GROUP}): {pip_install()} next to vLLM")
     allowed = {**os.environ, **(env or {})}.get("VLLM_PLUGINS")  # the server's environment
     if allowed is not None and found[0].name not in allowed.split(","):
         raise RtkError(f"{where}, and VLLM_PLUGINS={allowed!r} leaves it out: add '{found[0].name}' to VLLM_PLUGINS "

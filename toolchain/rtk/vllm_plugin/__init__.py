@@ -3,8 +3,9 @@ whose first sublayer is an MLP, e.g. layer 0's attention removed).
 
 vLLM loads it in every process through the entry point ``vllm.general_plugins`` (pyproject.toml:
 ``rtk = "rtk.vllm_plugin:register"``); ``register`` only names the class, which vLLM imports when a
-model's ``architectures`` is ``["RtkForCausalLM"]``. So ``pip install rtk`` next to vLLM is all a server
-needs. This module imports nothing heavy: rtk's export and deploy read the names below without vLLM.
+model's ``architectures`` is ``["RtkForCausalLM"]``. So ``pip install rtk-prune`` (rtk's distribution
+name) next to vLLM is all a server needs. This module imports nothing heavy: rtk's export and deploy read the
+names below without vLLM.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from rtk import pip_install
 from rtk.errors import RtkError
 from rtk.model.load import transformers_remote_code
 from rtk.bench.accuracy.tasks import TaskSet
@@ -32,7 +33,7 @@ METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 def check_installed() -> str:
     """lm-eval's version, or one clear error when it is not installed."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise RtkError("--tasks: lm-eval is not installed (pip install 'rtk[eval]', i.e. lm-eval[api]==0.4.13); "
+        raise RtkError(f"--tasks: lm-eval is not installed ({pip_install('eval')}, i.e. lm-eval[api]==0.4.13); "
                        "or pass --tasks none")
     from importlib.metadata import PackageNotFoundError, version
 

