@@ -193,7 +193,8 @@ def test_no_vllm_format_is_refused_with_the_list(tmp_path):
     assert err.value.message == (
         "plan: no vLLM format serves this model: stock vLLM 0.32's DeciLM cannot (its first remaining sublayer is "
         "mlp.0 (an MLP before any attention), and vLLM's DeciLM layer crashes there), and rtk's vLLM plugin serves "
-        "standard llama, mistral, qwen2, qwen3 configs whose removed modules are listed per layer, which this model "
+        "standard llama, mistral, qwen2, qwen3, gemma3_text configs whose removed modules are listed per layer, which "
+        "this model "
         "(base model_type 'none') is not")
     with pytest.raises(RtkError, match="--format per-layer-config: the model \\(base model_type 'none'\\) is not"):
         export_model(apply_plan(foreign, ["attn.1"]), None, tmp_path / "v", layout="per-layer-config")

@@ -37,7 +37,7 @@ def apply_plan(model: RtkDeciLMForCausalLM, removed: Iterable[str]) -> RtkDeciLM
     """A new, smaller model without the removed sublayers (weights shared with the original)."""
     removed = expand(removed)
     cfg = pruned_config(model.config, removed)
-    drop = tuple(p for n in removed for p in owner_prefixes(n))
+    drop = tuple(p for n in removed for p in owner_prefixes(n, cfg))
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}
     with torch.device("meta"):
         new = RtkDeciLMForCausalLM(cfg)
