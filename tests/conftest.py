@@ -98,6 +98,15 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The dense Gemma 3 270M as a standard fp32 Gemma3ForCausalLM folder (GGUF assembled, dequantized once,
+    cached; its tokenizer adds BOS as the GGUF says)."""
+    from rtk.model.load import resolve
+
+    return Path(resolve("embedded:gemma3-270m"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_pruned_dir(smollm2_dir, tmp_path_factory) -> Path:
     """SmolLM2 with SMOLLM2_PLAN physically removed, as an rtk (DeciLM / nemotron-nas) folder, written
     and verified by the same export `rtk prune` uses."""
