@@ -39,10 +39,12 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     except SearchPaused as exc:
         click.echo(str(exc))
         return
-    ev = plan["eval"]
+    ev, counted = plan["eval"], plan.get("params_counted") or {}
+    non_embedding = (f"; {counted['removed_fraction']:.1%} of the {counted['total']:,} non-embedding ones"
+                     if counted.get("count") == "non_embedding" else "")
     click.echo(
         f"rtk: removed {len(plan['removed'])} sublayers, {plan['params_removed']:,} of {plan['params_total']:,} "
-        f"parameters ({plan['params_removed_fraction']:.1%})\n"
+        f"parameters ({plan['params_removed_fraction']:.1%}{non_embedding})\n"
         f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, {plan['recipe']['dtype']}): "
         f"{ev['ppl_base']:.3f} before -> {ev['ppl_final']:.3f} after\n"
         f"rtk: wrote {out}/plan.json, {out}/model/, {out}/report.md"

@@ -41,3 +41,12 @@ def data_name(info: dict) -> str:
     n = info.get("predicted_tokens")
     return (f"{text}, {info.get('samples')} blocks x {info.get('seq_len')} tokens"
             + (" (BOS first)" if info.get("bos") else "") + (f" ({n:,} predicted)" if n else ""))
+
+
+def counted_text(plan: dict) -> str:
+    """Which parameters the plan's params_removed target counted, and the share of them removed."""
+    c = plan.get("params_counted") or {"count": "all"}
+    if c["count"] == "non_embedding":
+        return (f"the target counts the {c['total']:,} non-embedding parameters (embedding and LM head left out): "
+                f"{c['removed_fraction']:.1%} of them removed")
+    return "the target counts all parameters, embeddings and LM head included"
