@@ -180,7 +180,7 @@ def test_unsupported_architecture_and_bad_yaml(tmp_path, tiny_dir):
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     msg = _bad(tmp_path, tiny_dir, model=str(gpt2))
-    assert "architecture 'gpt2' is not supported; rtk supports: llama, mistral, qwen2, qwen3, nemotron-nas" in msg
+    assert "architecture 'gpt2' is not supported; rtk supports: gemma3_text, llama, mistral, qwen2, qwen3, nemotron-nas" in msg
     notmodel = tmp_path / "empty"
     notmodel.mkdir()
     msg = _bad(tmp_path, tiny_dir, model=str(notmodel))

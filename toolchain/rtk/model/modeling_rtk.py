@@ -116,7 +116,7 @@ def _attention_bias(c) -> bool:
 
 def _gemma3_standard(r) -> dict:
     """Gemma 3 settings of an rtk config as Gemma3TextConfig keys (layer_types: every layer's, in order)."""
-    return {"attention_bias": bool(r.attention_bias), "hidden_activation": r.hidden_act,
+    return {"attention_bias": bool(r.attention_bias),
             "query_pre_attn_scalar": r.query_pre_attn_scalar, "final_logit_softcapping": r.final_logit_softcapping,
             "sliding_window": window_of(r), "layer_types": [attention_type(b) for b in r.block_configs]}
 
