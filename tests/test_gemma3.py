@@ -85,3 +85,44 @@ def test_real_gemma3_270m_ppl_through_rtk_equals_transformers(gemma3_dir, data_d
     print(f"Gemma 3 270M WikiText-2 test PPL, 8 x (BOS + 255): rtk {ours:.4f}, transformers {theirs:.4f}")
     assert ours == pytest.approx(theirs, rel=1e-4)
     assert 20 < ours < 60  # the issue's 35.0 (plain transformers, its own 8 blocks)
+
+
+@pytest.mark.e2e
+def test_real_gemma3_270m_small_prune(tmp_path, gemma3_dir, data_dir):
+    """`rtk prune` on the real 270M with a non-embedding target: BOS-led blocks, 35 candidates (attn.0 protected),
+    the plan counted over the 100M non-embedding parameters, and a verified export in rtk's plugin format that
+    keeps every layer's type."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from rtk.cli import main
+
+    r = {"model": "embedded:gemma3-270m", "scoring": {"batch_size": 2},
+         "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 64},
+                  "evaluation": {"source": "wikitext2", "split": "test", "samples": 4, "seq_len": 128}},
+         "search": {"method": "progressive", "target": {"params_removed": 0.05, "count": "non_embedding"}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    res = CliRunner().invoke(main, ["prune", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["params_total"] == 268_098_176
+    assert plan["params_counted"]["total"] == 268_098_176 - 262_144 * 640
+    assert plan["params_counted"]["removed_fraction"] >= 0.05
+    assert plan["calibration"]["bos"] and plan["eval"]["bos"]
+    assert len(plan["steps"][0]["scores"]) == 35  # 18 MLPs + 17 attentions
+    assert 10 < plan["eval"]["ppl_base"] < 100 and plan["eval"]["ppl_final"] > plan["eval"]["ppl_base"]
+    cfg = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    removed = plan["removed_sublayers"]
+    whole = all(f"{k}.{n.split('.')[1]}" in removed for n in removed for k in ("attn", "mlp"))
+    assert cfg["model_type"] == "gemma3_text"
+    if whole:  # only whole layers gone: a standard folder, the types of the layers kept
+        assert cfg["architectures"] == ["Gemma3ForCausalLM"] and len(cfg["layer_types"]) == 18 - len(removed) // 2
+    else:  # rtk's plugin format, every layer's type kept
+        assert cfg["architectures"] == ["RtkForCausalLM"] and len(cfg["layer_types"]) == 18
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "max |logit difference| vs the original model run with the removed sublayers skipped" in card
+    assert "Gemma 3 270M" in card and "non-embedding parameters" in card
+    print(f"real Gemma 3 270M, small prune: removed {plan['removed_sublayers']}; eval PPL "
+          f"{plan['eval']['ppl_base']:.2f} -> {plan['eval']['ppl_final']:.2f}; layout {cfg['architectures']}")
