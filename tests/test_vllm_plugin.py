@@ -10,7 +10,8 @@ a time, for
 - qwen3-tp2: the Qwen3 plugin folder with --tensor-parallel-size 2 (2 CPU workers, one core each);
 - gemma3: a tiny random Gemma 3 (6 layers, global at 2 and 5, sliding window 8, shorter than every prompt; 1 KV
   head; random sandwich and q/k norms) with a global and a sliding attention and an MLP removed, built from
-  vLLM's own Gemma 3 modules.
+  vLLM's own Gemma 3 modules;
+- gemma3-270m: the real Gemma 3 270M with a global (attn.5) and a sliding attention (attn.3) and an MLP removed.
 Each is compared with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) in float32 on the
 same token ids: per-token prompt log-probs within 1e-3, greedy ids equal.
 """
@@ -29,8 +30,16 @@ from test_vllm_serving import PROMPTS, assert_greedy_match, assert_logprobs_matc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
-KINDS = ["qwen3", "llama-noattn0", "smollm2-noattn0", "qwen3-plc", "qwen3-tp2", "gemma3"]
+KINDS = ["qwen3", "llama-noattn0", "smollm2-noattn0", "qwen3-plc", "qwen3-tp2", "gemma3", "gemma3-270m"]
 GEMMA3_PLAN = ["attn.2", "attn.3", "mlp.4"]  # layer 2 is global, layer 3 sliding
+GEMMA3_270M_PLAN = ["attn.5", "attn.3", "mlp.8"]  # layer 5 is global, layer 3 sliding
+
+
+def hybrid_groups(counts: list[int]) -> int:
+    """KV cache groups vLLM 0.32's hybrid allocator makes for attention layers of several types (counts per type):
+    groups as large as the rarest type's count (the largest count when no type has 1.5x as many)."""
+    size = max(counts) if max(counts) < 1.5 * min(counts) else min(counts)
+    return sum(-(-c // size) for c in counts)
 
 
 def _tiny(arch: str, smollm2_dir: Path):
@@ -70,7 +79,7 @@ def _tiny(arch: str, smollm2_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+def folders(smollm2_dir, gemma3_dir, tmp_path_factory) -> dict[str, Path]:
     from rtk.export.safetensors import export_model
     from rtk.model.load import load_model
     from rtk.model.rewrite import apply_plan
@@ -93,6 +102,9 @@ def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     g3, tok = _tiny("gemma3", smollm2_dir)
     export_model(apply_plan(g3, GEMMA3_PLAN), tok, root / "gemma3", original=g3)
     out["gemma3"] = root / "gemma3"
+    model, tok, path = load_model(str(gemma3_dir))
+    export_model(apply_plan(model, GEMMA3_270M_PLAN), tok, root / "gemma3-270m", original=model, source=path)
+    out["gemma3-270m"] = root / "gemma3-270m"
     return out
 
 
@@ -136,15 +148,17 @@ def test_served_by_the_plugin(served):
     assert "Resolved architecture: RtkForCausalLM" in log, server.tail(40)
     n_attn = cfg["num_hidden_layers"] - sum("attention" in v["skip"] for v in cfg["per_layer_config"].values())
     assert 0 < n_attn < cfg["num_hidden_layers"]
-    if kind == "gemma3":
-        # sliding and global layers: vLLM's hybrid allocator groups the cache layers by type, in groups as large as
-        # the rarer type's count. The 3 sliding and 1 global attention layers left make 4 groups of one; caches for
-        # all 6 layers (4 sliding, 2 global) would make 3 groups of two.
-        types = [cfg["layer_types"][i] for i in range(6) if "attention" not in cfg["per_layer_config"].get(
-            str(i), {}).get("skip", [])]
-        assert types.count("sliding_attention") == 3 and types.count("full_attention") == 1
+    if kind.startswith("gemma3"):
+        # sliding and global layers: vLLM's hybrid allocator groups the cache layers by type (hybrid_groups). The
+        # tiny one's 3 sliding and 1 global attention layers left make 4 groups of one (caches for all 6 layers, 4
+        # and 2, would make 3 of two); the 270M's 14 and 2 make 8 groups of two (all 18, 15 and 3: 6 of three).
+        present = [t for i, t in enumerate(cfg["layer_types"])
+                   if "attention" not in cfg["per_layer_config"].get(str(i), {}).get("skip", [])]
+        counts = [present.count("sliding_attention"), present.count("full_attention")]
+        everything = [cfg["layer_types"].count("sliding_attention"), cfg["layer_types"].count("full_attention")]
+        assert hybrid_groups(counts) != hybrid_groups(everything)
         (groups,) = re.findall(r"kv cache group sizes \(([\d, ]+)\)", log)
-        assert len(groups.split(",")) == n_attn == 4
+        assert len(groups.split(",")) == hybrid_groups(counts) == {"gemma3": 4, "gemma3-270m": 8}[kind]
         return
     tp = 2 if kind == "qwen3-tp2" else 1
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
