@@ -24,7 +24,7 @@ from rtk.prune.config import Recipe
 from rtk.model.rewrite import apply_plan
 from rtk.model.speed import speed_model
 from rtk.model.sublayer import Sublayer, expand, model_order, owner_modules
-from rtk.model.params import embedding_params, param_count, total_params
+from rtk.model.params import counted_params, param_count, total_params
 from rtk.prune.scoring import candidates, existing_names, load_for_scoring, scorer_for
 from rtk.prune.search import StopRule, check_reachable, run_search
 
@@ -110,7 +110,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
         n_total = total_params(model)
         target = recipe.search.target
-        n_counted = n_total - (embedding_params(model) if target.count == "non_embedding" else 0)
+        n_counted = counted_params(model, target.count)
         stop = StopRule(params_total=n_counted, speed=speed.speedup, count=target.count, **target.rules())
         check_reachable(cands, stop, speed.describe()["model"])
         if sc.workers > 1:
