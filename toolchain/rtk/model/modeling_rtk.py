@@ -73,7 +73,7 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 def attention_type(block) -> str:
     """The transformers layer type of a block_configs entry."""
-    return "sliding_attention" if (block["attention"].get("window_length") is not None) else "full_attention"
+    return "sliding_attention" if block["attention"].get("window_length") is not None else "full_attention"
 
 
 def per_type_rope(config) -> bool:
@@ -381,7 +381,6 @@ class RtkAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-
 
     def windowed(self, mask, q_len: int, kv_len: int, dtype, device):
         """`mask` (additive, [B, 1, T, P+T], or None for causal) with keys outside the sliding window masked:
