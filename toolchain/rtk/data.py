@@ -10,8 +10,9 @@ Sources (`DataSpec.source`):
 
 Blocks are cut from the tokenized text: from files, evenly spaced over the whole text; from the hub, one
 after another from its first records. Where the model's tokenizer puts BOS before what it encodes (its config
-says so: Gemma's does, SmolLM2's does not), every block is BOS + seq_len - 1 text tokens, as the model saw
-sequences in training; otherwise seq_len text tokens.
+says so: Gemma's does, SmolLM2's does not), every block is BOS + the first seq_len - 1 text tokens of the block
+cut without it, as the model saw sequences in training (the same text with and without BOS); otherwise the
+blocks are seq_len text tokens, as they always were.
 """
 from __future__ import annotations
 
@@ -226,13 +227,13 @@ def adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _too_few(field: str, where: str, n_tokens: int, spec: DataSpec, width: int) -> RtkError:
+def _too_few(field: str, where: str, n_tokens: int, spec: DataSpec) -> RtkError:
     return RtkError(f"{field}: {where} has {n_tokens:,} tokens, too few for {spec.samples} blocks of "
-                    f"{spec.seq_len} (at most {n_tokens // width}); lower samples or seq_len")
+                    f"{spec.seq_len} (at most {n_tokens // spec.seq_len}); lower samples or seq_len")
 
 
-def _hub_ids(tokenizer, spec: DataSpec, field: str, width: int) -> torch.Tensor:
-    need = spec.samples * width
+def _hub_ids(tokenizer, spec: DataSpec, field: str) -> torch.Tensor:
+    need = spec.samples * spec.seq_len
     parts, have = [], 0
     for text in _hub_records(spec, field):
         ids = tokenizer((RECORD_SEP if parts else "") + text, add_special_tokens=False)["input_ids"]
@@ -241,18 +242,18 @@ def _hub_ids(tokenizer, spec: DataSpec, field: str, width: int) -> torch.Tensor:
         if have >= need:
             break
     if have < need:
-        raise _too_few(field, f"{spec.source} [{spec.split}]", have, spec, width)
+        raise _too_few(field, f"{spec.source} [{spec.split}]", have, spec)
     return torch.cat(parts)
 
 
 Spans = Sequence[tuple[int, int]]  # token ranges [start, end) of a text's token ids
 
 
-def _starts(n_tokens: int, spec: DataSpec, avoid: Spans, hub: bool, width: int) -> list[int]:
-    """Where the blocks' `width` text tokens start: the grid of whole blocks (from a hub stream, one after
-    another; from a file, evenly spaced over the text) minus every block that overlaps a span of `avoid`."""
-    grid = [k * width for k in range(n_tokens // width)]
-    free = [s for s in grid if not any(s < b and a < s + width for a, b in avoid)]
+def _starts(n_tokens: int, spec: DataSpec, avoid: Spans, hub: bool) -> list[int]:
+    """Where the blocks start: the grid of whole blocks (from a hub stream, one after another; from a file,
+    evenly spaced over the text) minus every block that overlaps a span of `avoid`."""
+    grid = [k * spec.seq_len for k in range(n_tokens // spec.seq_len)]
+    free = [s for s in grid if not any(s < b and a < s + spec.seq_len for a, b in avoid)]
     if len(free) < spec.samples:
         return []
     if hub:
@@ -261,40 +262,40 @@ def _starts(n_tokens: int, spec: DataSpec, avoid: Spans, hub: bool, width: int) 
 
 
 def token_blocks(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> tuple[torch.Tensor, dict]:
-    """[samples, seq_len] token ids, each block led by BOS where the tokenizer adds it, and where they came from
-    (`file`: this machine's path or hub id; `text`: a name for the text that is the same on every machine, for
-    model cards). `avoid`: token ranges of the same text that no block may overlap (held out for another use);
-    without it the blocks are those rtk has always cut."""
+    """[samples, seq_len] token ids, each led by BOS where the tokenizer adds it, and where they came from (`file`:
+    this machine's path or hub id; `text`: a name for the text that is the same on every machine, for model
+    cards). `avoid`: token ranges of the same text that no block may overlap (held out for another use); without
+    it the blocks are those rtk has always cut."""
     blocks, info, _ = _cut(tokenizer, spec, field, avoid)
     return blocks, info
 
 
 def token_spans(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> list[tuple[int, int]]:
     """The ranges of the text's tokens token_blocks takes for `spec` (what another use of the same text must
-    avoid; BOS, which is no token of the text, left out)."""
+    avoid; a leading BOS is no token of the text)."""
     return _cut(tokenizer, spec, field, avoid)[2]
 
 
 def _cut(tokenizer, spec: DataSpec, field: str, avoid: Spans) -> tuple[torch.Tensor, dict, list]:
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    width = spec.seq_len - len(bos)  # text tokens per block
     if spec.kind == "hub":
-        extra = sum(b - a for a, b in avoid) + width * len(avoid)
-        ids = _hub_ids(tokenizer, spec.model_copy(update={"samples": spec.samples + -(-extra // width)})
-                       if avoid else spec, field, width)
+        extra = sum(b - a for a, b in avoid) + spec.seq_len * len(avoid)
+        ids = _hub_ids(tokenizer, spec.model_copy(update={"samples": spec.samples + -(-extra // spec.seq_len)})
+                       if avoid else spec, field)
         where = f"{spec.source}" + (f"/{spec.subset}" if spec.subset else "")
         name = f"{spec.source[4:]}" + (f" ({spec.subset})" if spec.subset else "") + \
             f" [{spec.split}], field '{spec.field}', first records"
     else:
         text, where, name = _read_file_source(spec, field)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    starts = _starts(ids.numel(), spec, avoid, spec.kind == "hub", width)
+    starts = _starts(ids.numel(), spec, avoid, spec.kind == "hub")
     if not starts and not avoid:
-        raise _too_few(field, where, ids.numel(), spec, width)
+        raise _too_few(field, where, ids.numel(), spec)
     if not starts:
         raise RtkError(f"{field}: {where} has {ids.numel():,} tokens, too few for {spec.samples} blocks of "
                        f"{spec.seq_len} outside the {len(avoid)} block(s) held out for other uses; lower samples "
                        "or seq_len")
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    width = spec.seq_len - len(bos)  # text tokens per block: the start of each block cut without BOS
     lead = torch.tensor(bos, dtype=ids.dtype)
     blocks = torch.stack([torch.cat([lead, ids[s: s + width]]) for s in starts])
     info = {"source": spec.source, "file": where, "text": name, "split": spec.split, "samples": spec.samples,
