@@ -89,9 +89,9 @@ def test_real_gemma3_270m_ppl_through_rtk_equals_transformers(gemma3_dir, data_d
 
 @pytest.mark.e2e
 def test_real_gemma3_270m_small_prune(tmp_path, gemma3_dir, data_dir):
-    """`rtk prune` on the real 270M with a non-embedding target: BOS-led blocks, 35 candidates (attn.0 protected),
-    the plan counted over the 100M non-embedding parameters, and a verified export in rtk's plugin format that
-    keeps every layer's type."""
+    """`rtk prune` (one-shot: one scoring pass over the 262k-wide head) on the real 270M with a non-embedding
+    target: BOS-led blocks, 35 candidates (attn.0 protected), the plan counted over the 100M non-embedding
+    parameters, and a verified export in rtk's plugin format that keeps every layer's type."""
     import json
 
     import yaml
@@ -102,7 +102,7 @@ def test_real_gemma3_270m_small_prune(tmp_path, gemma3_dir, data_dir):
     r = {"model": "embedded:gemma3-270m", "scoring": {"batch_size": 2},
          "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 64},
                   "evaluation": {"source": "wikitext2", "split": "test", "samples": 4, "seq_len": 128}},
-         "search": {"method": "progressive", "target": {"params_removed": 0.05, "count": "non_embedding"}}}
+         "search": {"method": "one-shot", "target": {"params_removed": 0.05, "count": "non_embedding"}}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     res = CliRunner().invoke(main, ["prune", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 0, res.output
