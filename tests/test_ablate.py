@@ -333,6 +333,27 @@ def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkey
     assert r.exit_code == 1 and "holds an ablation of a different recipe or targets" in r.output
 
 
+def test_ablate_targets_count_non_embedding_parameters_where_the_recipe_says(tmp_path, tiny_folder):
+    """The tiny model is mostly embedding: 20% of all its parameters is out of reach (one line naming the count),
+    20% of its non-embedding ones is a row whose fraction is of those, and the report says so."""
+    from rtk.cli import main
+
+    rec = _recipe(tmp_path, tiny_folder)
+    args = ["--targets", "0.2", "--variants", "params-oneshot", "--quiet"]
+    r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(tmp_path / "all"), *args])
+    assert r.exit_code == 1 and "search.target.count: non_embedding" in r.output and not (tmp_path / "all").exists()
+    rec.write_text(rec.read_text().replace('search: {protect: ["attn.0"]}', 'search: {protect: ["attn.0"], '
+                                           'target: {params_removed: 0.2, count: non_embedding}}'))
+    r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(tmp_path / "ne"), *args])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "ne" / "ablation.json").read_text())
+    counted = res["params_counted"]
+    assert counted == {"count": "non_embedding", "total": res["params_total"] - 49152 * 64}
+    (row,) = res["rows"]
+    assert row["params_removed_fraction"] == row["params_removed"] / counted["total"] >= 0.2
+    assert f"20% of the {counted['total']:,} non-embedding ones" in (tmp_path / "ne" / "ablation.md").read_text()
+
+
 def test_shipped_ablation_recipe_is_valid():
     from rtk.prune.config import load_recipe
 

@@ -147,6 +147,32 @@ def test_commands_hf_and_served(tmp_path):
         "trust_remote_code=True --tasks rtk_piqa --include_path /c/lm_eval/tasks --batch_size 1")
 
 
+def test_lm_eval_adds_bos_where_the_tokenizer_does(tmp_path, smollm2_dir):
+    """A folder whose tokenizer adds BOS (Gemma's) gets add_bos_token=True in both lm-eval commands; one whose
+    tokenizer does not (SmolLM2's) gets the arguments of before."""
+    import copy
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    ts = T.TaskSet(("piqa",), ("rtk_piqa",), None, {})
+    plain, bos = tmp_path / "plain", tmp_path / "bos"
+    for d in (plain, bos):
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "gemma3_text"}')
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / f, plain / f)
+    tok = copy.deepcopy(AutoTokenizer.from_pretrained(smollm2_dir))
+    tok.add_bos_token = True
+    tok.save_pretrained(bos)
+    assert harness.hf_run(str(plain), ts, 20).model_args == {"pretrained": str(plain), "dtype": "float32"}
+    assert harness.hf_run(str(bos), ts, 20).model_args == {"pretrained": str(bos), "dtype": "float32",
+                                                          "add_bos_token": True}
+    assert "add_bos_token" not in harness.served_run("http://h:1", "m", str(plain), ts, None).model_args
+    assert harness.served_run("http://h:1", "m", str(bos), ts, None).command().endswith(
+        "max_retries=3,add_bos_token=True --tasks rtk_piqa --batch_size 1")
+
+
 def test_results_and_printed_table_are_read(tmp_path):
     ts = T.TaskSet(("piqa", "boolq"), ("rtk_piqa", "rtk_boolq"), None, {})
     f = tmp_path / "results_x.json"

@@ -65,11 +65,29 @@ def test_model_params_equals_loaded_model():
 
     from conftest import tiny_hf, tiny_rtk
 
-    for arch, tie in (("llama", True), ("qwen2", False), ("qwen3", False)):
+    for arch, tie in (("llama", True), ("qwen2", False), ("qwen3", False), ("gemma3", True), ("gemma3", False)):
         m = tiny_rtk(arch, tie=tie)
         assert model_params(rtk_config_from_hf(tiny_hf(arch, tie=tie).config)) == total_params(m)
         p = apply_plan(m, ["attn.1", "mlp.2", "layer.3"])
         assert model_params(p.config) == total_params(p)
+
+
+def test_sliding_layers_cost_their_window():
+    """A Gemma 3 sliding layer reads and attends to at most its window of cached tokens; a global one to all."""
+    from rtk.model.arch import rtk_config_from_hf
+    from rtk.model.cost import Hardware, sublayer_kernels
+
+    from conftest import GEMMA3_WINDOW as W, tiny_gemma3_config
+
+    cfg = rtk_config_from_hf(tiny_gemma3_config())  # layer 0 sliding, layer 1 global; 4 heads, 2 KV heads, d 24
+    hw = Hardware(bytes_per_el=1)
+    for c in (W - 1, 10):
+        sliding, full = (sublayer_kernels(cfg, "attn", i, 1, c, "decode", hw)[1] for i in (0, 1))
+        assert (full.bytes, sliding.bytes) == (2 * c * 2 * 24, 2 * min(c, W) * 2 * 24)
+        assert (full.flops, sliding.flops) == (4 * 4 * 24 * c, 4 * 4 * 24 * min(c, W))
+    # prefill of 10 tokens: query t attends to min(t, 4) keys
+    assert sublayer_kernels(cfg, "attn", 0, 1, 10, "prefill", hw)[1].flops == 4 * 4 * 24 * (1 + 2 + 3 + 4 * 7)
+    assert sublayer_kernels(cfg, "attn", 1, 1, 10, "prefill", hw)[1].flops == 4 * 4 * 24 * 55
 
 
 def _free_port() -> int:

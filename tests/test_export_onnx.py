@@ -19,26 +19,27 @@ from rtk.errors import RtkError
 from rtk.export.onnx import ATOL, export_onnx, torch_greedy, validate
 from rtk.export.onnx_runtime import OrtLM
 from rtk.model.load import load_model
-from rtk.export.safetensors import save_native
+from rtk.export.safetensors import export_model, save_native
 from rtk.model.rewrite import apply_plan
 from rtk.prune.scoring import ModelScorer
 
 PRUNE = ["attn.1", "mlp.1", "attn.2"]  # layer 1 has nothing left, layer 2 has no attention
 
 
-def tiny_tokenizer(vocab: int = 128):
+def tiny_tokenizer(vocab: int = 128, bos: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {f"w{i}": i for i in range(vocab)}
     tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2",
+                                   add_bos_token=bos)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Three exports, by three routes: {case: (folder, torch model, attention layers)}."""
+    """Four exports, by four routes: {case: (folder, torch model, attention layers)}."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     # 1. a standard tied Llama folder through the CLI
@@ -61,10 +62,17 @@ def exported(tmp_path_factory):
     save_native(pruned, tiny_tokenizer(), src)
     export_onnx(str(src), root / "pruned")
     out["pruned"] = (root / "pruned", pruned, [0, 3])
+    # 4. a pruned Gemma 3 in rtk's plugin format: a sliding and a global attention left (window 4, shorter than
+    #    every validation and test sequence, so the sliding masks are in the graph and matter)
+    gemma = tiny_rtk("gemma3", layers=4)
+    src = root / "gemma3-src"
+    export_model(apply_plan(gemma, PRUNE), tiny_tokenizer(bos=True), src, original=gemma)
+    export_onnx(str(src), root / "gemma3")
+    out["gemma3-pruned"] = (root / "gemma3", load_model(str(src))[0], [0, 3])
     return out
 
 
-CASES = ["llama-tied", "qwen2-untied", "pruned"]
+CASES = ["llama-tied", "qwen2-untied", "pruned", "gemma3-pruned"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -210,7 +218,7 @@ def test_unsupported_model(tmp_path):
     res = run_cli(tmp_path / "gpt2", "--format", "onnx", "-o", tmp_path / "out")
     assert res.exit_code == 1
     assert res.output.startswith(f"Error: model: {tmp_path / 'gpt2'}: architecture 'gpt2' is not supported; "
-                                 "rtk supports: llama, mistral, qwen2, qwen3, nemotron-nas (rtk-pruned)")
+                                 "rtk supports: gemma3_text, llama, mistral, qwen2, qwen3, nemotron-nas (rtk-pruned)")
     assert not (tmp_path / "out").exists()
 
 

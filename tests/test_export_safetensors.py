@@ -1,4 +1,5 @@
-"""`rtk export --format safetensors` and the export `rtk prune` writes: tiny Llama / Mistral / Qwen2."""
+"""`rtk export --format safetensors` and the export `rtk prune` writes: tiny Llama / Mistral / Qwen2 / Qwen3 /
+Gemma 3."""
 from __future__ import annotations
 
 import json
@@ -23,21 +24,21 @@ HETERO = ["attn.1", "attn.2", "mlp.2", "mlp.3"]
 LAYERS = ["layer.1", "layer.3"]
 
 
-def tiny_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer (ids < 128) saved into `folder`."""
+def tiny_tokenizer(folder: Path, bos: bool = False) -> None:
+    """A character-level tokenizer (ids < 128) saved into `folder`; `bos`: it adds <s> before the text (Gemma)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            add_bos_token=bos).save_pretrained(folder)
 
 
 def tiny_folder(path: Path, arch: str = "llama", tie: bool = True) -> Path:
     tiny_hf(arch, tie=tie).save_pretrained(path)
-    tiny_tokenizer(path)
+    tiny_tokenizer(path, bos=arch.startswith("gemma3"))
     return path
 
 
@@ -66,7 +67,7 @@ def reload(folder: Path):
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("plan", [HETERO, LAYERS], ids=["hetero", "layers"])
 def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
     original = tiny_rtk(arch, tie=tie)
@@ -75,9 +76,10 @@ def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is tie
-    if plan is HETERO and arch == "qwen3":  # DeciLM has no q/k norms: rtk's vLLM plugin format
+    if plan is HETERO and arch in ("qwen3", "gemma3"):  # DeciLM has no q/k norms, no sandwich norms: the plugin
         assert s["layout"] == "plugin" and s["vllm_plugin"] and (out / "modeling_rtk.py").is_file()
-        assert cfg["architectures"] == ["RtkForCausalLM"] and cfg["model_type"] == "qwen3"
+        assert cfg["architectures"] == ["RtkForCausalLM"] and cfg["model_type"] == {"qwen3": "qwen3"}.get(
+            arch, "gemma3_text")
         assert cfg["head_dim"] == 24 and cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
         assert cfg["per_layer_config"] == {"1": {"skip": ["attention"]}, "2": {"skip": ["attention", "mlp"]},
                                            "3": {"skip": ["mlp"]}}
@@ -92,14 +94,65 @@ def test_prune_export_reload_equal_logits(tmp_path, arch, tie, plan):
         assert not any("ffn_mult" in b["ffn"] for b in cfg["block_configs"])
     else:
         want = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}[arch]
-        assert s["layout"] == "standard" and cfg["architectures"] == [want] and cfg["model_type"] == arch
+                "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[arch]
+        assert s["layout"] == "standard" and cfg["architectures"] == [want]
+        assert cfg["model_type"] == {"gemma3": "gemma3_text"}.get(arch, arch)
         assert cfg["num_hidden_layers"] == 2 and "auto_map" not in cfg
         assert not (out / "modeling_rtk.py").exists()
     assert len(s["verification"]) == 2
     got = probe(reload(out))
     torch.testing.assert_close(got, probe(original, skip=s["removed_sublayers"]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, probe(pruned), atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_exports_keep_each_layers_type_and_settings(tmp_path):
+    """Gemma 3 with whole layers gone: a standard Gemma3ForCausalLM folder whose layer_types are those of the
+    layers kept (sliding, global, global of 4), with the window, RoPE bases, query scale and norms as before; with
+    sublayers gone: rtk's plugin format, every layer's type kept; both reload to the pruned model's logits on
+    sequences past the window. A plan naming a layer past the last is one line, nothing written."""
+    from conftest import GEMMA3_WINDOW
+    from transformers import Gemma3ForCausalLM
+
+    dense = tiny_folder(tmp_path / "dense", "gemma3")
+    original = tiny_rtk("gemma3")
+    (tmp_path / "layers.json").write_text(json.dumps({"removed_sublayers": ["layer.2"]}))
+    r = run_cli("export", dense, "--plan", tmp_path / "layers.json", "-o", tmp_path / "std")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "std" / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["num_hidden_layers"] == 3 and "auto_map" not in cfg
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
+    assert (cfg["sliding_window"], cfg["query_pre_attn_scalar"], cfg["hidden_activation"]) == (
+        GEMMA3_WINDOW, 32, "gelu_pytorch_tanh")
+    assert cfg["rope_parameters"]["sliding_attention"]["rope_theta"] == 1e4
+    assert cfg["rope_parameters"]["full_attention"]["rope_theta"] == 1e6
+    std = Gemma3ForCausalLM.from_pretrained(tmp_path / "std", dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (2, 3 * GEMMA3_WINDOW), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = original(ids, skip=frozenset({"attn.2", "mlp.2"})).logits
+        torch.testing.assert_close(std(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+    (tmp_path / "sub.json").write_text(json.dumps({"removed_sublayers": ["attn.0", "mlp.1", "attn.3"]}))
+    r = run_cli("export", dense, "--plan", tmp_path / "sub.json", "-o", tmp_path / "plugin")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "plugin" / "config.json").read_text())
+    assert cfg["architectures"] == ["RtkForCausalLM"] and cfg["num_hidden_layers"] == 4
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    assert cfg["per_layer_config"] == {"0": {"skip": ["attention"]}, "1": {"skip": ["mlp"]},
+                                       "3": {"skip": ["attention"]}}
+    with torch.no_grad():
+        got = reload(tmp_path / "plugin")(ids).logits
+        torch.testing.assert_close(got, original(ids, skip=frozenset({"attn.0", "mlp.1", "attn.3"})).logits,
+                                   atol=1e-5, rtol=1e-5)
+    # rtk reads its own plugin folder back (re-export) and keeps the plan
+    r = run_cli("export", tmp_path / "plugin", "-o", tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["per_layer_config"] == cfg["per_layer_config"]
+
+    (tmp_path / "past.json").write_text(json.dumps({"removed_sublayers": ["attn.1", "layer.4"]}))
+    r = run_cli("export", dense, "--plan", tmp_path / "past.json", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and last_line(r) == "Error: plan: 'attn.4' names layer 4, but the model has 4 layers"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "dense", "layers.json", "past.json", "plugin",
+                                                          "std", "sub.json"]
 
 
 def test_llama_attention_bias_maps_to_qkv_and_o_bias(tmp_path):
@@ -193,7 +246,8 @@ def test_no_vllm_format_is_refused_with_the_list(tmp_path):
     assert err.value.message == (
         "plan: no vLLM format serves this model: stock vLLM 0.32's DeciLM cannot (its first remaining sublayer is "
         "mlp.0 (an MLP before any attention), and vLLM's DeciLM layer crashes there), and rtk's vLLM plugin serves "
-        "standard llama, mistral, qwen2, qwen3 configs whose removed modules are listed per layer, which this model "
+        "standard llama, mistral, qwen2, qwen3, gemma3_text configs whose removed modules are listed per layer, which "
+        "this model "
         "(base model_type 'none') is not")
     with pytest.raises(RtkError, match="--format per-layer-config: the model \\(base model_type 'none'\\) is not"):
         export_model(apply_plan(foreign, ["attn.1"]), None, tmp_path / "v", layout="per-layer-config")

@@ -128,7 +128,7 @@ def plain_kl(teacher, student, ids) -> float:
 
 @pytest.mark.parametrize("arch,tie,train_embeddings", [("llama", True, False), ("llama", False, False),
                                                         ("qwen2", True, False), ("qwen2", False, False),
-                                                        ("qwen2", False, True)])
+                                                        ("qwen2", False, True), ("gemma3", True, False)])
 def test_noisy_student_comes_back_to_its_teacher(tmp_path, arch, tie, train_embeddings):
     """Issue 24: the loop must pull a student that is its teacher plus noise back toward it, for tied and untied
     heads, with and without q/k/v biases, and the exported folder, reloaded by plain transformers, must be that

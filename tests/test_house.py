@@ -94,16 +94,20 @@ def test_sublayer_names_parse_expand_and_own_their_weights():
     assert Sublayer.parse("layer.2").parts == ("attn.2", "mlp.2")
     assert expand(["layer.1", "mlp.4"]) == {"attn.1", "mlp.1", "mlp.4"}
     assert model_order(["mlp.10", "attn.2", "mlp.2", "attn.10"]) == ["attn.2", "mlp.2", "attn.10", "mlp.10"]
-    assert owner_prefixes("attn.3") == ("model.layers.3.self_attn.", "model.layers.3.input_layernorm.")
+    llama, gemma = tiny_rtk("llama", layers=1).config, tiny_rtk("gemma3", layers=1).config
+    assert owner_prefixes("attn.3", llama) == ("model.layers.3.self_attn.", "model.layers.3.input_layernorm.")
+    assert owner_prefixes("mlp.3", gemma) == ("model.layers.3.mlp.", "model.layers.3.pre_feedforward_layernorm.",
+                                              "model.layers.3.post_feedforward_layernorm.")
     for bad in ("attn3", "ffn.1", "attn.-1", "mlp.x"):
         with pytest.raises(RtkError, match="is not a sublayer name"):
             Sublayer.parse(bad, "search.protect")
     # every weight of the tiny model belongs to exactly one sublayer, or to the embedding / final norm / head
-    model = tiny_rtk("qwen3", layers=3)
-    names = [f"{k}.{i}" for i in range(3) for k in ("attn", "mlp")]
-    for key in model.state_dict():
-        owners = [n for n in names if key.startswith(owner_prefixes(n))]
-        assert len(owners) == (1 if key.startswith("model.layers.") else 0), key
+    for arch in ("qwen3", "gemma3"):
+        model = tiny_rtk(arch, layers=3)
+        names = [f"{k}.{i}" for i in range(3) for k in ("attn", "mlp")]
+        for key in model.state_dict():
+            owners = [n for n in names if key.startswith(owner_prefixes(n, model.config))]
+            assert len(owners) == (1 if key.startswith("model.layers.") else 0), key
 
 
 def test_skip_lists_and_block_configs_are_one_codec():

@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-from conftest import tiny_hf, tiny_rtk
+from conftest import GEMMA3_WINDOW, tiny_gemma3_config, tiny_hf, tiny_rtk
+from rtk.errors import RtkError
 from rtk.model.load import from_hf
 from rtk.model.rewrite import apply_plan
 
-ARCHS = [("llama", True), ("llama", False), ("mistral", True), ("qwen2", False), ("qwen3", False), ("qwen3", True)]
+ARCHS = [("llama", True), ("llama", False), ("mistral", True), ("qwen2", False), ("qwen3", False), ("qwen3", True),
+         ("gemma3", True), ("gemma3", False), ("gemma3-capped", True)]
 
 
 def _inputs(batch=2, t=9, vocab=128, seed=1):
@@ -62,3 +64,59 @@ def test_pruned_generate_uses_compact_cache():
             nxt = pruned(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
     assert out.tolist() == seq.tolist()
+
+
+def test_gemma3_sliding_windows_matter():
+    """The tiny Gemma's test sequences are longer than its window: with the windows widened, the logits change
+    (so the equality with transformers above covers the sliding masks and both RoPE bases)."""
+    m = tiny_rtk("gemma3")
+    ids, mask = _inputs(t=3 * GEMMA3_WINDOW)
+    wide = tiny_rtk("gemma3")
+    for layer in wide.model.layers:
+        if layer.self_attn.window is not None:
+            layer.self_attn.window = 64
+    with torch.no_grad():
+        a = m(ids, attention_mask=mask).logits
+        b = wide(ids, attention_mask=mask).logits
+    assert not torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-4)
+
+
+@pytest.mark.parametrize("plan", [[], ["attn.1", "mlp.2"], ["attn.0", "attn.3"]])
+def test_gemma3_generate_matches_transformers(plan):
+    """Greedy generation with rtk's KV cache (attention-indexed, full length, windows applied by the mask) past
+    the sliding window equals transformers' Gemma3 (its sliding caches) for the dense model, and the uncached
+    recomputation for pruned ones."""
+    hf = tiny_hf("gemma3")
+    m = apply_plan(from_hf(hf), plan)
+    ids, _ = _inputs(batch=1, t=GEMMA3_WINDOW + 2)
+    n = 3 * GEMMA3_WINDOW
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=n, do_sample=False)
+        if not plan:
+            want = hf.generate(ids, max_new_tokens=n, do_sample=False)
+        else:
+            want = ids
+            for _ in range(n):
+                nxt = m(want, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                want = torch.cat([want, nxt], 1)
+    assert out.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(attn_logit_softcapping=50.0), "Gemma 3 with attn_logit_softcapping=50.0 is not supported"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true is not supported"),
+    (dict(hidden_activation="silu"), "hidden_activation 'silu' is not supported"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                           "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}),
+     "rope_type 'yarn' for full_attention is not supported"),
+    (dict(layer_types=["sliding_attention", "chunked_attention", "full_attention", "full_attention"]),
+     "layer_types must name each of the 4 layers full_attention or sliding_attention"),
+])
+def test_gemma3_variants_rtk_does_not_run_are_one_line(change, message):
+    from rtk.model.arch import check_supported, rtk_config_from_hf
+
+    cfg = tiny_gemma3_config(**change)
+    with pytest.raises(RtkError, match=message) as e:
+        rtk_config_from_hf(cfg)
+    assert "\n" not in str(e.value) and str(e.value).startswith("model: ")
+    check_supported(tiny_gemma3_config(), "model")  # the tiny Gemma itself is fine

@@ -138,12 +138,49 @@ def test_bad_inputs_one_clear_line(tmp_path, tiny_dir):
         assert "\n" not in m
 
 
+def test_target_can_count_non_embedding_parameters(tmp_path, tiny_dir):
+    """The tiny model is mostly embedding (49,152 x 64, tied), as Gemma 3 270M is: 20% of all its parameters is
+    more than its layers hold (one line that names the count), 20% of its non-embedding ones is a plan that says
+    so in plan.json, the report, the card and the command's output; `count: all` leaves old fingerprints alone."""
+    from rtk.prune.config import load_recipe
+
+    msg = _bad(tmp_path, tiny_dir, search__target={"params_removed": 0.2})
+    assert "search.target.params_removed: 20% of" in msg and "(search.target.count: non_embedding counts the rest)" \
+        in msg and "\n" not in msg
+    msg = _bad(tmp_path, tiny_dir, search__target={"params_removed": 0.99, "count": "non_embedding"})
+    assert "search.target.params_removed: 99% of" in msg and "non-embedding parameters cannot be reached" in msg
+    msg = _bad(tmp_path, tiny_dir, search__target={"sublayers": 2, "count": "non_embedding"})
+    assert msg.endswith("search.target: count: non_embedding applies to params_removed, not to sublayers")
+    msg = _bad(tmp_path, tiny_dir, search__target={"params_removed": 0.2, "count": "body"})
+    assert "search.target.count: Input should be 'all' or 'non_embedding'" in msg
+
+    old = recipe(tmp_path, tiny_dir, search__target={"params_removed": 0.2})
+    same = recipe(tmp_path, tiny_dir, search__target={"params_removed": 0.2, "count": "all"})
+    assert load_recipe(old).fingerprint() == load_recipe(same).fingerprint()
+
+    out = tmp_path / "ne"
+    rec = recipe(tmp_path, tiny_dir, search__target={"params_removed": 0.2, "count": "non_embedding"})
+    assert load_recipe(rec).fingerprint() != load_recipe(old).fingerprint()
+    res = run("prune", rec, "-o", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    c = plan["params_counted"]
+    assert c == {"count": "non_embedding", "total": plan["params_total"] - 49152 * 64,
+                 "removed_fraction": plan["params_removed"] / c["total"]}
+    # the search stopped at the first removal that reached 20% of the non-embedding parameters
+    assert c["removed_fraction"] >= 0.2 > (plan["params_removed"] - plan["removed"][-1]["params"]) / c["total"]
+    said = f"{c['removed_fraction']:.1%} of the {c['total']:,} non-embedding"
+    assert said in res.output
+    line = f"the target counts the {c['total']:,} non-embedding parameters (embedding and LM head left out)"
+    assert line in (out / "report.md").read_text() and line in (out / "model" / "README.md").read_text()
+
+
 def test_unsupported_architecture_and_bad_yaml(tmp_path, tiny_dir):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     msg = _bad(tmp_path, tiny_dir, model=str(gpt2))
-    assert "architecture 'gpt2' is not supported; rtk supports: llama, mistral, qwen2, qwen3, nemotron-nas" in msg
+    assert "architecture 'gpt2' is not supported; rtk supports: gemma3_text, llama, mistral, qwen2, qwen3, nemotron-nas" in msg
     notmodel = tmp_path / "empty"
     notmodel.mkdir()
     msg = _bad(tmp_path, tiny_dir, model=str(notmodel))

@@ -16,7 +16,7 @@ from rtk.prune.scoring.layer_major import LayerMajorScorer
 from rtk.model.layers import CpuOffload, DiskOffload, InMemory, streamed_logits
 from rtk.prune.search import StopRule, run_search
 
-ARCHS = [("llama", True), ("mistral", False), ("qwen2", False)]
+ARCHS = [("llama", True), ("mistral", False), ("qwen2", False), ("gemma3", True)]
 REL = 2e-6  # fp32: batching streams together changes summation order, nothing else
 
 

@@ -7,7 +7,11 @@ a time, for
 - smollm2-noattn0: SmolLM2-135M with attn.0 removed on top of the suite's fixed plan;
 - qwen3-plc: the Qwen3 plan written with --format per-layer-config (Qwen3ForCausalLM), served today through
   the plugin with --hf-overrides;
-- qwen3-tp2: the Qwen3 plugin folder with --tensor-parallel-size 2 (2 CPU workers, one core each).
+- qwen3-tp2: the Qwen3 plugin folder with --tensor-parallel-size 2 (2 CPU workers, one core each);
+- gemma3: a tiny random Gemma 3 (6 layers, global at 2 and 5, sliding window 8, shorter than every prompt; 1 KV
+  head; random sandwich and q/k norms) with a global and a sliding attention and an MLP removed, built from
+  vLLM's own Gemma 3 modules;
+- gemma3-270m: the real Gemma 3 270M with a global (attn.5) and a sliding attention (attn.3) and an MLP removed.
 Each is compared with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) in float32 on the
 same token ids: per-token prompt log-probs within 1e-3, greedy ids equal.
 """
@@ -26,12 +30,24 @@ from test_vllm_serving import PROMPTS, assert_greedy_match, assert_logprobs_matc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
-KINDS = ["qwen3", "llama-noattn0", "smollm2-noattn0", "qwen3-plc", "qwen3-tp2"]
+KINDS = ["qwen3", "llama-noattn0", "smollm2-noattn0", "qwen3-plc", "qwen3-tp2", "gemma3", "gemma3-270m"]
+GEMMA3_PLAN = ["attn.2", "attn.3", "mlp.4"]  # layer 2 is global, layer 3 sliding
+GEMMA3_270M_PLAN = ["attn.5", "attn.3", "mlp.8"]  # layer 5 is global, layer 3 sliding
+
+
+def hybrid_groups(counts: list[int]) -> int:
+    """KV cache groups vLLM 0.32's hybrid allocator makes for attention layers of several types (counts per type):
+    groups as large as the rarest type's count (the largest count when no type has 1.5x as many)."""
+    size = max(counts) if max(counts) < 1.5 * min(counts) else min(counts)
+    return sum(-(-c // size) for c in counts)
 
 
 def _tiny(arch: str, smollm2_dir: Path):
     """A tiny random standard model with SmolLM2's tokenizer (vocab 49152), in rtk's class."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (AutoTokenizer, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    from conftest import tiny_gemma3_config
 
     from rtk.model.load import from_hf
 
@@ -44,6 +60,13 @@ def _tiny(arch: str, smollm2_dir: Path):
         hf = Qwen3ForCausalLM(Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common))
         params = [p for layer in hf.model.layers for p in (layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight)]
         mean = 1.0
+    elif arch == "gemma3":
+        types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+        hf = Gemma3ForCausalLM(tiny_gemma3_config(**{**common, "num_hidden_layers": 6, "num_key_value_heads": 1,
+                                                     "tie_word_embeddings": True, "sliding_window": 8,
+                                                     "layer_types": types, "query_pre_attn_scalar": 24}))
+        params = [p for n, p in hf.named_parameters() if n.endswith("norm.weight")]  # Gemma's norms: 1 + w
+        mean = 0.0
     else:
         hf = LlamaForCausalLM(LlamaConfig(attention_bias=True, **common))
         params = [getattr(layer.self_attn, p).bias for layer in hf.model.layers for p in ("q_proj", "k_proj", "v_proj",
@@ -56,7 +79,7 @@ def _tiny(arch: str, smollm2_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+def folders(smollm2_dir, gemma3_dir, tmp_path_factory) -> dict[str, Path]:
     from rtk.export.safetensors import export_model
     from rtk.model.load import load_model
     from rtk.model.rewrite import apply_plan
@@ -76,6 +99,12 @@ def folders(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     export_model(apply_plan(model, ["attn.0", *SMOLLM2_PLAN]), tok, root / "smollm2-noattn0", original=model,
                  source=path)
     out["smollm2-noattn0"] = root / "smollm2-noattn0"
+    g3, tok = _tiny("gemma3", smollm2_dir)
+    export_model(apply_plan(g3, GEMMA3_PLAN), tok, root / "gemma3", original=g3)
+    out["gemma3"] = root / "gemma3"
+    model, tok, path = load_model(str(gemma3_dir))
+    export_model(apply_plan(model, GEMMA3_270M_PLAN), tok, root / "gemma3-270m", original=model, source=path)
+    out["gemma3-270m"] = root / "gemma3-270m"
     return out
 
 
@@ -110,7 +139,7 @@ def reference(served):
 def test_served_by_the_plugin(served):
     """vLLM resolved rtk's architecture and sized its KV cache for the present attention layers only: with
     VLLM_CPU_KVCACHE_SPACE=1 (GiB per worker) the cache holds 2^30 / (n_attention_layers x 2 (K, V) x KV heads
-    per worker x head_dim x 4 bytes) tokens."""
+    per worker x head_dim x 4 bytes) tokens (Gemma 3, with sliding layers: see below)."""
     kind, folder, server = served
     cfg = json.loads((folder / "config.json").read_text())
     want = ["Qwen3ForCausalLM"] if kind == "qwen3-plc" else ["RtkForCausalLM"]
@@ -119,6 +148,18 @@ def test_served_by_the_plugin(served):
     assert "Resolved architecture: RtkForCausalLM" in log, server.tail(40)
     n_attn = cfg["num_hidden_layers"] - sum("attention" in v["skip"] for v in cfg["per_layer_config"].values())
     assert 0 < n_attn < cfg["num_hidden_layers"]
+    if kind.startswith("gemma3"):
+        # sliding and global layers: vLLM's hybrid allocator groups the cache layers by type (hybrid_groups). The
+        # tiny one's 3 sliding and 1 global attention layers left make 4 groups of one (caches for all 6 layers, 4
+        # and 2, would make 3 of two); the 270M's 14 and 2 make 8 groups of two (all 18, 15 and 3: 6 of three).
+        present = [t for i, t in enumerate(cfg["layer_types"])
+                   if "attention" not in cfg["per_layer_config"].get(str(i), {}).get("skip", [])]
+        counts = [present.count("sliding_attention"), present.count("full_attention")]
+        everything = [cfg["layer_types"].count("sliding_attention"), cfg["layer_types"].count("full_attention")]
+        assert hybrid_groups(counts) != hybrid_groups(everything)
+        (groups,) = re.findall(r"kv cache group sizes \(([\d, ]+)\)", log)
+        assert len(groups.split(",")) == hybrid_groups(counts) == {"gemma3": 4, "gemma3-270m": 8}[kind]
+        return
     tp = 2 if kind == "qwen3-tp2" else 1
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = n_attn * 2 * (cfg["num_key_value_heads"] // tp) * head_dim * 4

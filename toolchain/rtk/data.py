@@ -9,7 +9,10 @@ Sources (`DataSpec.source`):
 - any other path: a UTF-8 text file.
 
 Blocks are cut from the tokenized text: from files, evenly spaced over the whole text; from the hub, one
-after another from its first records.
+after another from its first records. Where the model's tokenizer puts BOS before what it encodes (its config
+says so: Gemma's does, SmolLM2's does not), every block is BOS + the first seq_len - 1 text tokens of the block
+cut without it, as the model saw sequences in training (the same text with and without BOS); otherwise the
+blocks are seq_len text tokens, as they always were.
 """
 from __future__ import annotations
 
@@ -216,6 +219,15 @@ def _read_file_source(spec: DataSpec, field: str) -> tuple[str, str, str]:
         raise RtkError(f"{field}.source: {spec.source}: not UTF-8 text") from None
 
 
+def adds_bos(tokenizer) -> bool:
+    """The tokenizer puts its BOS token before the text it encodes (as its config says)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
 def _too_few(field: str, where: str, n_tokens: int, spec: DataSpec) -> RtkError:
     return RtkError(f"{field}: {where} has {n_tokens:,} tokens, too few for {spec.samples} blocks of "
                     f"{spec.seq_len} (at most {n_tokens // spec.seq_len}); lower samples or seq_len")
@@ -251,16 +263,17 @@ def _starts(n_tokens: int, spec: DataSpec, avoid: Spans, hub: bool) -> list[int]
 
 
 def token_blocks(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> tuple[torch.Tensor, dict]:
-    """[samples, seq_len] token ids, and where they came from (`file`: this machine's path or hub id;
-    `text`: a name for the text that is the same on every machine, for model cards). `avoid`: token ranges of
-    the same text that no block may overlap (held out for another use); without it the blocks are those rtk
-    has always cut."""
+    """[samples, seq_len] token ids, each led by BOS where the tokenizer adds it, and where they came from (`file`:
+    this machine's path or hub id; `text`: a name for the text that is the same on every machine, for model
+    cards). `avoid`: token ranges of the same text that no block may overlap (held out for another use); without
+    it the blocks are those rtk has always cut."""
     blocks, info, _ = _cut(tokenizer, spec, field, avoid)
     return blocks, info
 
 
 def token_spans(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> list[tuple[int, int]]:
-    """The token ranges token_blocks takes for `spec` (what another use of the same text must avoid)."""
+    """The ranges of the text's tokens token_blocks takes for `spec` (what another use of the same text must
+    avoid; a leading BOS is no token of the text)."""
     return _cut(tokenizer, spec, field, avoid)[2]
 
 
@@ -282,14 +295,19 @@ def _cut(tokenizer, spec: DataSpec, field: str, avoid: Spans) -> tuple[torch.Ten
         raise RtkError(f"{field}: {where} has {ids.numel():,} tokens, too few for {spec.samples} blocks of "
                        f"{spec.seq_len} outside the {len(avoid)} block(s) held out for other uses; lower samples "
                        "or seq_len")
-    blocks = torch.stack([ids[s: s + spec.seq_len] for s in starts])
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    width = spec.seq_len - len(bos)  # text tokens per block: the start of each block cut without BOS
+    lead = torch.tensor(bos, dtype=ids.dtype)
+    blocks = torch.stack([torch.cat([lead, ids[s: s + width]]) for s in starts])
     info = {"source": spec.source, "file": where, "text": name, "split": spec.split, "samples": spec.samples,
             "seq_len": spec.seq_len, "tokens": int(blocks.numel()),
             "predicted_tokens": int(spec.samples * (spec.seq_len - 1))}
+    if bos:
+        info["bos"] = True  # every block starts with the tokenizer's BOS
     if avoid:
         info["held_out_blocks"] = len(avoid)
     if spec.field is not None:
         info["field"] = spec.field
     if spec.subset is not None:
         info["subset"] = spec.subset
-    return blocks, info, [(s, s + spec.seq_len) for s in starts]
+    return blocks, info, [(s, s + width) for s in starts]

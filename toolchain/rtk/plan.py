@@ -46,6 +46,8 @@ class Plan(BaseModel):
     params_after: Optional[int] = None
     params_removed: Optional[int] = None
     params_removed_fraction: Optional[float] = None
+    params_counted: Optional[dict] = None  # what the target counted: {count: all | non_embedding, total,
+    #                                        removed_fraction}
     ppl_base: Optional[float] = None  # calibration PPL before and after (the search's own numbers)
     ppl_final: Optional[float] = None
     calibration: Optional[dict] = None

@@ -27,7 +27,7 @@ from rtk.prune.config import Recipe
 from rtk.model.rewrite import apply_plan
 from rtk.model.sublayer import expand, layer_of, model_order
 from rtk.prune.search import StopRule, check_reachable
-from rtk.model.params import total_params
+from rtk.model.params import counted_params, total_params
 from rtk.model.ppl import model_ppl
 from rtk.prune.scoring import make_scorer, candidates, existing_names
 
@@ -45,6 +45,7 @@ class Evaluator:
         self.model, self.tok, self.evalb, self.recipe, self.source = model, tokenizer, evalb, recipe, source
         self.root, self.cache, self.save, self.echo = root, cache, save, echo
         self.total = total_params(model)
+        self.counted = counted_params(model, recipe.search.target.count)  # what the targets are fractions of
 
     def measure(self, removed: list[str], name: str) -> dict:
         key = _key(expand(removed))
@@ -68,7 +69,7 @@ class Evaluator:
         rec = {
             "model_dir": str(final.relative_to(self.root)) if removed else "(dense: " + self.recipe.model + ")",
             "eval_ppl": ppl, "params_after": after, "params_removed": self.total - after,
-            "params_removed_fraction": (self.total - after) / self.total,
+            "params_removed_fraction": (self.total - after) / self.counted,
             "attn_removed": _layers(removed, "attn"), "mlp_removed": _layers(removed, "mlp"),
             "decode_speedup_ideal": dec["speedup"], "kv_cache_ratio": dec["kv_cache_ratio"],
             "decode_speedup_ideal_b1": ideal_speedup(cfg, removed, 1, cc.context, "decode")["speedup"],
@@ -239,8 +240,11 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     cost_fn = sublayer_cost_fn(model.config, recipe.cost)
     cands = {k: candidates(model, k, recipe.search.protect, cost_fn) for k in ("sublayers", "blocks")}
     n_total = total_params(model)
+    count = recipe.search.target.count  # the targets count all parameters or the non-embedding ones
+    n_counted = counted_params(model, count)
     for v in variants:  # fail before any work when a target cannot be reached
-        check_reachable(cands[v.candidates], StopRule(params_total=n_total, params_removed=max(targets)))
+        check_reachable(cands[v.candidates], StopRule(params_total=n_counted, params_removed=max(targets),
+                                                      count=count))
 
     sd = partial / "state"
     sd.mkdir(parents=True, exist_ok=True)
@@ -268,12 +272,13 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     done: list[Variant] = []
 
     def result() -> dict:
-        rows = plans(states, done, targets, n_total)
+        rows = plans(states, done, targets, n_counted)
         for r in rows:
             r.update(ev.measure(r["removed"], f"{r['variant']}-{round(r['target'] * 100)}"))
         res = {
             "rtk_version": __version__, "fingerprint": fp, "model": recipe.model, "model_path": path,
             "recipe": recipe.model_dump(mode="json"), "targets": targets, "params_total": n_total,
+            "params_counted": {"count": count, "total": n_counted},
             "variants": {v.name: {"label": v.label, "candidates": v.candidates, "method": v.method,
                                   "normalize": v.normalize, "rank": v.rank,
                                   "order": [e["name"] for e in states[v.name]["removed"]]} for v in done},
@@ -298,7 +303,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
         res = result()
         write_outputs(res, partial)
         return res
-    run_all(variants, scorer, cands, n_total, targets, states,
+    run_all(variants, scorer, cands, n_counted, targets, states,
             save=lambda n, s: write_json_atomic(sd / f"search-{n}.json", s), log=lambda s: echo(f"rtk: {s}"),
             bi=bi, after_variant=after_variant)
     res = result()

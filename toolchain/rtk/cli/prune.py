@@ -34,10 +34,12 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     except SearchPaused as exc:
         click.echo(str(exc))
         return
-    ev = res.plan["eval"]
+    ev, counted = res.plan["eval"], res.plan.get("params_counted") or {}
+    non_embedding = (f"; {counted['removed_fraction']:.1%} of the {counted['total']:,} non-embedding ones"
+                     if counted.get("count") == "non_embedding" else "")
     click.echo(
         f"rtk: removed {len(res.removed)} sublayers, {res.params_removed:,} of {res.params_total:,} "
-        f"parameters ({res.params_removed_fraction:.1%})\n"
+        f"parameters ({res.params_removed_fraction:.1%}{non_embedding})\n"
         f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, "
         f"{res.plan['recipe']['dtype']}): "
         f"{res.ppl_before:.3f} before -> {res.ppl_after:.3f} after\n"

@@ -1,12 +1,14 @@
 """An rtk config as each layout writes it, and which layout a model gets.
 
 rtk's model class reads one config (DeciLM / nemotron-nas `block_configs`). The standard and per_layer_config
-layouts write the base architecture's own config instead (Llama, Qwen2, ...: BASE_ARCHS in modeling_rtk);
-a model fits one only when the round trip rtk config -> standard config -> rtk config keeps its biases,
-norms and sizes. `choose_layout` is the policy: standard, else native (stock vLLM's DeciLM), else plugin.
+layouts write the base architecture's own config instead (Llama, Qwen2, Gemma 3, ...: BASE_ARCHS in
+modeling_rtk); a model fits one only when the round trip rtk config -> standard config -> rtk config keeps its
+biases, norms, sizes and (Gemma 3) its settings and sliding windows. `choose_layout` is the policy: standard,
+else native (stock vLLM's DeciLM), else plugin.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -17,21 +19,25 @@ from rtk.model.modeling_rtk import BASE_ARCHS, RtkDeciConfig, config_from_standa
 from rtk.model.sublayer import first_sublayer_blocker
 
 
-def standard_config(config: RtkDeciConfig, base: str, n_layers: int, dtype: torch.dtype,
+def standard_config(config: RtkDeciConfig, base: str, layers: list[int], dtype: torch.dtype,
                     per_layer_config: Optional[dict] = None):
-    """The transformers config of architecture `base` with rtk config `config`'s dimensions."""
+    """The transformers config of architecture `base` with rtk config `config`'s dimensions and its `layers`
+    (indices into config's layers, in order: the standard layout keeps those whose sublayers remain)."""
     from transformers import AutoConfig
 
     c, spec = config, BASE_ARCHS[base]
     kw = {} if per_layer_config is None else {"per_layer_config": per_layer_config}
+    std = spec.standard(c)
+    if "layer_types" in std:  # Gemma 3: the type of each layer kept
+        std["layer_types"] = [std["layer_types"][i] for i in layers]
     cfg = AutoConfig.for_model(
         base, vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=n_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        num_hidden_layers=len(layers), num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, **{spec.act_key: c.hidden_act},
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=bool(c.tie_word_embeddings),
+        rope_parameters=copy.deepcopy(dict(c.rope_parameters)), tie_word_embeddings=bool(c.tie_word_embeddings),
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        **spec.fixed, **spec.standard(c), **kw)
+        **spec.fixed, **std, **kw)
     cfg.architectures = [spec.hf_class]
     cfg.dtype = dtype
     return cfg
@@ -43,11 +49,14 @@ def _base_fits(config: RtkDeciConfig) -> Optional[str]:
     base = getattr(config, "rtk_base_model_type", None)
     if base not in BASE_ARCHS:
         return None
-    back = config_from_standard(standard_config(config, base, config.num_hidden_layers, torch.float32))
-    flags = ("qkv_bias", "attention_bias", "mlp_bias", "qk_norm")
+    back = config_from_standard(standard_config(config, base, list(range(config.num_hidden_layers)), torch.float32))
+    flags = ("qkv_bias", "attention_bias", "mlp_bias", "qk_norm", "sandwich_norms", "rms_norm_unit_offset",
+             "scale_embeddings")
     same = all(bool(getattr(back, k)) == bool(getattr(config, k, False)) for k in flags)
-    return base if same and (back.head_dim, back.num_key_value_heads) == (config.head_dim,
-                                                                          config.num_key_value_heads) else None
+    values = ("head_dim", "num_key_value_heads", "hidden_act", "query_pre_attn_scalar", "final_logit_softcapping")
+    same = same and all(getattr(back, k, None) == getattr(config, k, None) for k in values)
+    windows = [[b["attention"].get("window_length") for b in c.block_configs] for c in (back, config)]
+    return base if same and windows[0] == windows[1] else None
 
 
 def _uniform_sizes(config: RtkDeciConfig) -> bool:
@@ -90,7 +99,8 @@ def choose_layout(config: RtkDeciConfig, requested: Optional[str] = None) -> str
         return requested
     if standard_base(config):
         return "standard"
-    why = ("Qwen3's per-head q/k norms" if getattr(config, "qk_norm", False) else
+    why = ("Gemma 3's norms after each sublayer (sandwich norms)" if getattr(config, "sandwich_norms", False) else
+           "Qwen3's per-head q/k norms" if getattr(config, "qk_norm", False) else
            f"its first remaining sublayer is {vllm_blocker(config)} (an MLP before any attention), and vLLM's "
            "DeciLM layer crashes there" if vllm_blocker(config) else None)
     if why is None:

@@ -57,7 +57,7 @@ def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Pa
         from transformers import AutoModelForCausalLM
 
         keep = [i for i, b in enumerate(config.block_configs) if not b.attention.no_op]
-        cfg = standard_config(config, standard_base(config), len(keep), dtype)
+        cfg = standard_config(config, standard_base(config), keep, dtype)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
@@ -73,7 +73,7 @@ def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Pa
         lay = LAYOUTS[layout]
         if lay.per_layer_config:
             base = per_layer_base(config)
-            cfg = standard_config(config, base, config.num_hidden_layers, dtype, per_layer_skips(config))
+            cfg = standard_config(config, base, list(range(config.num_hidden_layers)), dtype, per_layer_skips(config))
         else:
             cfg = RtkDeciConfig(**config.to_dict())
             for stale in ("rtk_vllm_servable", "rtk_vllm_note"):  # marks of older rtk releases

@@ -5,7 +5,7 @@ Hardware (defaults: one NVIDIA H200 SXM): ``bandwidth`` 4.8e12 B/s HBM, ``peak_f
 dense BF16; weights and KV cache stored in ``bytes_per_el`` = 2 bytes (bf16), as served.
 
 Per layer i (H query heads, K key/value heads, head dim d, hidden h, MLP width I, P_attn / P_mlp the
-sublayer's parameters including its RMSNorm and biases), one **decode step** (one new token per
+sublayer's parameters including its RMSNorm(s) and biases), one **decode step** (one new token per
 sequence, B sequences, C cached tokens each) runs these kernels:
 
     attention projections  bytes = P_attn * w              flops = 2 * B * P_attn
@@ -13,6 +13,7 @@ sequence, B sequences, C cached tokens each) runs these kernels:
     MLP                    bytes = P_mlp * w               flops = 2 * B * P_mlp
     LM head (always kept)  bytes = V * h * w               flops = 2 * B * V * h
 
+where a sliding-window layer (Gemma 3) reads and attends to min(C, window) cached tokens in place of C;
 and a kernel's time is ``max(bytes / bandwidth, flops / peak_flops)``; a sublayer's cost is the sum
 over its kernels, in microseconds. The attention core's bytes are the KV cache read at every step:
 removing an attention sublayer frees its KV cache (2*B*C*K*d*w bytes of memory) and its QK^T/AV
@@ -53,17 +54,19 @@ class Kernel:
 def _dims(config, i: int) -> dict:
     b = config.block_configs[i]
     h, heads, d = config.hidden_size, config.num_attention_heads, config.head_dim
-    out = {"h": h, "H": heads, "d": d, "K": None, "I": None, "P_attn": 0, "P_mlp": 0}
+    out = {"h": h, "H": heads, "d": d, "K": None, "I": None, "P_attn": 0, "P_mlp": 0,
+           "window": b["attention"].get("window_length")}
+    post = h * bool(getattr(config, "sandwich_norms", False))  # Gemma 3's norm after each branch
     if not b["attention"]["no_op"]:
         kv = heads // b["attention"]["n_heads_in_group"]
         qkv_bias = bool(config.qkv_bias)  # as modeling_rtk and vLLM: q/k/v biases follow qkv_bias
-        p = h * heads * d + 2 * h * kv * d + heads * d * h + h  # q, k, v, o, input norm
+        p = h * heads * d + 2 * h * kv * d + heads * d * h + h + post  # q, k, v, o, input norm (and post norm)
         p += (heads * d + 2 * kv * d) * qkv_bias + h * bool(config.attention_bias)
-        p += 2 * d * bool(getattr(config, "qk_norm", False))  # Qwen3's per-head q/k RMSNorm weights
+        p += 2 * d * bool(getattr(config, "qk_norm", False))  # Qwen3's / Gemma's per-head q/k RMSNorm weights
         out.update(K=kv, P_attn=p)
     if not b["ffn"]["no_op"]:
         inter = b["ffn"]["intermediate_size"]
-        out.update(I=inter, P_mlp=3 * h * inter + h + (2 * inter + h) * bool(config.mlp_bias))
+        out.update(I=inter, P_mlp=3 * h * inter + h + post + (2 * inter + h) * bool(config.mlp_bias))
     return out
 
 
@@ -76,11 +79,13 @@ def sublayer_kernels(config, kind: str, layer: int, batch: int, context: int, ph
         return [Kernel(dm["P_mlp"] * w, 2 * toks * dm["P_mlp"])] if dm["P_mlp"] else []
     if not dm["P_attn"]:
         return []
-    kv_bytes = 2 * B * C * dm["K"] * dm["d"] * w
+    seen = C if dm["window"] is None else min(C, dm["window"])  # the cached tokens a query attends to
+    kv_bytes = 2 * B * seen * dm["K"] * dm["d"] * w
     if phase == "decode":
-        core = Kernel(kv_bytes, 4 * B * dm["H"] * dm["d"] * C)
-    else:
-        core = Kernel(kv_bytes, 4 * B * dm["H"] * dm["d"] * C * (C + 1) / 2)
+        core = Kernel(kv_bytes, 4 * B * dm["H"] * dm["d"] * seen)
+    else:  # query t attends to min(t, window) keys
+        pairs = seen * (seen + 1) / 2 + (C - seen) * seen
+        core = Kernel(kv_bytes, 4 * B * dm["H"] * dm["d"] * pairs)
     return [Kernel(dm["P_attn"] * w, 2 * toks * dm["P_attn"]), core]
 
 

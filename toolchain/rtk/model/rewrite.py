@@ -11,7 +11,7 @@ import torch
 
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, RtkModel
-from rtk.model.sublayer import BLOCK_PART, Sublayer, expand, owner_prefixes
+from rtk.model.sublayer import BLOCK_PART, Sublayer, expand, model_order, owner_prefixes
 
 MODELING_FILE = Path(__file__).with_name("modeling_rtk.py")  # copied beside the weights of some layouts
 
@@ -19,7 +19,7 @@ MODELING_FILE = Path(__file__).with_name("modeling_rtk.py")  # copied beside the
 def pruned_config(config: RtkDeciConfig, removed: Iterable[str]) -> RtkDeciConfig:
     cfg = copy.deepcopy(config)
     blocks = [json.loads(json.dumps(b)) for b in cfg.block_configs]
-    for name in expand(removed):
+    for name in model_order(expand(removed)):  # in model order: the first bad name is the one reported
         s = Sublayer.parse(name)
         if s.layer >= len(blocks):
             raise RtkError(f"plan: '{name}' names layer {s.layer}, but the model has {len(blocks)} layers")
@@ -37,7 +37,7 @@ def apply_plan(model: RtkDeciLMForCausalLM, removed: Iterable[str]) -> RtkDeciLM
     """A new, smaller model without the removed sublayers (weights shared with the original)."""
     removed = expand(removed)
     cfg = pruned_config(model.config, removed)
-    drop = tuple(p for n in removed for p in owner_prefixes(n))
+    drop = tuple(p for n in removed for p in owner_prefixes(n, cfg))
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}
     with torch.device("meta"):
         new = RtkDeciLMForCausalLM(cfg)

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from rtk.errors import RtkError
-from rtk.model.modeling_rtk import SKIP_NAMES
+from rtk.model.modeling_rtk import SKIP_NAMES, SUBLAYER_MODULES
 
 KINDS = ("attn", "mlp")  # the two sublayers of a layer, in the order they run
 NAME = re.compile(r"(attn|mlp|layer)\.(\d+)")
-# the modules whose weights belong to each sublayer: its branch and the norm in front of it
-OWNERS = {"attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 # per_layer_config `skip` entry of each kind (the inverse of modeling_rtk's SKIP_NAMES, which reads them)
 SKIP = {kind: entry for entry, kind in SKIP_NAMES.items()}
 BLOCK_PART = {"attn": "attention", "mlp": "ffn"}  # the block_configs entry of each kind
@@ -62,16 +60,22 @@ def model_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (layer_of(n), n))
 
 
-def owner_prefixes(name: str) -> tuple[str, ...]:
-    """State-dict key prefixes of a sublayer's weights ('model.layers.3.self_attn.', ...)."""
+def owners(config, kind: str) -> tuple[str, ...]:
+    """The modules whose weights belong to a sublayer of `kind` in a model of `config`: its branch and the
+    norm in front of it, and the norm after it where the layers have sandwich norms (Gemma 3)."""
+    return tuple(m for m in SUBLAYER_MODULES[bool(getattr(config, "sandwich_norms", False))][kind] if m)
+
+
+def owner_prefixes(name: str, config) -> tuple[str, ...]:
+    """State-dict key prefixes of a sublayer's weights ('model.layers.3.self_attn.', ...) in a model of `config`."""
     s = Sublayer.parse(name)
     kinds = KINDS if s.kind == "layer" else (s.kind,)
-    return tuple(f"model.layers.{s.layer}.{m}." for k in kinds for m in OWNERS[k])
+    return tuple(f"model.layers.{s.layer}.{m}." for k in kinds for m in owners(config, k))
 
 
 def owner_modules(layer, kind: str) -> list:
-    """The modules of one decoder layer that a sublayer of `kind` owns (absent ones left out)."""
-    return [m for m in (getattr(layer, a, None) for a in OWNERS[kind]) if m is not None]
+    """The modules of one decoder layer (rtk's class) that a sublayer of `kind` owns (absent ones left out)."""
+    return [m for m in (getattr(layer, a, None) for a in layer.names[kind] if a) if m is not None]
 
 
 def removed_sublayers(config) -> list[str]:

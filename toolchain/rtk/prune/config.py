@@ -20,15 +20,21 @@ from rtk.settings import Strict, format_errors
 
 
 
-class Target(Strict):
-    """Stop rule: exactly one of these."""
+COUNTS = ("all", "non_embedding")  # what a params_removed target is a fraction of
 
-    params_removed: Optional[float] = Field(None, description="fraction of all parameters, in (0, 1)")
+
+class Target(Strict):
+    """Stop rule: exactly one of these (and, for params_removed, which parameters it counts)."""
+
+    params_removed: Optional[float] = Field(None, description="fraction of the counted parameters, in (0, 1)")
     ppl_increase: Optional[float] = Field(None, description="relative PPL budget, e.g. 0.5 = +50%")
     ppl_max: Optional[float] = Field(None, description="absolute PPL budget")
     sublayers: Optional[int] = Field(None, description="number of sublayers to remove")
     speedup: Optional[float] = Field(None, description="predicted serving speedup to reach, e.g. 1.3 (cost: says "
                                      "the workload; cost.profile a measured profile, else the roofline)")
+    count: Literal["all", "non_embedding"] = Field(
+        "all", description="params_removed counts all parameters, or those outside the token embedding and LM "
+        "head (non_embedding: for models whose embedding is most of them, e.g. Gemma 3 270M)")
 
     @field_validator("params_removed")
     @classmethod
@@ -58,19 +64,25 @@ class Target(Strict):
             raise ValueError(f"must be >= 1, got {v}")
         return v
 
+    def rules(self) -> dict:
+        """The stop rules (the count left out), set or not."""
+        return self.model_dump(exclude={"count"})
+
     @model_validator(mode="after")
     def _exactly_one(self):
-        set_ = [k for k, v in self.model_dump().items() if v is not None]
+        set_ = [k for k, v in self.rules().items() if v is not None]
         if len(set_) != 1:
             raise ValueError(
                 "give exactly one of params_removed, ppl_increase, ppl_max, sublayers, speedup"
                 + (f" (got {', '.join(set_)})" if set_ else "")
             )
+        if self.count != "all" and self.params_removed is None:
+            raise ValueError(f"count: {self.count} applies to params_removed, not to {set_[0]}")
         return self
 
     def describe(self) -> str:
-        k, v = next((k, v) for k, v in self.model_dump().items() if v is not None)
-        return f"{k}={v}"
+        k, v = next((k, v) for k, v in self.rules().items() if v is not None)
+        return f"{k}={v}" + (f" ({self.count})" if self.count != "all" else "")
 
 
 class SearchConfig(Strict):
@@ -295,6 +307,8 @@ class Recipe(Strict):
         # keys added later, at their defaults, are left out: a recipe from before keeps its fingerprint
         if d["search"]["target"].get("speedup") is None:
             d["search"]["target"].pop("speedup", None)
+        if d["search"]["target"].get("count") == "all":
+            d["search"]["target"].pop("count", None)
         if d["search"].get("rescoring") == "full":
             d["search"].pop("rescoring")
         for k, v in COST_KEYS_ADDED.items():

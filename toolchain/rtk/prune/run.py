@@ -24,7 +24,7 @@ from rtk.prune.config import Recipe
 from rtk.model.rewrite import apply_plan
 from rtk.model.speed import speed_model
 from rtk.model.sublayer import Sublayer, expand, model_order, owner_modules
-from rtk.model.params import param_count, total_params
+from rtk.model.params import counted_params, param_count, total_params
 from rtk.prune.scoring import candidates, existing_names, load_for_scoring, scorer_for
 from rtk.prune.search import StopRule, check_reachable, run_search
 
@@ -109,7 +109,9 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         cost_fn = speed.cost_fn() if recipe.search.normalize == "cost" else None
         cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
         n_total = total_params(model)
-        stop = StopRule(params_total=n_total, speed=speed.speedup, **recipe.search.target.model_dump())
+        target = recipe.search.target
+        n_counted = counted_params(model, target.count)
+        stop = StopRule(params_total=n_counted, speed=speed.speedup, count=target.count, **target.rules())
         check_reachable(cands, stop, speed.describe()["model"])
         if sc.workers > 1:
             from rtk.prune.scoring.workers import WorkerPool
@@ -163,6 +165,8 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
             "params_after": n_after,
             "params_removed": n_total - n_after,
             "params_removed_fraction": (n_total - n_after) / n_total,
+            "params_counted": {"count": target.count, "total": n_counted,
+                               "removed_fraction": (n_total - n_after) / n_counted},
             "ppl_base": state["ppl_base"],
             "ppl_final": state["ppl_current"],
             "calibration": {**calib_info, "measured": _measure_line(calib_info, recipe, name)},

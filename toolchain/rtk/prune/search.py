@@ -53,13 +53,14 @@ def normalized(ri: float, cand: Candidate, normalize: str) -> float:
 
 @dataclass
 class StopRule:
-    params_total: int
+    params_total: int  # the parameters a params_removed target counts (all, or the non-embedding ones: `count`)
     params_removed: Optional[float] = None
     ppl_increase: Optional[float] = None
     ppl_max: Optional[float] = None
     sublayers: Optional[int] = None
     speedup: Optional[float] = None
     speed: Optional[Callable[[Iterable[str]], float]] = None  # removed sublayers -> predicted speedup
+    count: str = "all"  # what params_total counts (recipe search.target.count)
 
     def ppl_budget(self, ppl_base: float) -> Optional[float]:
         if self.ppl_max is not None:
@@ -91,10 +92,13 @@ def _removed_set(state: dict, by_name: dict[str, Candidate]) -> frozenset[str]:
 def check_reachable(cands: list[Candidate], stop: StopRule, speed_source: str = "predicted") -> None:
     avail = sum(c.params for c in cands)
     if stop.params_removed is not None and avail < stop.params_removed * stop.params_total:
+        counted = "parameters" if stop.count == "all" else "non-embedding parameters"
         raise RtkError(
-            f"search.target.params_removed: {stop.params_removed:.0%} of {stop.params_total:,} parameters "
+            f"search.target.params_removed: {stop.params_removed:.0%} of {stop.params_total:,} {counted} "
             f"cannot be reached: the sublayers that are not protected hold only "
             f"{avail:,} ({avail / stop.params_total:.1%})"
+            + ("; the embedding and LM head are never removed (search.target.count: non_embedding counts "
+               "the rest)" if stop.count == "all" else "")
         )
     if stop.speedup is not None:
         most = stop.speed([p for c in cands for p in c.parts])

@@ -110,11 +110,14 @@ def markdown(res: dict) -> str:
     d = res["dense"]
     w = winners(res)
     healed = any(r.get("healed") for r in res["rows"])
+    c = res.get("params_counted") or {"count": "all"}
+    counted = (f"the {c['total']:,} non-embedding ones (embedding and LM head left out)" if c["count"] == "non_embedding"
+               else "them (embeddings and LM head counted)")
     lines = [
         f"# rtk ablation: {res['model']}",
         "",
-        f"- Parameters: {res['params_total']:,} (embeddings and LM head counted); targets "
-        f"{', '.join(f'{t:.0%}' for t in res['targets'])} of them removed.",
+        f"- Parameters: {res['params_total']:,}; targets {', '.join(f'{t:.0%}' for t in res['targets'])} of "
+        f"{counted} removed.",
         f"- Calibration (search): {cal['file']} [{cal['split']}], {cal['samples']} x {cal['seq_len']} tokens. "
         f"Evaluation: {ev['file']} [{ev['split']}], {ev['samples']} x {ev['seq_len']} tokens "
         f"({ev['predicted_tokens']:,} predicted); {sc['dtype']}, torch on {sc['device']}.",

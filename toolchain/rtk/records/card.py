@@ -20,7 +20,7 @@ import yaml
 
 from rtk import pip_install
 from rtk.outdir import cache_dir
-from rtk.records.names import base_name, data_name
+from rtk.records.names import base_name, counted_text, data_name
 
 BENCH_PARTS = ("evaluation", "performance", "measured")
 
@@ -160,7 +160,8 @@ def model_card(summary: dict, plan: Optional[dict], source: Optional[str], recip
     before, after = summary.get("params_before"), summary["params"]
     if before:
         lines.append(f"- Parameters: {before:,} before -> {after:,} after "
-                     f"({1 - after / before:.1%} removed; embeddings and LM head counted once)")
+                     f"({1 - after / before:.1%} removed; embeddings and LM head counted once)"
+                     + (f"; {counted_text(plan)}" if plan and plan.get("params_counted") else ""))
     else:
         lines.append(f"- Parameters: {after:,} (the model before pruning is not at hand: count before unknown)")
     lines.append("")

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rtk.records.names import counted_text  # noqa: E402
+
 
 def _heatmap(plan: dict, out: Path) -> str:
     step0 = plan["steps"][0]["scores"]
@@ -63,8 +65,10 @@ def _ppl_curve(plan: dict, out: Path) -> str:
 
 
 def target_text(target: dict) -> str:
-    """The stop rule as the recipe says it (`params_removed: 0.2`), without the unset alternatives."""
-    return ", ".join(f"{k}: {v}" for k, v in target.items() if v is not None) or "none"
+    """The stop rule as the recipe says it (`params_removed: 0.2`), without the unset alternatives (and without
+    `count: all`, the default every recipe before it had)."""
+    return ", ".join(f"{k}: {v}" for k, v in target.items()
+                     if v is not None and not (k == "count" and v == "all")) or "none"
 
 
 def write_report(plan: dict, out: Path) -> None:
@@ -79,7 +83,7 @@ def write_report(plan: dict, out: Path) -> None:
         f"# rtk prune report: {plan['model']}",
         "",
         f"- Parameters: {plan['params_total']:,} -> {plan['params_after']:,} "
-        f"({plan['params_removed_fraction']:.1%} removed; embeddings and LM head counted)",
+        f"({plan['params_removed_fraction']:.1%} of all removed; {counted_text(plan)})",
         f"- Removed: {len(plan['removed'])} candidates ({n_attn} attention, {n_mlp} MLP sublayers)",
         f"- Search: {plan['recipe']['search']['method']}, normalize={plan['recipe']['search']['normalize']}, "
         f"target {target_text(plan['recipe']['search']['target'])}, "

@@ -1,21 +1,26 @@
-"""RtkForCausalLM: a heterogeneous Llama / Qwen3 decoder built from vLLM's own layers.
+"""RtkForCausalLM: a heterogeneous Llama / Qwen3 / Gemma 3 decoder built from vLLM's own layers.
 
 Every layer's attention and MLP sublayer is present or absent, as the folder's config says: a standard
-Llama / Mistral / Qwen2 / Qwen3 config whose `per_layer_config` lists the removed modules
+Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 config whose `per_layer_config` lists the removed modules
 (`{"3": {"skip": ["attention"]}}`), or rtk's nemotron-nas config (`block_configs`); both are read by
 `rtk.model.modeling_rtk` (`config_from_standard`), the class transformers loads from the same folder.
 
 - Attention is vLLM's `LlamaAttention` (fused q/k/v, RoPE, paged KV cache), or `Qwen3Attention` when
   the model normalizes q and k per head; the MLP is vLLM's `LlamaMLP`; norms are vLLM's `RMSNorm`.
+  Gemma 3 layers are vLLM's own Gemma 3 modules: `Gemma3Attention` (q/k norms, query_pre_attn_scalar, the
+  layer's RoPE and, on sliding layers, its window), `Gemma3MLP` (GELU-tanh) and `GemmaRMSNorm` before and
+  after each sublayer (the after-norm applied to the branch, inside the sublayer); embeddings scaled by
+  sqrt(hidden) and logits softcapped as vLLM's Gemma3ForCausalLM does.
   All of them split over tensor-parallel ranks, so any TP size that divides the heads works.
 - Only present attention sublayers create an `Attention` module, and vLLM sizes the KV cache from those
-  modules: a removed attention holds no cache.
+  modules: a removed attention holds no cache (and a sliding one only its window).
 - The residual stream follows vLLM's fused add + RMSNorm convention (`norm(x, residual)`), started by
   whichever sublayer comes first, so a model whose first sublayer is an MLP (layer 0's attention removed)
   runs; stock vLLM's DeciLM assumes attention comes first and crashes there.
 """
 from collections.abc import Iterable
 from itertools import islice
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -23,9 +28,10 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.gemma3 import Gemma3Attention, Gemma3MLP
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.llama import LlamaAttention, LlamaMLP, LlamaModel
 from vllm.model_executor.models.qwen3 import Qwen3Attention
@@ -33,7 +39,8 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer,
                                               make_empty_intermediate_tensors_factory, make_layers, maybe_prefix)
 from vllm.sequence import IntermediateTensors
 
-from rtk.model.modeling_rtk import RtkDeciConfig, config_from_standard
+from rtk.model.modeling_rtk import (BASE_ARCHS, SUBLAYER_MODULES, RtkDeciConfig, attention_type,
+                                    config_from_standard, window_of)
 
 
 def rtk_config(hf_config) -> RtkDeciConfig:
@@ -41,6 +48,19 @@ def rtk_config(hf_config) -> RtkDeciConfig:
     if getattr(hf_config, "model_type", None) == RtkDeciConfig.model_type:
         return hf_config
     return config_from_standard(hf_config)
+
+
+def is_gemma(rtk: RtkDeciConfig) -> bool:
+    return getattr(BASE_ARCHS.get(getattr(rtk, "rtk_base_model_type", None)), "gemma", False)
+
+
+def gemma_view(rtk: RtkDeciConfig) -> SimpleNamespace:
+    """What vLLM's Gemma3Attention reads from a Gemma3TextConfig, from the rtk config (every layer's type, even
+    where its attention is gone, so that layer indices stay those of the checkpoint)."""
+    return SimpleNamespace(query_pre_attn_scalar=rtk.query_pre_attn_scalar, attention_bias=bool(rtk.attention_bias),
+                           rms_norm_eps=rtk.rms_norm_eps, sliding_window=window_of(rtk),
+                           layer_types=[attention_type(b) for b in rtk.block_configs],
+                           rope_parameters=rtk.rope_parameters, is_causal=True)
 
 
 def _sublayer(norm, fn, hidden, residual):
@@ -54,16 +74,30 @@ def _sublayer(norm, fn, hidden, residual):
 
 
 class RtkDecoderLayer(nn.Module):
+    """A layer's present sublayers, each h += post(branch(pre(h))) (post only with sandwich norms), named as in
+    the checkpoint (modeling_rtk.SUBLAYER_MODULES)."""
+
     def __init__(self, vllm_config: VllmConfig, rtk: RtkDeciConfig, layer_idx: int, prefix: str = ""):
         super().__init__()
         hf, cache_config, quant_config = vllm_config.model_config.hf_config, vllm_config.cache_config, \
             vllm_config.quant_config
         block = rtk.block_configs[layer_idx]
         h, eps = rtk.hidden_size, rtk.rms_norm_eps
-        self.self_attn = self.input_layernorm = self.mlp = self.post_attention_layernorm = None
+        gemma = is_gemma(rtk)
+        self.names = SUBLAYER_MODULES[bool(getattr(rtk, "sandwich_norms", False))]
+        for kind in ("attn", "mlp"):
+            for name in self.names[kind]:
+                if name is not None:
+                    setattr(self, name, None)
+        norm = GemmaRMSNorm if getattr(rtk, "rms_norm_unit_offset", False) else RMSNorm
         if not block.attention.no_op:
             kv = rtk.num_attention_heads // block.attention.n_heads_in_group
-            if rtk.qk_norm:
+            if gemma:
+                self.self_attn = Gemma3Attention(
+                    config=gemma_view(rtk), hidden_size=h, num_heads=rtk.num_attention_heads, num_kv_heads=kv,
+                    head_dim=rtk.head_dim, max_position_embeddings=rtk.max_position_embeddings,
+                    cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.self_attn")
+            elif rtk.qk_norm:
                 if rtk.attention_bias:
                     raise ValueError("rtk plugin: q/k norms with an o_proj bias are not supported")
                 self.self_attn = Qwen3Attention(
@@ -77,20 +111,34 @@ class RtkDecoderLayer(nn.Module):
                     max_position_embeddings=rtk.max_position_embeddings, quant_config=quant_config,
                     bias=bool(rtk.qkv_bias), bias_o_proj=bool(rtk.attention_bias), cache_config=cache_config,
                     prefix=f"{prefix}.self_attn")
-            self.input_layernorm = RMSNorm(h, eps=eps)
+            self._norms("attn", norm, h, eps)
         if not block.ffn.no_op:
-            self.mlp = LlamaMLP(hidden_size=h, intermediate_size=block.ffn.intermediate_size,
-                                hidden_act=rtk.hidden_act, quant_config=quant_config, bias=bool(rtk.mlp_bias),
-                                prefix=f"{prefix}.mlp")
-            self.post_attention_layernorm = RMSNorm(h, eps=eps)
+            if gemma:
+                self.mlp = Gemma3MLP(hidden_size=h, intermediate_size=block.ffn.intermediate_size,
+                                     hidden_activation=rtk.hidden_act, quant_config=quant_config,
+                                     prefix=f"{prefix}.mlp")
+            else:
+                self.mlp = LlamaMLP(hidden_size=h, intermediate_size=block.ffn.intermediate_size,
+                                    hidden_act=rtk.hidden_act, quant_config=quant_config, bias=bool(rtk.mlp_bias),
+                                    prefix=f"{prefix}.mlp")
+            self._norms("mlp", norm, h, eps)
+
+    def _norms(self, kind: str, norm, h: int, eps: float) -> None:
+        for name in self.names[kind][1:]:
+            if name is not None:
+                setattr(self, name, norm(h, eps=eps))
+
+    def _run(self, kind: str, fn, hidden_states, residual):
+        _, pre, post = self.names[kind]
+        branch = fn if post is None else (lambda x: getattr(self, post)(fn(x)))
+        return _sublayer(getattr(self, pre), branch, hidden_states, residual)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         if self.self_attn is not None:
-            hidden_states, residual = _sublayer(
-                self.input_layernorm, lambda x: self.self_attn(positions=positions, hidden_states=x), hidden_states,
-                residual)
+            hidden_states, residual = self._run(
+                "attn", lambda x: self.self_attn(positions=positions, hidden_states=x), hidden_states, residual)
         if self.mlp is not None:
-            hidden_states, residual = _sublayer(self.post_attention_layernorm, self.mlp, hidden_states, residual)
+            hidden_states, residual = self._run("mlp", self.mlp, hidden_states, residual)
         return hidden_states, residual
 
 
@@ -114,12 +162,17 @@ class RtkModel(nn.Module):
             rtk.num_hidden_layers,
             lambda prefix: RtkDecoderLayer(vllm_config, rtk, int(prefix.rsplit(".", 1)[1]), prefix=prefix),
             prefix=f"{prefix}.layers")
-        self.norm = RMSNorm(rtk.hidden_size, eps=rtk.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        norm = GemmaRMSNorm if getattr(rtk, "rms_norm_unit_offset", False) else RMSNorm
+        self.norm = norm(rtk.hidden_size, eps=rtk.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        # Gemma: embeddings x sqrt(hidden) in the model's dtype, as vLLM's (and transformers') Gemma 3
+        self.register_buffer("normalizer", torch.tensor(rtk.hidden_size ** 0.5)
+                             if getattr(rtk, "scale_embeddings", False) else None, persistent=False)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], rtk.hidden_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        out = self.embed_tokens(input_ids)
+        return out if self.normalizer is None else out * self.normalizer
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None, inputs_embeds: torch.Tensor | None = None):
@@ -155,7 +208,8 @@ class RtkForCausalLM(nn.Module, SupportsPP):
                                           prefix=maybe_prefix(prefix, "lm_head"))
             if rtk.tie_word_embeddings:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-            self.logits_processor = LogitsProcessor(rtk.vocab_size)
+            self.logits_processor = LogitsProcessor(rtk.vocab_size,
+                                                    soft_cap=getattr(rtk, "final_logit_softcapping", None))
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors

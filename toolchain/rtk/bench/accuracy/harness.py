@@ -6,6 +6,9 @@ command rtk records is exactly the one that produced the numbers.
 - served: lm-eval's `local-completions` model against an OpenAI-compatible /v1/completions endpoint (the
   vLLM server rtk bench started or was given), token-id prompts with echoed log-probs.
 
+Where the folder's tokenizer puts BOS before the text (Gemma), lm-eval is told to add it (`add_bos_token=True`),
+as rtk's token blocks do; otherwise its arguments are as they always were.
+
 The result per task is what lm-eval reports: acc, acc_stderr and, where the task defines it, acc_norm
 (log-likelihood divided by the choice's length in characters) and acc_norm_stderr.
 """
@@ -23,8 +26,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rtk import pip_install
+from rtk.data import adds_bos
 from rtk.errors import RtkError
-from rtk.model.load import transformers_remote_code
+from rtk.model.load import load_tokenizer, transformers_remote_code
 from rtk.bench.accuracy.tasks import TaskSet
 
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
@@ -72,13 +76,21 @@ class LmEvalRun:
         return shlex.join(["lm_eval", *self.args()])
 
 
+def bos_args(folder: str) -> dict:
+    """{"add_bos_token": True} where the folder's tokenizer adds BOS (lm-eval's served models add it only when told,
+    its hf model for the model types it knows), else {}; {} for a folder without a tokenizer (lm-eval says so)."""
+    if not any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return {}
+    return {"add_bos_token": True} if adds_bos(load_tokenizer(str(folder))) else {}
+
+
 def hf_run(folder: str, tasks: TaskSet, limit: Optional[int], dtype: str = "float32", device: str = "cpu",
            batch_size: int = 8) -> LmEvalRun:
     """lm-eval's `hf` model on a model folder in this machine's memory."""
     args = {"pretrained": str(folder), "dtype": dtype}
     if transformers_remote_code(folder):
         args["trust_remote_code"] = True
-    return LmEvalRun("hf", args, tasks, limit, batch_size, device)
+    return LmEvalRun("hf", {**args, **bos_args(folder)}, tasks, limit, batch_size, device)
 
 
 def served_run(url: str, served_name: str, tokenizer_dir: str, tasks: TaskSet, limit: Optional[int],
@@ -90,7 +102,7 @@ def served_run(url: str, served_name: str, tokenizer_dir: str, tasks: TaskSet, l
             "max_retries": 3}
     if transformers_remote_code(tokenizer_dir):
         args["trust_remote_code"] = True
-    return LmEvalRun("local-completions", args, tasks, limit, 1, None)
+    return LmEvalRun("local-completions", {**args, **bos_args(tokenizer_dir)}, tasks, limit, 1, None)
 
 
 def _error_line(log: Path) -> str:
