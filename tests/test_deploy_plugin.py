@@ -106,7 +106,7 @@ def test_no_vllm_path_is_refused_with_the_list(folders, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
     _fails([bad], f"Error: model: {bad}/config.json: model_type 'gemma' with ['GemmaForCausalLM'] and per-layer skips: "
                   "neither stock vLLM nor rtk's vLLM plugin serves it (the plugin serves llama, mistral, qwen2, "
-                  "qwen3; stock vLLM serves rtk's nemotron-nas folders)")
+                  "qwen3, gemma3_text; stock vLLM serves rtk's nemotron-nas folders)")
     (bad / "config.json").write_text(json.dumps({**cfg, "per_layer_config": {"7": {"skip": ["mixer"]}}}))
     _fails([bad], f"Error: model: {bad}/config.json: per_layer_config['7'] must be a layer index below 4 with a skip "
                   "list of attention / mlp (got {'skip': ['mixer']})")
