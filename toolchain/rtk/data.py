@@ -267,17 +267,18 @@ def token_blocks(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> tu
     this machine's path or hub id; `text`: a name for the text that is the same on every machine, for model
     cards). `avoid`: token ranges of the same text that no block may overlap (held out for another use); without
     it the blocks are those rtk has always cut."""
-    blocks, info, _ = _cut(tokenizer, spec, field, avoid)
+    blocks, info, _ = cut_blocks(tokenizer, spec, field, avoid)
     return blocks, info
 
 
 def token_spans(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> list[tuple[int, int]]:
     """The ranges of the text's tokens token_blocks takes for `spec` (what another use of the same text must
     avoid; a leading BOS is no token of the text)."""
-    return _cut(tokenizer, spec, field, avoid)[2]
+    return cut_blocks(tokenizer, spec, field, avoid)[2]
 
 
-def _cut(tokenizer, spec: DataSpec, field: str, avoid: Spans) -> tuple[torch.Tensor, dict, list]:
+def cut_blocks(tokenizer, spec: DataSpec, field: str, avoid: Spans = ()) -> tuple[torch.Tensor, dict, list]:
+    """token_blocks and token_spans from one tokenization of the text: (blocks, info, spans)."""
     if spec.kind == "hub":
         extra = sum(b - a for a, b in avoid) + spec.seq_len * len(avoid)
         ids = _hub_ids(tokenizer, spec.model_copy(update={"samples": spec.samples + -(-extra // spec.seq_len)})

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from rtk.data import same_text, token_blocks, token_spans
+from rtk.data import cut_blocks, same_text, token_spans
 from rtk.errors import RtkError
 from rtk.model.params import total_params
 from rtk.model.sublayer import expand, model_order
@@ -41,9 +41,8 @@ def judge_blocks(tokenizer, recipe) -> tuple:
     """The judge's blocks and their record: the judge text minus the search's calibration blocks."""
     sel, cal = recipe.select, recipe.data.calibration
     avoid = token_spans(tokenizer, cal, "data.calibration") if same_text(sel.judge, cal) else []
-    blocks, info = token_blocks(tokenizer, sel.judge, "select.judge", avoid)
-    return blocks, {**info, "held_out_from": ["data.calibration"] if avoid else []}, \
-        token_spans(tokenizer, sel.judge, "select.judge", avoid)
+    blocks, info, spans = cut_blocks(tokenizer, sel.judge, "select.judge", avoid)
+    return blocks, {**info, "held_out_from": ["data.calibration"] if avoid else []}, spans
 
 
 def finalist_pool(tokenizer, recipe, judge_spans) -> tuple:
