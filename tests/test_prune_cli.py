@@ -55,7 +55,7 @@ def test_prune_writes_plan_model_report(tmp_path, tiny_dir):
     out = tmp_path / "out"
     res = run("prune", recipe(tmp_path, tiny_dir), "-o", out, "--quiet")
     assert res.exit_code == 0, res.output
-    assert "PPL" in res.output and "before ->" in res.output
+    assert "PPL" in res.output and "before ->" in res.output and "rtk: removed 3 sublayers," in res.output
     plan = json.loads((out / "plan.json").read_text())
     for key in ("model", "recipe", "params_total", "params_removed", "ppl_base", "ppl_final", "eval", "removed",
                 "steps"):
@@ -83,6 +83,14 @@ def test_prune_writes_plan_model_report(tmp_path, tiny_dir):
     # rerunning a finished recipe into the same folder does nothing
     res = run("prune", recipe(tmp_path, tiny_dir), "-o", out, "--quiet")
     assert res.exit_code == 0 and "already holds this recipe's result" in res.output
+
+
+def test_whole_layer_plans_say_layers(tmp_path, tiny_dir):
+    """A plan of whole layers says how many layers it removed, not 'sublayers'."""
+    res = run("prune", recipe(tmp_path, tiny_dir, search__candidates="blocks", search__target={"sublayers": 2}),
+              "-o", tmp_path / "out", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "rtk: removed 2 layers," in res.output
 
 
 @pytest.mark.parametrize("method", ["progressive", "one-shot"])

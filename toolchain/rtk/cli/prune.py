@@ -38,7 +38,7 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     non_embedding = (f"; {counted['removed_fraction']:.1%} of the {counted['total']:,} non-embedding ones"
                      if counted.get("count") == "non_embedding" else "")
     click.echo(
-        f"rtk: removed {len(res.removed)} sublayers, {res.params_removed:,} of {res.params_total:,} "
+        f"rtk: removed {_what(res.plan['removed'])}, {res.params_removed:,} of {res.params_total:,} "
         f"parameters ({res.params_removed_fraction:.1%}{non_embedding})\n"
         f"rtk: {ev['file']} [{ev['split']}] PPL ({ev['samples']}x{ev['seq_len']} tokens, "
         f"{res.plan['recipe']['dtype']}): "
@@ -47,3 +47,11 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
     )
     if res.heal:
         echo_healed(res.heal)
+
+
+def _what(removed: list[dict]) -> str:
+    """'3 sublayers', '8 layers' or '2 layers and 3 sublayers': what a plan removed, by kind."""
+    layers = sum(e.get("kind") == "layer" for e in removed)
+    counts = ((layers, "layer"), (len(removed) - layers, "sublayer"))
+    parts = [f"{n} {word}{'s' if n != 1 else ''}" for n, word in counts if n]
+    return " and ".join(parts) or "0 sublayers"
