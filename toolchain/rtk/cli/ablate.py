@@ -13,7 +13,8 @@ from rtk.errors import RtkError
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: runs/<recipe name>-ablation).")
 @click.option("--targets", default="0.1,0.2,0.3", show_default=True,
-              help="Fractions of all parameters to remove, comma-separated.")
+              help="Fractions of the parameters to remove (all of them, or the non-embedding ones where the recipe's "
+                   "search.target.count says non_embedding), comma-separated.")
 @click.option("--variants", default=None,
               help="Comma-separated subset of: params-progressive, params-oneshot, none-progressive, "
                    "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
