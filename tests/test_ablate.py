@@ -73,11 +73,15 @@ PPL_VARIANTS = [v for v in VARIANTS if v.rank == "ppl"]
 
 def test_variant_expansion():
     vs = select_variants(None)
-    assert [v.name for v in vs] == RUN_ORDER and len(vs) == 8
-    grid = {(v.normalize, v.method) for v in vs if v.candidates == "sublayers"}
+    assert [v.name for v in vs] == RUN_ORDER and len(vs) == 10
+    grid = {(v.normalize, v.method) for v in vs if v.candidates == "sublayers" and v.rank == "ppl"}
     assert grid == {(n, m) for n in ("params", "none", "cost") for m in ("progressive", "one-shot")}
     blocks = {v.name: (v.method, v.rank, v.normalize) for v in vs if v.candidates == "blocks"}
-    assert blocks == {"blocks-ppl": ("progressive", "ppl", "none"), "blocks-bi": ("one-shot", "bi", "none")}
+    assert blocks == {"blocks-ppl": ("progressive", "ppl", "none"), "blocks-bi": ("one-shot", "bi", "none"),
+                      "blocks-kl": ("progressive", "kl", "none")}
+    kl = {v.name: (v.candidates, v.method, v.normalize) for v in vs if v.rank == "kl"}
+    assert kl == {"blocks-kl": ("blocks", "progressive", "none"),
+                  "params-progressive-kl": ("sublayers", "progressive", "params")}
     assert [v.name for v in select_variants("params-progressive, blocks-bi")] == ["blocks-bi", "params-progressive"]
     with pytest.raises(RtkError, match=r"--variants: unknown variant\(s\) nope; known: params-progressive"):
         select_variants("params-progressive,nope")
@@ -331,6 +335,41 @@ def test_cli_ablate_tiny_model_resumes_and_reports(tmp_path, tiny_folder, monkey
     assert r.exit_code == 0 and "already holds this ablation" in r.output
     r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(out), "--targets", "0.5"])
     assert r.exit_code == 1 and "holds an ablation of a different recipe or targets" in r.output
+
+
+def test_kl_variants_search_by_kl_and_report_calibration_ppl(tmp_path, tiny_folder):
+    """blocks-kl and params-progressive-kl remove what a search scored by KL to the original model removes
+    (rtk.prune.select's criterion), and their rows, like every variant's, carry calibration PPL."""
+    from rtk.cli import main
+    from rtk.data import token_blocks
+    from rtk.model.load import load_model
+    from rtk.model.ppl import teacher_logprobs
+    from rtk.prune.config import load_recipe
+    from rtk.prune.scoring import candidates, make_scorer
+
+    rec, out = _recipe(tmp_path, tiny_folder), tmp_path / "abl"
+    r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(out), "--targets", "0.02",
+                                  "--variants", "blocks-kl,params-progressive-kl,params-progressive", "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["scoring_kl"]["kl_evaluations"] > 0
+    recipe = load_recipe(rec)
+    model, tok, _ = load_model(str(tiny_folder))
+    calib, _ = token_blocks(tok, recipe.data.calibration, "c")
+    ref = teacher_logprobs(model, calib, recipe.scoring.batch_size)
+    kl = make_scorer(model, calib, recipe.scoring, progress=False, teacher_logprobs=ref)
+    ppl = make_scorer(model, calib, recipe.scoring, progress=False)
+    total = res["params_counted"]["total"]
+    for name, kind, normalize in (("blocks-kl", "blocks", "none"), ("params-progressive-kl", "sublayers", "params")):
+        cs = candidates(model, kind, ["attn.0"])
+        want = run_search(kl, cs, StopRule(total, params_removed=0.02), "progressive", normalize)
+        assert res["variants"][name]["order"] == [e["name"] for e in want["removed"]], name
+        (row,) = [x for x in res["rows"] if x["variant"] == name]
+        gone = frozenset(p for e in want["removed"] for c in cs if c.name == e["name"] for p in c.parts)
+        assert row["calib_ppl"] == pytest.approx(ppl.ppl(gone), rel=1e-5)
+        assert row["calib_ppl_base"] == pytest.approx(ppl.ppl(frozenset()), rel=1e-5)
+    # the criteria differ on this model, so the order above could not have come from the PPL search
+    assert res["variants"]["params-progressive"]["order"] != res["variants"]["params-progressive-kl"]["order"]
 
 
 def test_ablate_targets_count_non_embedding_parameters_where_the_recipe_says(tmp_path, tiny_folder):

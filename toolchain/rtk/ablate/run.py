@@ -258,6 +258,21 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     states = {v.name: load_json(sd / f"search-{v.name}.json", None) for v in variants}
     states = {k: s for k, s in states.items() if s is not None}
 
+    kl_scorer = []
+
+    def kl() -> CachedScorer:
+        """The KL criterion's scorer (rank "kl"), made on first use: the original model's log-probs on the
+        calibration blocks, and its own cache of exp(mean KL) by removed set (state/scores-kl.json)."""
+        if not kl_scorer:
+            from rtk.model.ppl import teacher_logprobs
+
+            ref = teacher_logprobs(model, calib, recipe.scoring.batch_size)
+            c = CachedScorer(make_scorer(model, calib, recipe.scoring, progress, teacher_logprobs=ref),
+                             load_json(sd / "scores-kl.json", {}))
+            c.on_new = lambda: write_json_atomic(sd / "scores-kl.json", c.cache)
+            kl_scorer.append(c)
+        return kl_scorer[0]
+
     def bi() -> dict[str, float]:
         got = load_json(sd / "block_influence.json", None)
         if got is None:
@@ -289,6 +304,9 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
                         "cache_misses": scorer.misses, "seconds": round(inner.seconds, 1),
                         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                         "dtype": recipe.dtype, "device": recipe.device},
+            **({"scoring_kl": {"kl_evaluations": kl_scorer[0].inner.evaluations, "cache_hits": kl_scorer[0].hits,
+                               "cache_misses": kl_scorer[0].misses, "seconds": round(kl_scorer[0].inner.seconds, 1)}}
+               if kl_scorer else {}),
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
             "block_influence": load_json(sd / "block_influence.json", None),
         }
@@ -305,7 +323,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
         return res
     run_all(variants, scorer, cands, n_counted, targets, states,
             save=lambda n, s: write_json_atomic(sd / f"search-{n}.json", s), log=lambda s: echo(f"rtk: {s}"),
-            bi=bi, after_variant=after_variant)
+            bi=bi, after_variant=after_variant, kl=kl)
     res = result()
     write_outputs(res, partial)
     if heal is not None:

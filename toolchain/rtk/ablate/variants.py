@@ -36,7 +36,7 @@ class Variant:
     candidates: str  # "sublayers" | "blocks"
     method: str  # "progressive" | "one-shot"
     normalize: str  # "params" | "none" | "cost"
-    rank: str  # "ppl": (N)RI from measured PPL; "bi": block influence
+    rank: str  # "ppl": (N)RI from measured PPL; "kl": the same from exp(mean KL to the original); "bi": block influence
     label: str
 
 
@@ -49,10 +49,14 @@ VARIANTS = [
     Variant("cost-oneshot", "sublayers", "one-shot", "cost", "ppl", "RI/serving cost, one-shot"),
     Variant("blocks-ppl", "blocks", "progressive", "none", "ppl", "whole layers, greedy by PPL"),
     Variant("blocks-bi", "blocks", "one-shot", "none", "bi", "whole layers, one-shot by block influence"),
+    # the KL criterion (rtk.prune.select's): RI measured as exp(mean KL) from the original model's next-token
+    # distributions on the calibration blocks instead of their PPL
+    Variant("params-progressive-kl", "sublayers", "progressive", "params", "kl", "RI/params by KL, progressive"),
+    Variant("blocks-kl", "blocks", "progressive", "none", "kl", "whole layers, greedy by KL"),
 ]
 # cheap variants first, then the method, so the most telling results appear early
 RUN_ORDER = ["params-oneshot", "none-oneshot", "cost-oneshot", "blocks-bi", "params-progressive",
-             "blocks-ppl", "cost-progressive", "none-progressive"]
+             "blocks-ppl", "cost-progressive", "none-progressive", "blocks-kl", "params-progressive-kl"]
 
 
 def select_variants(names: Optional[str]) -> list[Variant]:
@@ -139,13 +143,29 @@ def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:
 
 def run_variant_search(v: Variant, scorer, cands: dict[str, list[Candidate]], stop: StopRule,
                        state: Optional[dict], save: Callable[[dict], None], log: Callable[[str], None],
-                       bi: Callable[[], dict[str, float]]) -> dict:
-    """One variant's removal order to the largest target (resumes from `state`)."""
+                       bi: Callable[[], dict[str, float]], kl: Callable[[], object] = lambda: None) -> dict:
+    """One variant's removal order to the largest target (resumes from `state`). `kl()`: the (cached) KL scorer
+    for rank "kl"; its removals' ppl_after are calibration PPL like every variant's (exp(mean KL) beside them
+    as kl_exp_after)."""
     cs = cands[v.candidates]
     if v.rank == "bi":
         if state and state.get("done"):
             return state
         state = ranked_removal(bi(), cs, stop, scorer, scorer.ppl(frozenset()))
+        save(state)
+        return state
+    if v.rank == "kl":
+        if state and state.get("done"):
+            return state
+        state = run_search(kl(), cs, stop, v.method, v.normalize, state=state, save=save, log=log)
+        by_name, gone = {c.name: c for c in cs}, frozenset()
+        for e in state["removed"]:
+            gone = gone | frozenset(by_name[e["name"]].parts)
+            e.setdefault("kl_exp_after", e["ppl_after"])
+            e["ppl_after"] = scorer.ppl(gone)
+        state["kl_exp_base"], state["kl_exp_current"] = state["ppl_base"], state["ppl_current"]
+        state["ppl_base"] = scorer.ppl(frozenset())
+        state["ppl_current"] = state["removed"][-1]["ppl_after"] if state["removed"] else state["ppl_base"]
         save(state)
         return state
     return run_search(scorer, cs, stop, v.method, v.normalize, state=state, save=save, log=log)
@@ -154,7 +174,8 @@ def run_variant_search(v: Variant, scorer, cands: dict[str, list[Candidate]], st
 def run_all(variants: list[Variant], scorer, cands: dict[str, list[Candidate]], params_total: int,
             targets: list[float], states: Optional[dict] = None, save: Callable[[str, dict], None] = lambda n, s: None,
             log: Callable[[str], None] = lambda s: None, bi: Callable[[], dict[str, float]] = dict,
-            after_variant: Callable[[Variant, dict], None] = lambda v, s: None) -> dict[str, dict]:
+            after_variant: Callable[[Variant, dict], None] = lambda v, s: None,
+            kl: Callable[[], object] = lambda: None) -> dict[str, dict]:
     """Search every variant once to max(targets) with one shared (cached) scorer; fills and returns
     `states` (variant name -> search state; states given are resumed)."""
     states = {} if states is None else states
@@ -165,7 +186,7 @@ def run_all(variants: list[Variant], scorer, cands: dict[str, list[Candidate]], 
         t0 = time.perf_counter()
         log(f"{v.name}: {v.label}")
         st = run_variant_search(v, scorer, cands, stop, states.get(v.name), lambda s, n=v.name: save(n, s),
-                                lambda s, n=v.name: log(f"{n}: {s}"), bi)
+                                lambda s, n=v.name: log(f"{n}: {s}"), bi, kl)
         states[v.name] = st
         save(v.name, st)
         log(f"{v.name}: done, {len(st['removed'])} removed ({time.perf_counter() - t0:.0f} s)")

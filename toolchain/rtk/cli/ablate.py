@@ -17,7 +17,8 @@ from rtk.errors import RtkError
                    "search.target.count says non_embedding), comma-separated.")
 @click.option("--variants", default=None,
               help="Comma-separated subset of: params-progressive, params-oneshot, none-progressive, "
-                   "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi (default: all).")
+                   "none-oneshot, cost-progressive, cost-oneshot, blocks-ppl, blocks-bi, blocks-kl, "
+                   "params-progressive-kl (default: all).")
 @click.option("--bench", is_flag=True,
               help="Then measure every exported model: zero-shot accuracy (lm-eval, hf model) and served speed "
                    "(vllm bench serve) vs the dense model under vLLM on a short and a KV-heavy workload "
