@@ -93,6 +93,48 @@ def test_whole_layer_plans_say_layers(tmp_path, tiny_dir):
     assert "rtk: removed 2 layers," in res.output
 
 
+def test_kl_criterion_removes_what_a_kl_search_removes(tmp_path, tiny_dir):
+    """search.criterion: kl ranks by KL to the original model (the select: criterion, as a plain recipe): the plan
+    is run_search's over a KL scorer, its ppl_after values stay calibration PPL (exp(mean KL) beside them), the
+    report names the criterion, and criterion: ppl written out keeps an old recipe's fingerprint."""
+    from rtk.data import token_blocks
+    from rtk.model.load import load_model
+    from rtk.model.ppl import teacher_logprobs
+    from rtk.prune.config import load_recipe
+    from rtk.prune.scoring import candidates, make_scorer
+    from rtk.prune.search import StopRule, run_search
+
+    out = tmp_path / "out"
+    rec = recipe(tmp_path, tiny_dir, search__criterion="kl")
+    res = run("prune", rec, "-o", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    r = load_recipe(rec)
+    model, tok, _ = load_model(str(tiny_dir))
+    calib, _ = token_blocks(tok, r.data.calibration, "c")
+    kl = make_scorer(model, calib, r.scoring, progress=False, teacher_logprobs=teacher_logprobs(model, calib, 2))
+    ppl = make_scorer(model, calib, r.scoring, progress=False)
+    cands = candidates(model, "sublayers", ["attn.0"])
+    want = run_search(kl, cands, StopRule(plan["params_total"], sublayers=3), "progressive", "params")
+    assert [e["name"] for e in plan["removed"]] == [e["name"] for e in want["removed"]]
+    gone = frozenset()
+    for got, w in zip(plan["removed"], want["removed"]):
+        gone = gone | {got["name"]}
+        assert got["ppl_after"] == pytest.approx(ppl.ppl(gone), rel=1e-5)
+        assert got["kl_exp_after"] == pytest.approx(w["ppl_after"], rel=1e-5)
+    assert plan["ppl_base"] == pytest.approx(ppl.ppl(frozenset()), rel=1e-5)
+    # the criterion decides: PPL ranks this model's sublayers otherwise
+    by_ppl = run_search(ppl, cands, StopRule(plan["params_total"], sublayers=3), "progressive", "params")
+    assert [e["name"] for e in by_ppl["removed"]] != [e["name"] for e in plan["removed"]]
+    assert "criterion kl" in (out / "report.md").read_text()
+    assert load_recipe(recipe(tmp_path, tiny_dir, search__criterion="ppl")).fingerprint() == \
+        load_recipe(recipe(tmp_path, tiny_dir)).fingerprint() != r.fingerprint()
+    bad = run("prune", recipe(tmp_path, tiny_dir, search__criterion="kl", search__target={"ppl_max": 40}),
+              "-o", tmp_path / "bad", "--quiet")
+    assert bad.exit_code == 1 and "criterion: kl" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 @pytest.mark.parametrize("method", ["progressive", "one-shot"])
 def test_resume_yields_the_same_plan(tmp_path, tiny_dir, method):
     r = recipe(tmp_path, tiny_dir, search__method=method)

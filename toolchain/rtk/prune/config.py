@@ -95,6 +95,10 @@ class SearchConfig(Strict):
     candidates: Literal["sublayers", "blocks"] = Field(
         "sublayers", description="'blocks' removes whole layers (attn+mlp together)"
     )
+    criterion: Literal["ppl", "kl"] = Field(
+        "ppl", description="what a removal's relative impact is measured on: ppl (calibration perplexity, the "
+        "paper's) or kl (exp of the mean KL divergence from the original model's next-token distributions on the "
+        "calibration blocks); plan.json's ppl_after stays calibration PPL either way")
     rescoring: Literal["full", "lazy"] = Field(
         "full", description="progressive: full re-scores every candidate each step (the paper's); lazy re-scores "
         "only those that can still be the minimum (rtk.prune.search.run_search)")
@@ -112,6 +116,9 @@ class SearchConfig(Strict):
     def _lazy_is_progressive(self):
         if self.rescoring == "lazy" and self.method != "progressive":
             raise ValueError("rescoring: lazy applies to method: progressive (one-shot scores once)")
+        if self.criterion == "kl" and (self.target.ppl_increase is not None or self.target.ppl_max is not None):
+            raise ValueError("criterion: kl: a ppl_increase / ppl_max target is in calibration PPL, which a KL search "
+                             "does not measure at each step; give params_removed, sublayers or speedup")
         if self.method == "global" and self.target.params_removed is None:
             raise ValueError("method: global supports target params_removed (a budget that adds up over sublayers)")
         return self
@@ -270,6 +277,12 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _kl_workers(self):
+        if self.search.criterion == "kl" and self.scoring.workers > 1:
+            raise ValueError("search.criterion: kl is not supported with scoring.workers > 1 (Ray); use one worker")
+        return self
+
+    @model_validator(mode="after")
     def _select(self):
         sel, ev = self.select, self.data.evaluation
         if sel is None:
@@ -286,6 +299,9 @@ class Recipe(Strict):
                              f"to), got {t.describe()}")
         if self.scoring.offload == "disk":
             raise ValueError("select: heals its finalists in memory; scoring.offload: disk never holds the model")
+        if self.search.criterion != "ppl":
+            raise ValueError("search.criterion: select: names its criteria in select.criteria; leave search.criterion "
+                             "at ppl")
         if "kl" in sel.criteria and self.scoring.workers > 1:
             raise ValueError("select.criteria: kl is not supported with scoring.workers > 1 (Ray); use one worker")
         return self
@@ -311,6 +327,8 @@ class Recipe(Strict):
             d["search"]["target"].pop("count", None)
         if d["search"].get("rescoring") == "full":
             d["search"].pop("rescoring")
+        if d["search"].get("criterion") == "ppl":
+            d["search"].pop("criterion")
         for k, v in COST_KEYS_ADDED.items():
             if d["cost"].get(k) == v:
                 d["cost"].pop(k, None)

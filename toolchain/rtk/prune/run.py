@@ -142,9 +142,17 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
             state, selection = _select(recipe, loaded, calib, scorer, speed, stop, cost_fn, partial, pool, progress,
                                        echo)
         else:
-            state = run_search(scorer, cands, stop, recipe.search.method, recipe.search.normalize,
+            searcher = scorer
+            if recipe.search.criterion == "kl":
+                from rtk.model.ppl import teacher_logprobs
+
+                searcher = scorer_for(recipe, loaded, calib, progress, pool, "calibration-kl",
+                                      teacher_logprobs=teacher_logprobs(model, calib, recipe.scoring.batch_size))
+            state = run_search(searcher, cands, stop, recipe.search.method, recipe.search.normalize,
                                state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"),
                                rescoring=recipe.search.rescoring)
+            if recipe.search.criterion == "kl":
+                state = _in_calibration_ppl(state, scorer)
         removed_names = [e["name"] for e in state["removed"]]
         removed_set = frozenset(expand(removed_names))
 
@@ -172,8 +180,8 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
             "calibration": {**calib_info, "measured": _measure_line(calib_info, recipe, name)},
             "eval": {**eval_info, "ppl_base": eval_base, "ppl_final": eval_final,
                      "measured": _measure_line(eval_info, recipe, name)},
-            "removed": [{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after")}
-                        for e in state["removed"]],
+            "removed": [{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after", "kl_exp_after")
+                         if k in e} for e in state["removed"]],
             "removed_sublayers": model_order(removed_set),
             "steps": state["steps"],
             "scoring": _scoring_record(recipe, scorer, loaded),
@@ -224,6 +232,19 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         loaded.close()
     partial.rename(out)
     return plan
+
+
+def _in_calibration_ppl(state: dict, scorer) -> dict:
+    """A KL search's state with calibration PPL in ppl_base / ppl_current / each removal's ppl_after (what every
+    plan.json holds), the search's own exp(mean KL) beside them (kl_exp_*)."""
+    state = {**state, "removed": [dict(e) for e in state["removed"]]}
+    gone = frozenset()
+    for e in state["removed"]:
+        gone = gone | frozenset(expand([e["name"]]))
+        e["kl_exp_after"], e["ppl_after"] = e["ppl_after"], scorer.ppl(gone)
+    state["kl_exp_base"], state["kl_exp_current"] = state["ppl_base"], state["ppl_current"]
+    state["ppl_base"], state["ppl_current"] = scorer.ppl(frozenset()), scorer.ppl(gone)
+    return state
 
 
 def _select(recipe: Recipe, loaded, calib, scorer, speed, stop, cost_fn, partial: Path, pool, progress: bool,

@@ -55,8 +55,8 @@ def _ppl_curve(plan: dict, out: Path) -> str:
         ax.annotate(e["name"], (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("calibration PPL")
-    ax.set_title(f"{plan['recipe']['search']['method']} search, normalize={plan['recipe']['search']['normalize']}",
-                 fontsize=9)
+    ax.set_title(f"{plan['recipe']['search']['method']} search, normalize={plan['recipe']['search']['normalize']}, "
+                 f"criterion {plan['recipe']['search'].get('criterion', 'ppl')}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ppl_curve.png", dpi=110)
@@ -86,7 +86,7 @@ def write_report(plan: dict, out: Path) -> None:
         f"({plan['params_removed_fraction']:.1%} of all removed; {counted_text(plan)})",
         f"- Removed: {len(plan['removed'])} candidates ({n_attn} attention, {n_mlp} MLP sublayers)",
         f"- Search: {plan['recipe']['search']['method']}, normalize={plan['recipe']['search']['normalize']}, "
-        f"target {target_text(plan['recipe']['search']['target'])}, "
+        f"criterion {_criterion(plan['recipe']['search'])}, target {target_text(plan['recipe']['search']['target'])}, "
         f"protect {', '.join(plan['recipe']['search']['protect']) or 'nothing'}",
         *([_speed_line(plan["speed"])] if plan.get("speed") else []),
         *(selection_lines(plan["selection"], out) if plan.get("selection") else []),
@@ -185,3 +185,9 @@ def _engine_line(sc: dict) -> str:
     if sc.get("workers", 1) > 1:
         parts.append(f"{sc['workers']} Ray workers")
     return "; ".join(parts)
+
+
+def _criterion(search: dict) -> str:
+    if search.get("criterion", "ppl") == "kl":
+        return "kl (RI from exp(mean KL) to the original on the calibration blocks; the PPLs here are calibration PPL)"
+    return "ppl (RI from calibration PPL)"
