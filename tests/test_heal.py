@@ -472,6 +472,23 @@ def test_prune_with_heal_section(tmp_path, tiny_folder, heal_text):
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o3.partial").exists()
 
 
+def test_ablate_heal_takes_the_recipes_heal_section_and_heal_tokens_over_its_tokens(tmp_path, tiny_folder, heal_text,
+                                                                                       monkeypatch):
+    """--heal heals with the recipe's heal: section (its tokens and lr), --heal-tokens replacing only the tokens.
+    Before, the recipe's tokens were dropped for rtk heal's default 61,440 when --heal-tokens was not given."""
+    import rtk.ablate.run as ablate_run
+
+    got = []
+    monkeypatch.setattr(ablate_run, "run_ablation", lambda *a, heal=None, **kw: got.append(heal) or
+                        {"rows": [], "variants": {}})
+    r = {"model": str(tiny_folder), "heal": heal_keys(heal_text, tokens=384, lr=2e-4)}
+    rec = write_yaml(tmp_path / "abl.yaml", r)
+    for extra, tokens in (([], 384), (["--heal-tokens", "128"], 128)):
+        res = run("ablate", rec, "-o", tmp_path / "abl", "--variants", "params-oneshot", "--quiet", "--heal", *extra)
+        assert res.exit_code == 0, res.output
+        assert (got[-1].tokens, got[-1].lr, got[-1].micro_batch) == (tokens, 2e-4, 2)
+
+
 def test_ablate_heal_heals_every_model_once_with_one_budget(tmp_path, tiny_folder, heal_text, monkeypatch):
     import rtk.heal.run as heal_run
 

@@ -59,8 +59,8 @@ def ablate(recipe: Path, out: Path | None, targets: str, variants: str | None, b
     if heal_ and not report_only:
         from rtk.heal.config import load_heal_config
 
-        heal_cfg = load_heal_config(None, **{**(rec.heal.model_dump(exclude_unset=True) if rec.heal else {}),
-                                             "tokens": heal_tokens})
+        # the recipe's heal: section, with --heal-tokens over its tokens only when given
+        heal_cfg = load_heal_config(rec.heal, tokens=heal_tokens)
     bench_obj = None
     if bench and not report_only:
         from rtk.ablate.measure import AblationBench, AblationBenchConfig
