@@ -353,6 +353,7 @@ def test_kl_variants_search_by_kl_and_report_calibration_ppl(tmp_path, tiny_fold
     assert r.exit_code == 0, r.output
     res = json.loads((out / "ablation.json").read_text())
     assert res["scoring_kl"]["kl_evaluations"] > 0
+    assert f"KL variants: {res['scoring_kl']['kl_evaluations']} KL evaluations" in (out / "ablation.md").read_text()
     recipe = load_recipe(rec)
     model, tok, _ = load_model(str(tiny_folder))
     calib, _ = token_blocks(tok, recipe.data.calibration, "c")

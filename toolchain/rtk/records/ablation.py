@@ -125,7 +125,10 @@ def markdown(res: dict) -> str:
         f"decode at batch {cm['batch']} x context {cm['context']} and at batch 1; prefill of one "
         f"{cm['context']}-token prompt. Not measured.",
         f"- Scoring: {sc['ppl_evaluations']} calibration PPL evaluations ({sc['cache_hits']} answered from the "
-        f"shared cache) in {sc['seconds']} s this run, {sc['threads']} threads ({sc['machine']}).",
+        f"shared cache) in {sc['seconds']} s this run, {sc['threads']} threads ({sc['machine']})"
+        + (f"; KL variants: {res['scoring_kl']['kl_evaluations']} KL evaluations "
+           f"({res['scoring_kl']['cache_hits']} from their cache) in {res['scoring_kl']['seconds']} s."
+           if res.get("scoring_kl") else "."),
         "",
         f"Dense: eval PPL {d['eval_ppl']:.3f}, calibration PPL {d['calib_ppl']:.3f}.",
         "",
