@@ -167,3 +167,15 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
     assert r.exit_code == 0 and len(FakeServed.opened) == n, r.output
     r = CliRunner().invoke(main, args[:-2] + ["--bench-rounds", "1"])
     assert r.exit_code == 1 and "holds measurements made with other settings" in r.output
+
+
+def test_bench_tasks_none_runs_no_lm_eval(tmp_path, monkeypatch):
+    """--bench-tasks none measures served speed only: no lm-eval run (it refused an empty task list before)."""
+    import math
+
+    from rtk.ablate import measure
+    from rtk.bench.accuracy import harness
+
+    monkeypatch.setattr(harness, "run", lambda *a, **k: pytest.fail("lm-eval ran with no tasks"))
+    q = measure.zero_shot(str(tmp_path), [], 10, "float32", tmp_path, "dense")
+    assert q["tasks"] == {} and q["docs"] == 0 and math.isnan(q["avg_acc"]) and q["lm_eval_command"] is None

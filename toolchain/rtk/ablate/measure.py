@@ -63,6 +63,8 @@ class AblationBenchConfig:
 
 def zero_shot(folder: str, tasks: list[str], limit: Optional[int], dtype: str, work: Path, label: str) -> dict:
     """Per task lm-eval's acc / acc_norm (rtk.bench.accuracy.harness, `hf` model on the folder), averaged."""
+    if not tasks:  # --bench-tasks none: served speed only, no lm-eval run
+        return {**average({}, []), "lm_eval_command": None}
     from rtk.bench.accuracy import harness
     from rtk.bench.accuracy.tasks import prepare
 
