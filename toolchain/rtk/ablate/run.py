@@ -124,7 +124,8 @@ def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = pri
             write_json_atomic(path, saved)
             zs = rec["zero_shot"]
             sp = rec.get("served", {}).get("speedup", {})
-            echo(f"rtk:   zero-shot avg acc {zs['avg_acc']:.3f} ({zs['docs']} docs)"
+            echo((f"rtk:   zero-shot avg acc {zs['avg_acc']:.3f} ({zs['docs']} docs)" if zs["docs"] else
+                  "rtk:   zero-shot: none (--bench-tasks none)")
                  + "".join(f"; {w} tok/s x{v['throughput']['median']:.3f}" for w, v in sp.items())
                  + f" ({rec['seconds']:.0f} s)")
     finally:
