@@ -179,3 +179,15 @@ def test_bench_tasks_none_runs_no_lm_eval(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "run", lambda *a, **k: pytest.fail("lm-eval ran with no tasks"))
     q = measure.zero_shot(str(tmp_path), [], 10, "float32", tmp_path, "dense")
     assert q["tasks"] == {} and q["docs"] == 0 and math.isnan(q["avg_acc"]) and q["lm_eval_command"] is None
+
+
+def test_speed_only_report_shows_no_nan():
+    """A --bench-tasks none ablation (bench/results/gemma3-270m, recorded) renders '-' for zero-shot, never nan."""
+    from rtk.records.ablation import markdown
+
+    from conftest import REPO
+
+    res = json.loads((REPO / "bench" / "results" / "gemma3-270m" / "ablation.json").read_text())
+    assert res["bench_config"]["tasks"] == []
+    md = markdown(res)
+    assert "nan" not in md and "| dense | 0% | 0.0% | 27.435 | - |" in md

@@ -262,7 +262,7 @@ def measured_section(res: dict, w: dict) -> list[str]:
              "[min, max]). tokens/s x = output tokens/s ratio; TPOT x and TTFT x = dense / candidate latency.",
              f"- Zero-shot: {', '.join(conf['tasks']) or 'none'}, first {conf['limit']} documents each "
              f"(lm-eval style acc), {conf['quality_backend']}, {conf['dtype']}; average of task accuracies"
-             + (f"; dense {d['avg_acc']:.3f} ± {d['avg_acc_stderr']:.3f}." if d else "."),
+             + (f"; dense {d['avg_acc']:.3f} ± {d['avg_acc_stderr']:.3f}." if d and d.get("docs") else "."),
              "- Eval PPL as above (torch, in process).", ""]
     head = "| variant | target | params removed | eval PPL | zero-shot avg |"
     sep = "|---|---:|---:|---:|---:|"
@@ -271,7 +271,7 @@ def measured_section(res: dict, w: dict) -> list[str]:
         sep += "---:|---:|---:|"
     lines += [head + " ideal decode x (B=1) |", sep + "---:|"]
     if d:
-        lines.append(f"| dense | 0% | 0.0% | {res['dense']['eval_ppl']:.3f} | {d['avg_acc']:.3f} |"
+        lines.append(f"| dense | 0% | 0.0% | {res['dense']['eval_ppl']:.3f} | {_acc(d['avg_acc'])} |"
                      + " 1 | 1 | 1 |" * len(wls) + " 1 |")
     for r in rows:
         b = r["bench"]
@@ -280,8 +280,13 @@ def measured_section(res: dict, w: dict) -> list[str]:
                         f"{_ratio(sp.get(x['name'], {}).get('tpot'))} | {_ratio(sp.get(x['name'], {}).get('ttft'))} |"
                         for x in wls)
         lines.append(f"| {r['variant']} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
-                     f"{zero_shot_avg(r):.3f} |{cells} {r['decode_speedup_ideal_b1']:.3f} |")
+                     f"{_acc(zero_shot_avg(r))} |{cells} {r['decode_speedup_ideal_b1']:.3f} |")
     return lines
+
+
+def _acc(x: float) -> str:
+    """A zero-shot average, or '-' where none was measured (--bench-tasks none)."""
+    return f"{x:.3f}" if math.isfinite(x) else "-"
 
 
 def plots(res: dict, out: Path) -> None:
