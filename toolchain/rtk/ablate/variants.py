@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from rtk.errors import RtkError
 from rtk.outdir import fingerprint
 from rtk.prune.config import Recipe
-from rtk.prune.search import Candidate, StopRule, ranked_removal, run_search
+from rtk.prune.search import Candidate, StopRule, kl_state_in_calibration_ppl, ranked_removal, run_search
 
 
 @dataclass(frozen=True)
@@ -157,15 +157,8 @@ def run_variant_search(v: Variant, scorer, cands: dict[str, list[Candidate]], st
     if v.rank == "kl":
         if state and state.get("done"):
             return state
-        state = run_search(kl(), cs, stop, v.method, v.normalize, state=state, save=save, log=log)
-        by_name, gone = {c.name: c for c in cs}, frozenset()
-        for e in state["removed"]:
-            gone = gone | frozenset(by_name[e["name"]].parts)
-            e.setdefault("kl_exp_after", e["ppl_after"])
-            e["ppl_after"] = scorer.ppl(gone)
-        state["kl_exp_base"], state["kl_exp_current"] = state["ppl_base"], state["ppl_current"]
-        state["ppl_base"] = scorer.ppl(frozenset())
-        state["ppl_current"] = state["removed"][-1]["ppl_after"] if state["removed"] else state["ppl_base"]
+        state = kl_state_in_calibration_ppl(run_search(kl(), cs, stop, v.method, v.normalize, state=state,
+                                                       save=save, log=log), scorer)
         save(state)
         return state
     return run_search(scorer, cs, stop, v.method, v.normalize, state=state, save=save, log=log)

@@ -26,7 +26,7 @@ from rtk.model.speed import speed_model
 from rtk.model.sublayer import Sublayer, expand, model_order, owner_modules
 from rtk.model.params import counted_params, param_count, total_params
 from rtk.prune.scoring import candidates, existing_names, load_for_scoring, scorer_for
-from rtk.prune.search import StopRule, check_reachable, run_search
+from rtk.prune.search import StopRule, check_reachable, kl_state_in_calibration_ppl, run_search
 
 STATE = "search_state.json"
 
@@ -152,7 +152,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
                                state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"),
                                rescoring=recipe.search.rescoring)
             if recipe.search.criterion == "kl":
-                state = _in_calibration_ppl(state, scorer)
+                state = kl_state_in_calibration_ppl(state, scorer)
         removed_names = [e["name"] for e in state["removed"]]
         removed_set = frozenset(expand(removed_names))
 
@@ -232,19 +232,6 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         loaded.close()
     partial.rename(out)
     return plan
-
-
-def _in_calibration_ppl(state: dict, scorer) -> dict:
-    """A KL search's state with calibration PPL in ppl_base / ppl_current / each removal's ppl_after (what every
-    plan.json holds), the search's own exp(mean KL) beside them (kl_exp_*)."""
-    state = {**state, "removed": [dict(e) for e in state["removed"]]}
-    gone = frozenset()
-    for e in state["removed"]:
-        gone = gone | frozenset(expand([e["name"]]))
-        e["kl_exp_after"], e["ppl_after"] = e["ppl_after"], scorer.ppl(gone)
-    state["kl_exp_base"], state["kl_exp_current"] = state["ppl_base"], state["ppl_current"]
-    state["ppl_base"], state["ppl_current"] = scorer.ppl(frozenset()), scorer.ppl(gone)
-    return state
 
 
 def _select(recipe: Recipe, loaded, calib, scorer, speed, stop, cost_fn, partial: Path, pool, progress: bool,

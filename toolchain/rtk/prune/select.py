@@ -28,7 +28,8 @@ from rtk.model.params import total_params
 from rtk.model.sublayer import expand, model_order
 from rtk.outdir import write_json_atomic
 from rtk.prune.criteria import boundary_influence, candidate_influence
-from rtk.prune.search import Candidate, StopRule, normalized, ranked_removal, run_search
+from rtk.prune.search import (Candidate, StopRule, kl_removals_in_calibration_ppl, normalized, ranked_removal,
+                              run_search)
 
 STATE = "state.json"
 
@@ -118,10 +119,7 @@ def propose(name: str, *, model, calib, scorers: dict, cands: dict, stop: StopRu
         state = run_search(scorers[crit], cands[family], stop, s.method, s.normalize, state=state, save=save,
                            log=lambda m: log(f"{name}: {m}"), rescoring=s.rescoring)
         if crit == "kl":  # ppl_after stays calibration PPL in every plan.json; the search's own value beside it
-            gone = frozenset()
-            for e in state["removed"]:
-                gone = gone | frozenset(expand([e["name"]]))
-                e["kl_exp_after"], e["ppl_after"] = e["ppl_after"], scorers["ppl"].ppl(gone)
+            kl_removals_in_calibration_ppl(state["removed"], scorers["ppl"])
     state["criterion"] = crit
     save(state)
     return state
