@@ -142,12 +142,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
             state, selection = _select(recipe, loaded, calib, scorer, speed, stop, cost_fn, partial, pool, progress,
                                        echo)
         else:
-            searcher = scorer
-            if recipe.search.criterion == "kl":
-                from rtk.model.ppl import teacher_logprobs
-
-                searcher = scorer_for(recipe, loaded, calib, progress, pool, "calibration-kl",
-                                      teacher_logprobs=teacher_logprobs(model, calib, recipe.scoring.batch_size))
+            searcher = _kl_scorer(recipe, loaded, calib, progress, pool) if recipe.search.criterion == "kl" else scorer
             state = run_search(searcher, cands, stop, recipe.search.method, recipe.search.normalize,
                                state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"),
                                rescoring=recipe.search.rescoring)
@@ -234,6 +229,14 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
     return plan
 
 
+def _kl_scorer(recipe: Recipe, loaded, calib, progress: bool, pool):
+    """The KL criterion's scorer over the calibration blocks: exp(mean KL) from the original model's log-probs."""
+    from rtk.model.ppl import teacher_logprobs
+
+    return scorer_for(recipe, loaded, calib, progress, pool, "calibration-kl",
+                      teacher_logprobs=teacher_logprobs(loaded.model, calib, recipe.scoring.batch_size))
+
+
 def _select(recipe: Recipe, loaded, calib, scorer, speed, stop, cost_fn, partial: Path, pool, progress: bool,
             echo) -> tuple[dict, dict]:
     """recipe select:: the winner's search state (calibration PPLs in ppl_base / ppl_current) and the record."""
@@ -242,10 +245,7 @@ def _select(recipe: Recipe, loaded, calib, scorer, speed, stop, cost_fn, partial
     model, sel = loaded.model, recipe.select
     scorers = {"ppl": scorer}
     if "kl" in sel.criteria:
-        from rtk.model.ppl import teacher_logprobs
-
-        scorers["kl"] = scorer_for(recipe, loaded, calib, progress, pool, "calibration-kl",
-                                   teacher_logprobs=teacher_logprobs(model, calib, recipe.scoring.batch_size))
+        scorers["kl"] = _kl_scorer(recipe, loaded, calib, progress, pool)
     jb, jinfo, jspans = judge_blocks(loaded.tokenizer, recipe)
     jscorer = scorer_for(recipe, loaded, jb, False, pool, "judge", ppl_only=True)
     fams = {f: candidates(model, f, recipe.search.protect, cost_fn) for f in ("sublayers", "blocks")}
