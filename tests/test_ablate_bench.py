@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -191,3 +192,62 @@ def test_speed_only_report_shows_no_nan():
     assert res["bench_config"]["tasks"] == []
     md = markdown(res)
     assert "nan" not in md and "| dense | 0% | 0.0% | 27.435 | - |" in md
+
+
+def test_heal_then_bench_measures_the_healed_models_zero_shot_without_serving_them(tmp_path, tiny_folder,
+                                                                                    data_dir, monkeypatch):
+    """`rtk ablate --heal --bench`: every healed folder gets lm-eval zero-shot (the issue's healed metric) and no
+    server of its own (its shapes are its pruned folder's); the report shows zero-shot before and after healing,
+    and a rerun measures nothing."""
+    import rtk.ablate.measure as ab
+    from rtk.bench.accuracy import harness
+    from rtk.cli import main
+
+    from test_heal import heal_keys, write_yaml
+
+    text = tmp_path / "heal.txt"
+    text.write_text((data_dir / "wikitext-2-raw" / "valid.txt").read_text()[:20000])
+    r = {"model": str(tiny_folder), "scoring": {"batch_size": 2},
+         "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 32},
+                  "evaluation": {"source": "wikitext2", "split": "test", "samples": 2, "seq_len": 32}},
+         "heal": heal_keys(text, eval_every=0, tokens=128), "cost": {"batch": 4, "context": 256}}
+    out = tmp_path / "abl"
+    base = ["ablate", str(write_yaml(tmp_path / "abl.yaml", r)), "-o", str(out), "--targets", "0.03",
+            "--variants", "params-oneshot,none-oneshot", "--quiet", "--heal"]
+    FakeServed.opened, FakeServed.loads = [], []
+    real_init = ab.AblationBench.__init__
+
+    def init(self, cfg, log_dir, echo=print, **kw):
+        cfg.workloads = WL
+        real_init(self, cfg, log_dir, echo, open_served=FakeServed)
+
+    monkeypatch.setattr(ab.AblationBench, "__init__", init)
+    evaluated = []
+
+    def lm_eval(spec, work, label, echo=print):
+        evaluated.append(spec.model_args["pretrained"])
+        return fake_lm_eval(spec, work, label, echo)
+
+    monkeypatch.setattr(harness, "run", lm_eval)
+    args = base + ["--bench", "--bench-tasks", "piqa,arc_easy", "--bench-limit", "3", "--bench-rounds", "1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    abl = json.loads((out / "ablation.json").read_text())
+    healed = {row["healed"]["model_dir"] for row in abl["rows"]}
+    pruned = {row["model_dir"] for row in abl["rows"]}
+    assert len(healed) == len(pruned) >= 1 and not healed & pruned
+    served = {Path(f.folder).name for f in FakeServed.opened}
+    assert not served & {Path(h).name for h in healed}  # no healed folder was served
+    assert {Path(p).name for p in evaluated} >= {Path(h).name for h in healed}
+    for row in abl["rows"]:
+        zs = row["healed"]["bench"]["zero_shot"]
+        assert zs["docs"] == 6 and "served" not in row["healed"]["bench"]
+        p = model_params(rtk_config_of(str(out / row["healed"]["model_dir"])))
+        assert zs["tasks"]["piqa"]["acc"] == pytest.approx(p % 97 / 97)
+    best = max(abl["rows"], key=lambda row: row["healed"]["bench"]["zero_shot"]["avg_acc"])["variant"]
+    assert abl["winners"]["healed_zero_shot"] == {"0.03": best}
+    md = (out / "ablation.md").read_text()
+    assert "zero-shot avg pruned | after healing |" in md and f"best zero-shot after healing **{best}**" in md
+    n, m = len(FakeServed.opened), len(evaluated)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and (len(FakeServed.opened), len(evaluated)) == (n, m), res.output

@@ -91,14 +91,17 @@ def attach_bench(res: dict, root: Path) -> dict:
         for r in res["rows"]:
             if r["model_dir"] in got:
                 r["bench"] = got[r["model_dir"]]
+            if r.get("healed") and r["healed"]["model_dir"] in got:
+                r["healed"]["bench"] = got[r["healed"]["model_dir"]]
         res["bench_config"] = saved["config"]
     return res
 
 
 def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = print) -> dict:
     """Measure the dense model and every distinct plan's folder with `bench` (an
-    rtk.ablate.measure.AblationBench), dense first. Each result is saved in ROOT/state/bench.json as it
-    completes, so a rerun measures only what is missing; settings that differ from the saved ones are refused."""
+    rtk.ablate.measure.AblationBench), dense first; then, after --heal, every healed folder's zero-shot accuracy
+    (its shapes, so its served speed, are its pruned folder's). Each result is saved in ROOT/state/bench.json as
+    it completes, so a rerun measures only what is missing; settings that differ from the saved ones are refused."""
     path = Path(root) / "state" / "bench.json"
     conf = bench.describe()
     saved = load_json(path, None)
@@ -111,14 +114,21 @@ def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = pri
     # stopped early has every variant at the same targets
     for r in sorted(res["rows"], key=lambda r: -r["target"]):
         folders.setdefault(r["model_dir"], str(Path(root) / r["model_dir"]))
+    healed = {}
+    if conf["tasks"]:  # zero-shot only: nothing to measure on a healed folder under --bench-tasks none
+        for r in sorted(res["rows"], key=lambda r: -r["target"]):
+            if r.get("healed"):
+                healed.setdefault(r["healed"]["model_dir"], str(Path(root) / r["healed"]["model_dir"]))
+    n = len(folders) + len(healed)
     bench.dense_dir = folders["dense"]
     try:
-        for i, (key, folder) in enumerate(folders.items(), start=1):
+        for i, (key, folder) in enumerate([*folders.items(), *healed.items()], start=1):
             if key in saved["models"]:
                 continue
-            echo(f"rtk: bench {i}/{len(folders)}: {key}")
+            echo(f"rtk: bench {i}/{n}: {key}" + (" (zero-shot; served speed is its pruned folder's)"
+                                                  if key in healed else ""))
             t0 = time.perf_counter()
-            rec = bench.measure(folder, dense=key == "dense")
+            rec = {"zero_shot": bench.quality(folder)} if key in healed else bench.measure(folder, dense=key == "dense")
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             saved["models"][key] = rec
             write_json_atomic(path, saved)
@@ -311,7 +321,7 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
             "block_influence": load_json(sd / "block_influence.json", None),
         }
-        return attach_heal(attach_bench(res, partial), partial)
+        return attach_bench(attach_heal(res, partial), partial)  # heal first: bench adds to the healed rows
 
     def after_variant(v: Variant, st: dict) -> None:
         done.append(v)

@@ -26,6 +26,11 @@ def winners(res: dict) -> dict:
     out["pareto"] = front(rows, lambda r: r["decode_speedup_ideal"])
     if any(r.get("healed") for r in rows):
         out["healed_ranking"] = heal_ranking(res)
+        for t in res["targets"]:
+            zs = [r for r in rows if r["target"] == t and math.isfinite(zero_shot_avg(r.get("healed")))]
+            if zs:
+                out.setdefault("healed_zero_shot", {})[str(t)] = max(
+                    zs, key=lambda r: zero_shot_avg(r["healed"]))["variant"]
     mrows = [r for r in rows if math.isfinite(measured(r))]
     if mrows:
         out["measured_pareto"] = front(mrows, measured)
@@ -61,6 +66,7 @@ def measured(r: dict, workload: str = MEASURED, what: str = "throughput") -> flo
 
 
 def zero_shot_avg(r: dict) -> float:
+    """A row's (or a row's `healed` record's) measured zero-shot average, NaN where not measured."""
     try:
         return float(r["bench"]["zero_shot"]["avg_acc"])
     except (KeyError, TypeError):
@@ -214,13 +220,15 @@ def healed_section(res: dict) -> list[str]:
         return []
     d = res["dense"]["eval_ppl"]
     h0 = rows[0]["healed"]
+    zs = any(math.isfinite(zero_shot_avg(r["healed"])) for r in rows)
     steps = h0["tokens"] // (conf["micro_batch"] * conf["grad_accum"] * conf["data"]["seq_len"])
     lines = ["", "## After healing (rtk ablate --heal)", "",
              f"- Every model distilled from the dense one with the same settings: {h0['tokens']:,} tokens of "
              f"{conf['data']['source']}" + (f" [{conf['data']['split']}]" if conf['data'].get('split') else "")
              + f" in blocks of {conf['data']['seq_len']}; {settings_line(conf, steps)}; eval PPL as above.", "",
              "| variant | target | eval PPL pruned | PPL after healing | x dense before | x dense after | "
-             "rank before | rank after | healing s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "rank before | rank after | healing s |" + (" zero-shot avg pruned | after healing |" if zs else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if zs else "")]
     ranks = heal_ranking(res)
     for r in rows:
         rk = ranks.get(str(r["target"]), {})
@@ -228,12 +236,20 @@ def healed_section(res: dict) -> list[str]:
         ra = rk["after"].index(r["variant"]) + 1 if rk else "-"
         lines.append(f"| {r['variant']} | {r['target']:.0%} | {r['eval_ppl']:.3f} | {r['healed']['eval_ppl']:.3f} | "
                      f"{r['eval_ppl'] / d:.2f} | {r['healed']['eval_ppl'] / d:.2f} | {rb} | {ra} | "
-                     f"{r['healed']['wall_seconds']:.0f} |")
+                     f"{r['healed']['wall_seconds']:.0f} |"
+                     + (f" {_acc(zero_shot_avg(r))} | {_acc(zero_shot_avg(r['healed']))} |" if zs else ""))
+    if zs:
+        dz = res["dense"].get("bench", {}).get("zero_shot", {})
+        lines += ["", "Zero-shot as in \"Measured\" below" + (f" (dense {dz['avg_acc']:.3f} ± "
+                  f"{dz['avg_acc_stderr']:.3f})" if dz.get("docs") else "") + "; a healed model serves at its "
+                  "pruned model's speed (same shapes)."]
     lines.append("")
     for t, rk in ranks.items():
         same = "the same order" if rk["before"] == rk["after"] else "a different order"
+        zw = winners(res).get("healed_zero_shot", {}).get(t)
         lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**, "
-                     f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}.")
+                     f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
+                     + (f"; best zero-shot after healing **{zw}**." if zw else "."))
     return lines
 
 
