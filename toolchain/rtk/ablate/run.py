@@ -112,13 +112,12 @@ def bench_models(res: dict, root: Path, bench, echo: Callable[[str], None] = pri
     folders = {"dense": str(res["model_path"])}
     # largest target first: its speedups stand out most from the noise of a shared machine, and a run
     # stopped early has every variant at the same targets
-    for r in sorted(res["rows"], key=lambda r: -r["target"]):
+    rows = sorted(res["rows"], key=lambda r: -r["target"])
+    for r in rows:
         folders.setdefault(r["model_dir"], str(Path(root) / r["model_dir"]))
-    healed = {}
-    if conf["tasks"]:  # zero-shot only: nothing to measure on a healed folder under --bench-tasks none
-        for r in sorted(res["rows"], key=lambda r: -r["target"]):
-            if r.get("healed"):
-                healed.setdefault(r["healed"]["model_dir"], str(Path(root) / r["healed"]["model_dir"]))
+    # zero-shot only: nothing to measure on a healed folder under --bench-tasks none
+    healed = {r["healed"]["model_dir"]: str(Path(root) / r["healed"]["model_dir"])
+              for r in rows if r.get("healed")} if conf["tasks"] else {}
     n = len(folders) + len(healed)
     bench.dense_dir = folders["dense"]
     try:

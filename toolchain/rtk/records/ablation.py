@@ -26,11 +26,8 @@ def winners(res: dict) -> dict:
     out["pareto"] = front(rows, lambda r: r["decode_speedup_ideal"])
     if any(r.get("healed") for r in rows):
         out["healed_ranking"] = heal_ranking(res)
-        for t in res["targets"]:
-            zs = [r for r in rows if r["target"] == t and math.isfinite(zero_shot_avg(r.get("healed")))]
-            if zs:
-                out.setdefault("healed_zero_shot", {})[str(t)] = max(
-                    zs, key=lambda r: zero_shot_avg(r["healed"]))["variant"]
+        if best := healed_zero_shot_best(res):
+            out["healed_zero_shot"] = best
     mrows = [r for r in rows if math.isfinite(measured(r))]
     if mrows:
         out["measured_pareto"] = front(mrows, measured)
@@ -187,6 +184,16 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def healed_zero_shot_best(res: dict) -> dict[str, str]:
+    """Per target (str): the variant whose healed model has the highest measured zero-shot average."""
+    out = {}
+    for t in res["targets"]:
+        zs = [r for r in res["rows"] if r["target"] == t and math.isfinite(zero_shot_avg(r.get("healed")))]
+        if zs:
+            out[str(t)] = max(zs, key=lambda r: zero_shot_avg(r["healed"]))["variant"]
+    return out
+
+
 def kendall_tau(a: list[float], b: list[float]) -> float:
     """Kendall's tau-a of two equally long lists (1: same order, -1: reversed); NaN below 2 items."""
     n = len(a)
@@ -244,9 +251,10 @@ def healed_section(res: dict) -> list[str]:
                   f"{dz['avg_acc_stderr']:.3f})" if dz.get("docs") else "") + "; a healed model serves at its "
                   "pruned model's speed (same shapes)."]
     lines.append("")
+    best_zs = healed_zero_shot_best(res)
     for t, rk in ranks.items():
         same = "the same order" if rk["before"] == rk["after"] else "a different order"
-        zw = winners(res).get("healed_zero_shot", {}).get(t)
+        zw = best_zs.get(t)
         lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**, "
                      f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
                      + (f"; best zero-shot after healing **{zw}**." if zw else "."))
