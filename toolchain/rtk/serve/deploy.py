@@ -261,7 +261,9 @@ def run_local(d: Deployment, echo, python: str, log_path: Optional[Path] = None,
     def _term(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _term)
+    # SIGINT too: a process started with SIGINT ignored (a job started in the background by a non-interactive
+    # shell, as CI runners do) would otherwise never see Ctrl-C's KeyboardInterrupt
+    previous = {sig: signal.signal(sig, _term) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         echo(f"rtk: starting vLLM: {shlex.join(d.argv(python))} (log: {server.log_path})")
         with server:
@@ -272,4 +274,5 @@ def run_local(d: Deployment, echo, python: str, log_path: Optional[Path] = None,
     except KeyboardInterrupt:
         echo("rtk: vLLM stopped")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
