@@ -388,7 +388,7 @@ def test_rtk_heal_lora_and_resume_through_the_cli(tmp_path, pruned_out, heal_tex
     assert run("heal", pruned_out, "-o", full, "--config", conf, "--quiet").exit_code == 0
     res = run("heal", pruned_out, "-o", part, "--config", conf, "--quiet", "--max-steps", "3")
     assert res.exit_code == 0 and "paused after 3 step(s) at step 3 of 6" in res.output, res.output
-    assert not part.exists() and (tmp_path / "part.partial" / "heal" / "checkpoint.pt").is_file()
+    assert not part.exists() and (tmp_path / "part.partial" / "heal" / "checkpoint" / "meta.pt").is_file()
     res = run("heal", pruned_out, "-o", part, "--config", conf, "--quiet")
     assert res.exit_code == 0 and "resuming" in res.output, res.output
     a, b = tensors(full / "model"), tensors(part / "model")

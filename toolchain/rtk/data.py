@@ -47,11 +47,15 @@ class DataSpec(Strict):
 
     @property
     def kind(self) -> str:
-        """wikitext2 | hub | jsonl | text"""
+        """wikitext2 | hub | jsonl | text | parquet | folder (the last two are streamed, by healing only)"""
         if self.source == "wikitext2":
             return "wikitext2"
         if self.source.startswith("hub:"):
             return "hub"
+        if self.source.lower().endswith(".parquet"):
+            return "parquet"
+        if Path(self.source).expanduser().is_dir():
+            return "folder"
         return "jsonl" if self.source.lower().endswith(".jsonl") else "text"
 
     @model_validator(mode="after")
@@ -75,14 +79,14 @@ class DataSpec(Strict):
                 raise ValueError(f"subset: applies to hub: sources, not to {self.source}")
         else:
             self.field = self.field or "text"
-            if kind == "jsonl" and self.subset is not None:
+            if kind != "hub" and self.subset is not None:
                 raise ValueError(f"subset: applies to hub: sources, not to {self.source}")
         return self
 
     def text_id(self) -> tuple:
         """What identifies the text itself (not how it is cut): two specs with the same id read the same text."""
         src = self.source
-        if self.kind in ("jsonl", "text"):
+        if self.kind not in ("wikitext2", "hub"):
             src = str(Path(src).expanduser().resolve())
         return (self.kind, src, self.split, self.subset, self.field)
 
@@ -91,8 +95,8 @@ class DataSpec(Strict):
             src = f"WikiText-2 raw [{self.split}]"
         elif self.kind == "hub":
             src = f"{self.source}" + (f"/{self.subset}" if self.subset else "") + f" [{self.split}] .{self.field}"
-        elif self.kind == "jsonl":
-            src = f"{Path(self.source).name} .{self.field}"
+        elif self.kind in ("jsonl", "parquet", "folder"):
+            src = f"{Path(self.source).name}{'/' if self.kind == 'folder' else ''} .{self.field}"
         else:
             src = Path(self.source).name
         return f"{src}, {self.samples} blocks x {self.seq_len} tokens"
@@ -124,6 +128,7 @@ class DataConfig(Strict):
 
 
 HUB_SPLITS = {"valid": "validation", "test": "test"}
+STREAMED_KINDS = ("parquet", "folder")  # sources only a stream reads (rtk.heal.blocks)
 RECORD_SEP = "\n\n"
 
 
@@ -205,6 +210,9 @@ def read_text(spec: DataSpec, field: str) -> tuple[str, str]:
 
 
 def _read_file_source(spec: DataSpec, field: str) -> tuple[str, str, str]:
+    if spec.kind in STREAMED_KINDS:
+        raise RtkError(f"{field}.source: {spec.source}: a {spec.kind} is read as a stream, which healing does "
+                       "(heal.data.stream: true); give calibration and evaluation a .txt, .jsonl or wikitext2")
     if spec.kind == "wikitext2":
         return _wikitext(spec, field)
     if spec.kind == "jsonl":

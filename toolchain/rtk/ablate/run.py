@@ -177,7 +177,7 @@ def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str]
     if todo:
         model, tokenizer, src = load_model(recipe.model, recipe.dtype, recipe.device)
         evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
-        pool = heal_blocks(tokenizer, cfg.data, cfg.tokens)
+        pool = None if cfg.data.stream else heal_blocks(tokenizer, cfg.data, cfg.tokens)  # a stream: one each
         for i, (key, r) in enumerate(todo.items(), start=1):
             name = Path(key).name
             echo(f"rtk: heal {i}/{len(todo)}: {key}")

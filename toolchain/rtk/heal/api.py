@@ -20,7 +20,7 @@ from rtk.heal.run import HealPaused
 from rtk.plan import PLAN_FILE
 from rtk.records.heal import LOSS_CURVE
 
-__all__ = ["HealResult", "HealPaused", "heal"]
+__all__ = ["HealResult", "HealPaused", "heal", "launch_heal"]
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ class HealResult:
 def heal(pruned_dir: Union[str, Path], out: Union[str, Path], *, teacher: Optional[str] = None,
          config: Union[str, Path, Mapping, HealConfig, None] = None, device: str = "auto", dtype: str = "auto",
          max_steps: Optional[int] = None, progress: bool = True, echo: Optional[Callable[[str], None]] = print,
-         **settings) -> HealResult:
+         **settings) -> Optional[HealResult]:
     """Distil PRUNED_DIR (an `rtk prune` output or a model folder with its plan.json) from its original model
-    (`teacher`, default: the plan's) into `out`, as `rtk heal PRUNED_DIR -o OUT`."""
+    (`teacher`, default: the plan's) into `out`, as `rtk heal PRUNED_DIR -o OUT`. Under torchrun with several
+    processes, every rank calls it; rank 0 returns the result, the others None."""
     from rtk.heal.run import run_heal
 
     cfg = load_heal_config(config, **settings)
@@ -63,4 +64,14 @@ def heal(pruned_dir: Union[str, Path], out: Union[str, Path], *, teacher: Option
     out = Path(out)
     plan = run_heal(Path(pruned_dir), out, cfg, teacher=teacher, device=device, dtype=dtype, progress=progress,
                     echo=echo or (lambda s: None), max_steps=max_steps)
-    return HealResult.of(out, plan)
+    return None if plan is None else HealResult.of(out, plan)
+
+
+def launch_heal(nproc: int, argv: list[str], *, config=None, device: str = "auto", **settings) -> int:
+    """`rtk heal --nproc N`: the settings checked here first (one line for a process count that does not split the
+    global batch), then `rtk heal ARGV` under torchrun with N processes on this node; torchrun's exit status."""
+    from rtk.heal.distributed import World, launch, share
+
+    cfg = load_heal_config(config, **settings)
+    share(cfg.micro_batch, cfg.grad_accum, World(0, nproc, 0, nproc, "cpu"))
+    return launch(nproc, argv, device)

@@ -6,7 +6,7 @@ from typing import Literal, Mapping, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rtk.data import DataSpec, same_text, text_name
+from rtk.data import STREAMED_KINDS, DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.outdir import fingerprint
 from rtk.settings import Strict, format_errors
@@ -37,10 +37,31 @@ class LoraSpec(Strict):
 
 class HealData(DataSpec):
     """Training text for healing: a DataSpec whose `samples` may be left out (null): then it is the number
-    of blocks the token budget needs, or every block the text holds when it holds fewer."""
+    of blocks the token budget needs, or every block the text holds when it holds fewer. `stream: true` reads the
+    text record by record and never holds it whole (rtk.heal.blocks): for corpora of any size, also a .parquet
+    file or a folder of .jsonl / .txt / .parquet shards."""
 
     samples: Optional[int] = Field(None, gt=0, description="token blocks in the pool (default: from the budget)")
     seq_len: int = Field(256, gt=1, description="tokens per block")
+    stream: Optional[bool] = Field(None, description="read the text as a stream, tokenized and packed on the fly "
+                                   "(default: true for a folder or .parquet, false otherwise)")
+    shuffle_blocks: int = Field(4096, gt=0, description="stream: blocks shuffled together (the memory a stream holds)")
+    repeat: bool = Field(False, description="stream: pass over the text again when it ends before the budget "
+                         "(false: stop with one line)")
+
+    @model_validator(mode="after")
+    def _stream(self):
+        if self.stream is None:
+            self.stream = self.kind in STREAMED_KINDS
+        if not self.stream:
+            if self.kind in STREAMED_KINDS:
+                raise ValueError(f"stream: a {self.kind} source is read as a stream; set stream: true (or leave it out)")
+            for k in ("shuffle_blocks", "repeat"):
+                if k in self.model_fields_set:
+                    raise ValueError(f"{k}: applies to stream: true")
+        elif self.samples is not None:
+            raise ValueError("samples: a stream reads as many blocks as the token budget needs; leave samples out")
+        return self
 
     def describe(self) -> str:
         if self.samples is None:
@@ -58,8 +79,7 @@ class HealConfig(Strict):
     data: HealData = Field(default_factory=lambda: HealData(source="wikitext2", split="valid"),
                            description="training text: any source calibration accepts, not the evaluation text")
     tokens: int = Field(61_440, gt=0, description="training tokens (the budget); the default, 60 steps of 4 x 256, "
-                        "is the demo's healing: 10.5 min of full fine-tuning of SmolLM2-135M on 2 CPU cores (measured; "
-                        "about 17 min on the slowest 2-core machine seen)")
+                        "is the demo's healing")
     method: Literal["full", "lora"] = Field("full", description="full: every weight; lora: peft LoRA adapters")
     lora: LoraSpec = LoraSpec()
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
@@ -67,8 +87,9 @@ class HealConfig(Strict):
     min_lr: float = Field(0.1, ge=0, le=1, description="the cosine ends at lr * min_lr")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (null: none)")
-    micro_batch: int = Field(4, gt=0, description="token blocks per forward/backward pass")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    micro_batch: int = Field(4, gt=0, description="token blocks per forward/backward pass (per process: at most)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step: micro_batch x grad_accum blocks "
+                            "are the global batch, split over the processes under torchrun")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term")
     kl_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.5, ge=0, description="weight of cross-entropy on the text itself")
@@ -79,6 +100,8 @@ class HealConfig(Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="recompute each layer in the backward pass; auto: when the estimated training "
         "memory does not fit the device")
+    cpu_offload: bool = Field(False, description="processes under torchrun on CUDA: keep the weight shards, their "
+                              "gradients and AdamW state in CPU memory (FSDP2's CPUOffloadPolicy); for the largest models")
     seed: int = Field(0, description="data order and LoRA initialisation")
     checkpoint_every: int = Field(20, gt=0, description="optimizer steps between checkpoints in OUT.partial/")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluation PPLs (0: before and after "
@@ -95,9 +118,16 @@ class HealConfig(Strict):
         return self
 
     def fingerprint(self) -> str:
-        """What must match for a resume (everything but how often it checkpoints)."""
+        """What must match for a resume: everything but how often it checkpoints, where the shards live
+        (cpu_offload) and what happens at the end of a stream (repeat: the blocks before it are the same); a
+        setting left at a default that changes nothing leaves the fingerprint as it was before the setting existed."""
         d = self.model_dump(mode="json")
-        d.pop("checkpoint_every", None)
+        for k in ("checkpoint_every", "cpu_offload"):
+            d.pop(k, None)
+        data = d["data"]
+        data.pop("repeat", None)
+        if not data.pop("stream"):
+            data.pop("shuffle_blocks", None)
         return fingerprint(d)
 
 

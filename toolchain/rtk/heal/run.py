@@ -27,17 +27,33 @@ from rtk.data import DataConfig, DataSpec
 from rtk.heal.config import HealConfig, HealData, check_heal_text
 from rtk.model.params import total_params
 from rtk.model.ppl import model_ppl
-from rtk.heal.trainer import HealPaused, STATE, distill
+from rtk.heal.distributed import World
+from rtk.heal.trainer import HealPaused, STATE, distill, gather, sharded_ppl
 
-HEAL_DIR = "heal"  # checkpoints inside OUT.partial/
+HEAL_DIR = "heal"
+STREAM_KEYS = {"stream", "shuffle_blocks", "repeat"}  # HealData's own keys, not DataSpec's  # checkpoints inside OUT.partial/
 __all__ = ["HealPaused", "heal_blocks", "heal_model", "run_heal", "check_heal_text", "check_same_tokenizer"]
 
 
 def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data",
-                avoid=()) -> tuple[torch.Tensor, dict]:
+                avoid=(), seed: int = 0) -> tuple[torch.Tensor, dict]:
     """The pool of training blocks: `spec.samples` of them, or (samples: null) as many as the budget needs,
     or every block the text holds when it holds fewer (the loop then reads them again, reshuffled). `avoid`:
-    token ranges of the same text held out (rtk.data.token_blocks)."""
+    token ranges of the same text held out (rtk.data.token_blocks). A streamed text (`stream: true`) gives a
+    rtk.heal.blocks.BlockStream that reads it as the loop goes."""
+    if spec.stream:
+        from rtk.heal.blocks import BlockStream, stream_files
+
+        if avoid:
+            raise RtkError(f"{field}: a stream cannot hold blocks out for a judge; give select's judge another text")
+        if spec.kind != "hub":
+            stream_files(spec, field)  # one line now for a missing file or an empty folder
+        info = {"source": spec.source, "file": spec.source, "text": spec.describe().rsplit(",", 1)[0] + " (streamed)",
+                "split": spec.split, "seq_len": spec.seq_len, "stream": True, "shuffle_blocks": spec.shuffle_blocks,
+                "repeat": spec.repeat}
+        if spec.field is not None:
+            info["field"] = spec.field
+        return BlockStream(tokenizer, spec, seed, field, need=math.ceil(tokens / spec.seq_len)), info
     n = spec.samples
     if n is None:
         n = math.ceil(tokens / spec.seq_len)
@@ -49,7 +65,7 @@ def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data"
                 raise RtkError(f"{field}: {spec.source} holds fewer than {spec.seq_len} tokens"
                                + (" outside the held-out blocks" if avoid else "") + "; lower seq_len")
             n = min(n, have)
-    blocks, info = token_blocks(tokenizer, DataSpec(**{**spec.model_dump(), "samples": n}), field, avoid)
+    blocks, info = token_blocks(tokenizer, DataSpec(**{**spec.model_dump(exclude=STREAM_KEYS), "samples": n}), field, avoid)
     return blocks, info
 
 
@@ -68,20 +84,40 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher_vocab: int, student_v
 def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor, eval_info: dict,
                state_dir: Optional[Path], fingerprint: str, *, ppl_before: Optional[float] = None,
                progress: bool = True, echo: Callable[[str], None] = print,
-               max_steps: Optional[int] = None, pool: Optional[tuple] = None) -> tuple[torch.nn.Module, dict]:
+               max_steps: Optional[int] = None, pool: Optional[tuple] = None, world: Optional[World] = None,
+               plain: Optional[Callable] = None, sharded_need=None,
+               teacher_ppl: bool = False) -> tuple[Optional[torch.nn.Module], Optional[dict]]:
     """Distil `student` (changed in place) from `teacher`; returns (healed model, the record plan.json keeps).
-    `pool`: heal_blocks' result when already read."""
+    `pool`: heal_blocks' result when already read. Under several processes (`world`) the PPLs are measured on the
+    sharded models, and the healed model is gathered whole into `plain()` on rank 0; the other ranks get
+    (None, None). `teacher_ppl`: the record's `teacher_ppl` is measured too."""
     t0 = time.perf_counter()
-    blocks, info = pool or heal_blocks(tokenizer, cfg.data, cfg.tokens)
-    if ppl_before is None:
+    blocks, info = pool or heal_blocks(tokenizer, cfg.data, cfg.tokens, seed=cfg.seed)
+    evaluate = lambda m: model_ppl(m, evalb)  # noqa: E731
+    if ppl_before is None and world is None:
         ppl_before = model_ppl(student, evalb)
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
-    device = str(next(student.parameters()).device)
-    echo(f"rtk: heal: {cfg.method}, {cfg.tokens:,} tokens of {info['text']} ({blocks.shape[0]} blocks x "
-         f"{blocks.shape[1]}), {dtype} on {device}; evaluation PPL before {ppl_before:.3f}")
+    device = world.device if world else str(next(student.parameters()).device)
+    size = (f"{blocks.shape[0]} blocks x {blocks.shape[1]}" if isinstance(blocks, torch.Tensor)
+            else f"streamed in blocks of {cfg.data.seq_len}")
+    echo(f"rtk: heal: {cfg.method}, {cfg.tokens:,} tokens of {info['text']} ({size}), {dtype} on {device}"
+         + (f" x {world.size} processes (FSDP2)" if world else "")
+         + (f"; evaluation PPL before {ppl_before:.3f}" if ppl_before is not None else ""))
     healed, rec = distill(student, teacher, blocks, cfg, state_dir, fingerprint, progress=progress, echo=echo,
-                          evaluate=lambda m: model_ppl(m, evalb), max_steps=max_steps)
-    ppl_after = model_ppl(healed, evalb)
+                          evaluate=evaluate, max_steps=max_steps, world=world,
+                          measure_before=world is not None and ppl_before is None, measure_after=world is not None,
+                          sharded_need=sharded_need)
+    t_ppl = None
+    if teacher_ppl:
+        t_ppl = sharded_ppl(teacher, evaluate)
+    if world is not None:
+        ppl_before = rec.pop("ppl_before", None) if ppl_before is None else ppl_before
+        ppl_after = rec.pop("ppl_after")
+        healed = gather(healed, cfg, world, plain)
+        if healed is None:
+            return None, None
+    else:
+        ppl_after = model_ppl(healed, evalb)
     hist = rec.pop("history")
     record = {
         "fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
@@ -90,10 +126,13 @@ def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor
         "eval": {"split": eval_info.get("split"), "text": eval_info.get("text"), "samples": eval_info["samples"],
                  "seq_len": eval_info["seq_len"], "ppl_before": ppl_before, "ppl_after": ppl_after,
                  "measured": f"{eval_info.get('text')}, {eval_info['samples']} blocks x {eval_info['seq_len']} "
-                             f"tokens, {dtype}, torch {torch.__version__} on {device}"},
+                             f"tokens, {dtype}, torch {torch.__version__} on {device}"
+                             + (f", {world.size} processes (FSDP2)" if world else "")},
         "history": hist,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    if t_ppl is not None:
+        record["teacher_ppl"] = t_ppl
     echo(f"rtk: heal: {rec['tokens']:,} tokens in {rec['train_seconds']:.0f} s ({rec['tokens_per_second']:.0f} "
          f"tokens/s), loss {rec['loss_first']:.3f} -> {rec['loss_last']:.3f}; evaluation PPL "
          f"{ppl_before:.3f} -> {ppl_after:.3f}")
@@ -159,11 +198,17 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
              evaluation: Optional[DataSpec] = None) -> dict:
     """`rtk heal`: heal PRUNED_DIR's model from its original (plan.json) or `teacher` into OUT. The PPL before
     and after is measured on `evaluation`, by default the evaluation text of the recipe that pruned it."""
+    from rtk.heal.distributed import current_world, join, leave, share
     from rtk.model.device import resolve_device, resolve_dtype
     from rtk.model.load import load_model, load_tokenizer, resolve
 
     cfg = cfg or HealConfig()
     out = Path(out)
+    world = current_world(device)  # several processes under torchrun, else None
+    if world is not None:
+        share(cfg.micro_batch, cfg.grad_accum, world)  # one line before any work when N does not divide the batch
+        if not world.main:
+            echo = lambda s: None  # noqa: E731  (rank 0 speaks for all)
     model_dir, plan = locate(pruned_dir)
     t_spec = teacher_spec(plan, teacher, Path(pruned_dir))
     if evaluation is None:
@@ -171,7 +216,11 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
         if plan and isinstance(plan.get("recipe"), dict) and "evaluation" in plan["recipe"].get("data", {}):
             evaluation = DataSpec(**plan["recipe"]["data"]["evaluation"])
     check_heal_text(cfg, evaluation)
-    dev = resolve_device(device, "--device")
+    dev = world.device if world else resolve_device(device, "--device")
+    if world is None and cfg.cpu_offload:
+        raise RtkError("heal.cpu_offload: applies to healing on several processes (torchrun, --nproc)")
+    if world is not None and cfg.cpu_offload and not dev.startswith("cuda"):
+        raise RtkError("heal.cpu_offload: keeps the shards of a GPU run in CPU memory; on the CPU they are there already")
     dt = resolve_dtype(dtype, dev, "--dtype")
     t_path = resolve(t_spec)
     fp = fingerprint({"heal": cfg.fingerprint(), "student": folder_id(model_dir), "teacher": str(t_spec), "dtype": dt})
@@ -183,19 +232,58 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     s_tok, t_tok = load_tokenizer(str(model_dir)), load_tokenizer(t_path)
     from rtk.model.load import load_hf_config
 
-    check_same_tokenizer(s_tok, t_tok, load_hf_config(t_path).vocab_size, load_hf_config(str(model_dir)).vocab_size,
-                         t_spec)
+    t_conf, s_conf = load_hf_config(t_path), load_hf_config(str(model_dir))
+    check_same_tokenizer(s_tok, t_tok, t_conf.vocab_size, s_conf.vocab_size, t_spec)
+    need = _check_memory(s_conf, t_conf, cfg, dt, dev, world)
+    if world is not None:
+        join(world)
+    try:
+        return _heal(model_dir, plan, t_spec, t_path, out, partial, cfg, teacher, evaluation, dev, dt, fp, world, need,
+                     progress, echo, max_steps)
+    finally:
+        if world is not None:
+            leave()
+
+
+def _check_memory(s_conf, t_conf, cfg: HealConfig, dt: str, dev: str, world: Optional[World]):
+    """rtk.heal.memory's estimate per process, before anything is loaded; one line when it cannot fit."""
+    from rtk.heal.distributed import share
+    from rtk.heal.memory import check_fits
+    from rtk.model.arch import rtk_config_from_hf
+    from rtk.model.device import DTYPES
+
+    sh = share(cfg.micro_batch, cfg.grad_accum, world)
+    esize = torch.empty((), dtype=DTYPES[dt]).element_size()
+    return check_fits(rtk_config_from_hf(s_conf), rtk_config_from_hf(t_conf), cfg, esize, dev,
+                      world.size if world else 1, world.local_size if world else 1, sh.micro)
+
+
+def _heal(model_dir: Path, plan: Optional[dict], t_spec: str, t_path: str, out: Path, partial: Path, cfg: HealConfig,
+          teacher: Optional[str], evaluation: DataSpec, dev: str, dt: str, fp: str, world: Optional[World], need,
+          progress: bool, echo: Callable[[str], None], max_steps: Optional[int]) -> Optional[dict]:
+    """Load, heal, write OUT (rank 0); under several processes each loads both models on the CPU and shards them."""
+    from rtk.heal.distributed import barrier
+    from rtk.model.load import load_model
+
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    student, tokenizer, s_path = load_model(str(model_dir), dt, dev)
-    teacher_m, _, _ = load_model(t_path, dt, dev)
+    load_dev = "cpu" if world else dev
+    student, tokenizer, s_path = load_model(str(model_dir), dt, load_dev)
+    teacher_m, _, _ = load_model(t_path, dt, load_dev)
     evalb, eval_info = token_blocks(tokenizer, evaluation, "evaluation")
-    partial.mkdir(parents=True, exist_ok=True)
+    if world is None or world.main:
+        partial.mkdir(parents=True, exist_ok=True)
+    barrier(world)
     known = _plan_ppls(plan, evaluation, dt, teacher)
     healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR, fp,
-                                progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1])
+                                progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1], world=world,
+                                plain=lambda: load_model(str(model_dir), dt, "cpu")[0], sharded_need=need,
+                                teacher_ppl=known[0] is None)
+    if healed is None:  # a rank other than 0: rank 0 writes OUT
+        return None
+    t_ppl = record.pop("teacher_ppl", None)
     record["teacher"] = {"model": teacher or (plan or {}).get("model") or t_spec, "path": t_path,
-                         "ppl": known[0] if known[0] is not None else model_ppl(teacher_m, evalb)}
+                         "ppl": known[0] if known[0] is not None else t_ppl}
     del teacher_m
     new_plan = dict(plan or {})
     new_plan.setdefault("model", t_spec)

@@ -18,7 +18,6 @@ was never stopped.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -27,16 +26,20 @@ import torch
 from tqdm.auto import tqdm
 
 from rtk.errors import RtkError
-from rtk.outdir import replace_atomic, write_json_atomic
 from rtk.heal.adapters import disable_checkpointing, enable_checkpointing, make_trainable
-from rtk.heal.checkpoint import CHECKPOINT, STATE, History, num_or_none, rng_state, set_rng_state
+from rtk.heal.blocks import Pool
+from rtk.heal.checkpoint import (STATE, History, load_checkpoint, load_meta, num_or_none, rng_state,
+                                 save_checkpoint, saved_checkpoint, set_rng_state)
+from rtk.heal.distributed import full_state_dict, mean_over_ranks, share, shard
 from rtk.heal.loss import CHUNK_ELEMENTS, LayerOutputs, distill_loss, hidden_loss
-from rtk.heal.schedule import DataOrder, lr_factor, plan_steps
+from rtk.heal.schedule import lr_factor, plan_steps
 from rtk.model.params import param_bytes, total_params
 
 if TYPE_CHECKING:  # annotations only: the loop runs without pydantic (bench/scale/gpu_heal.py on a bare GPU machine)
     from rtk.heal.config import HealConfig
+    from rtk.heal.distributed import World
 
+__all__ = ["HealPaused", "STATE", "distill", "gather", "memory_estimate", "available_memory", "sharded_ppl"]
 
 
 class HealPaused(Exception):
@@ -45,9 +48,10 @@ class HealPaused(Exception):
 
 # ---- memory ------------------------------------------------------------------------------------
 def memory_estimate(student, teacher, cfg: HealConfig, seq_len: int) -> int:
-    """Bytes training needs, roughly: weights of both models, gradients and AdamW state of what trains,
+    """Bytes one process trains with, roughly: weights of both models, gradients and AdamW state of what trains,
     and the activations of one micro-batch (per layer ~ 16 x hidden + 4 x intermediate values per token
-    kept for the backward pass; the loss keeps one chunk of logits, rtk.heal.loss)."""
+    kept for the backward pass; the loss keeps one chunk of logits, rtk.heal.loss). rtk.heal.memory estimates
+    from the configs, sharded, before anything is loaded."""
     c = student.config
     esize = next(student.parameters()).element_size()
     n_train = total_params(student) if cfg.method == "full" else 0
@@ -58,36 +62,57 @@ def memory_estimate(student, teacher, cfg: HealConfig, seq_len: int) -> int:
 
 
 def available_memory(device: str) -> int:
-    if str(device).startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        import psutil
+    from rtk.heal.memory import available_memory as avail
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil comes with vLLM and ray
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return avail(device)
+
+
+def sharded_ppl(model, evaluate: Callable[[torch.nn.Module], float]) -> float:
+    """evaluate(model) on a model FSDP shards (every rank together): the root's weights gathered around it, as
+    rtk.model.ppl reads the embeddings and the head directly; a plain model is evaluated as it is."""
+    from rtk.heal.distributed import is_sharded
+
+    if not is_sharded(model):
+        return evaluate(model)
+    model.unshard()
+    try:
+        return evaluate(model)
+    finally:
+        model.reshard()
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: Optional[Path],
+def distill(student, teacher, blocks, cfg: HealConfig, state_dir: Optional[Path],
             fingerprint: str, *, progress: bool = True, echo: Callable[[str], None] = print,
             evaluate: Optional[Callable[[torch.nn.Module], float]] = None,
-            max_steps: Optional[int] = None) -> tuple[torch.nn.Module, dict]:
-    """Train `student` (rtk model class, modified in place) towards `teacher` on `blocks` [n, seq_len] with
-    `cfg`; returns (healed student with plain weights, record). `state_dir` holds checkpoints (None: none);
-    `evaluate(model) -> PPL` is called every `eval_every` steps. `max_steps`: pause (HealPaused) after that
-    many steps of this call, checkpoint saved."""
-    device = next(student.parameters()).device
+            max_steps: Optional[int] = None, world: Optional[World] = None,
+            measure_before: bool = False, measure_after: bool = False, sharded_need=None) -> tuple[torch.nn.Module, dict]:
+    """Train `student` (rtk model class, modified in place) towards `teacher` on `blocks` ([n, seq_len] token ids,
+    or a rtk.heal.blocks source) with `cfg`; returns (healed student, record). `state_dir` holds checkpoints
+    (None: none); `evaluate(model) -> PPL` is called every `eval_every` steps. `max_steps`: pause (HealPaused)
+    after that many steps of this call, checkpoint saved.
+
+    `world` (several processes): student and teacher are sharded with FSDP2 over the ranks, each rank reads its
+    share of every global batch, and the healed student returned is still sharded (gather() makes it whole);
+    `measure_before` / `measure_after`: the record gets `ppl_before` / `ppl_after` from `evaluate` on the sharded
+    model (the PPL before is kept in the checkpoints);
+    `sharded_need`: rtk.heal.memory's estimate per process (it decides gradient checkpointing)."""
+    device = torch.device(world.device) if world else next(student.parameters()).device
     dtype = next(student.parameters()).dtype
     if dtype == torch.float16:
         raise RtkError("dtype: float16 cannot train without loss scaling; heal in bfloat16 (CUDA) or float32")
-    n_blocks, seq_len = blocks.shape
+    data = blocks if hasattr(blocks, "batch") else Pool(blocks, cfg.seed)
+    n_blocks, seq_len = data.n_blocks, data.seq_len
     steps, per_step = plan_steps(cfg, seq_len)
-    order = DataOrder(n_blocks, cfg.seed)
+    sh = share(cfg.micro_batch, cfg.grad_accum, world)
+    main = world is None or world.main
 
-    need, avail = memory_estimate(student, teacher, cfg, seq_len), available_memory(str(device))
-    ckpt = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and need > 0.8 * avail)
+    if world is None:
+        need, avail = memory_estimate(student, teacher, cfg, seq_len), available_memory(str(device))
+        ckpt = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and need > 0.8 * avail)
+    else:  # rtk.heal.memory.check_fits estimated the sharded run before loading (`sharded_need`)
+        need, avail = sharded_need.device, available_memory(str(device))
+        ckpt = sharded_need.checkpointing
     if ckpt:
         enable_checkpointing(student)
     teacher.eval()
@@ -95,75 +120,83 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         p.requires_grad_(False)
 
     tr = make_trainable(student, cfg)
-    opt = torch.optim.AdamW(list(tr.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = tr.params
+    if world is not None:
+        offload = bool(getattr(cfg, "cpu_offload", False))
+        shard(tr.forward, world, offload)
+        shard(teacher, world, offload)
+        params = {n: p for n, p in tr.forward.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cfg.min_lr))
-    hist, step = History(), 0
+    hist, step, ppl_before = History(), 0, None
 
-    state_file = state_dir / STATE if state_dir else None
-    if state_file is not None and (state_dir / CHECKPOINT).is_file():
-        ck = torch.load(state_dir / CHECKPOINT, map_location=device, weights_only=False)
-        if ck.get("fingerprint") != fingerprint:
+    ck = saved_checkpoint(state_dir)
+    if ck is not None:
+        meta = load_meta(ck)
+        if meta.get("fingerprint") != fingerprint:
             raise RtkError(f"{state_dir}: holds an unfinished healing with other settings; remove it to start over")
-        with torch.no_grad():
-            for n, p in tr.params.items():
-                p.copy_(ck["params"][n])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        step, hist = ck["step"], History.from_json(ck["history"])  # the checkpoint is the authority
-        echo(f"rtk: heal: resuming {state_dir} at step {step} of {steps}")
+        load_checkpoint(ck, tr.forward, opt, params)
+        sched.load_state_dict(meta["scheduler"])
+        set_rng_state(meta["rng"])
+        data.restore(meta.get("stream"))
+        step, hist = meta["step"], History.from_json(meta["history"])  # the checkpoint is the authority
+        ppl_before = meta.get("ppl_before")
+        echo(f"rtk: heal: resuming {state_dir} at step {step} of {steps}"
+             + (f" (saved by {meta['processes']} process{'es' * (meta['processes'] != 1)})"
+                if meta.get("processes", 1) != (world.size if world else 1) else ""))
     else:
         torch.manual_seed(cfg.seed + 1)  # LoRA dropout draws; identical for a fresh and a resumed run
+
+    def run_eval():
+        tr.forward.eval()
+        ppl = sharded_ppl(tr.forward, evaluate)
+        tr.forward.train()
+        return ppl
+
+    if measure_before and ppl_before is None and evaluate is not None:
+        ppl_before = run_eval()
 
     def save():
         if state_dir is None:
             return
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(state_file, {"fingerprint": fingerprint, "step": step, "steps": steps})
-        ck = {"fingerprint": fingerprint, "step": step, "history": hist.to_json(),
-              "params": {n: p.detach().cpu() for n, p in tr.params.items()}, "optimizer": opt.state_dict(),
-              "scheduler": sched.state_dict(), "rng": rng_state()}
-        replace_atomic(state_dir / CHECKPOINT, lambda p: torch.save(ck, p))
-
-    def run_eval():
-        if evaluate is None:
-            return
-        tr.forward.eval()
-        ppl = evaluate(tr.forward)
-        tr.forward.train()
-        hist.evals.append({"step": step, "tokens": step * per_step, "ppl": ppl})
+        meta = {"fingerprint": fingerprint, "step": step, "history": hist.to_json(), "scheduler": sched.state_dict(),
+                "rng": rng_state(), "stream": data.state(), "ppl_before": ppl_before,
+                "processes": world.size if world else 1}
+        save_checkpoint(state_dir, world, tr.forward, opt, params, meta, fingerprint, steps)
 
     hooks = (LayerOutputs(teacher), LayerOutputs(tr.forward)) if cfg.hidden_weight else None
     tr.forward.train()
     started_at = step
-    bar = tqdm(total=steps, initial=step, desc="healing", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=steps, initial=step, desc="healing", unit="step", disable=not (progress and main), leave=False)
     while step < steps:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        first = step * cfg.micro_batch * cfg.grad_accum
         loss_sum = kl_sum = ce_sum = hid_sum = 0.0
-        for m in range(cfg.grad_accum):
-            idx = order.indices(first + m * cfg.micro_batch, cfg.micro_batch)
-            ids = blocks[idx].to(device)
+        for start in sh.starts(step):
+            ids = data.batch(start, sh.micro).to(device)
             if hooks is not None:
                 hooks[0].start(), hooks[1].start()
             with torch.no_grad():
-                t_hidden = teacher.model(input_ids=ids)
-            hidden = tr.forward.model(input_ids=ids)  # final normed hidden states; the heads run in the loss
+                t_hidden = teacher(input_ids=ids, hidden_only=True)
+            hidden = tr.forward(input_ids=ids, hidden_only=True)  # final normed hidden states; heads in the loss
             loss, kl, ce = distill_loss(hidden, tr.forward.lm_head.weight, t_hidden, teacher.lm_head.weight, ids,
                                         cfg.kl_weight, cfg.ce_weight, cfg.temperature)
+            if world is not None:
+                teacher.reshard()  # its root (embeddings, head) stays gathered after its forward until here
             if hooks is not None:
                 hs = hidden_loss(hooks[1].take(), hooks[0].take())
                 loss = loss + cfg.hidden_weight * hs
-                hid_sum += hs.item() / cfg.grad_accum
-            (loss / cfg.grad_accum).backward()
+                hid_sum += hs.item() / sh.accum
+            (loss / sh.accum).backward()
             del hidden, t_hidden
-            loss_sum += loss.item() / cfg.grad_accum
-            kl_sum += kl / cfg.grad_accum
-            ce_sum += ce / cfg.grad_accum
+            loss_sum += loss.item() / sh.accum
+            kl_sum += kl / sh.accum
+            ce_sum += ce / sh.accum
+        loss_sum, kl_sum, ce_sum, hid_sum = mean_over_ranks(world, [loss_sum, kl_sum, ce_sum, hid_sum])
         gnorm = math.nan
         if cfg.max_grad_norm is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(list(tr.params.values()), cfg.max_grad_norm))
+            gn = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            gnorm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -175,7 +208,7 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         bar.update()
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{per_step / dt:.0f}")
         if cfg.eval_every and evaluate is not None and (step % cfg.eval_every == 0 or step == steps):
-            run_eval()
+            hist.evals.append({"step": step, "tokens": step * per_step, "ppl": run_eval()})
         if step % cfg.checkpoint_every == 0 or step == steps:
             save()
         if max_steps is not None and step < steps and step - started_at >= max_steps:
@@ -188,18 +221,21 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         for hk in hooks:
             hk.remove()
     tr.forward.eval()
-    for p in tr.params.values():
+    for p in params.values():
         p.requires_grad_(False)
-    healed = tr.finish()
-    if ckpt:
-        disable_checkpointing(healed)
-    for p in healed.parameters():
-        p.requires_grad_(False)
-    healed.eval()
+    if world is not None:
+        healed = tr.forward  # sharded, adapters unmerged: gather() makes it one model
+    else:
+        healed = tr.finish()
+        if ckpt:
+            disable_checkpointing(healed)
+        for p in healed.parameters():
+            p.requires_grad_(False)
+        healed.eval()
     last = hist.steps[-max(1, len(hist.steps) // 10):]
     record = {
         "steps": steps, "tokens_per_step": per_step, "tokens": steps * per_step, "blocks": n_blocks,
-        "passes": steps * per_step / (n_blocks * seq_len),
+        "passes": steps * per_step / (n_blocks * seq_len) if n_blocks else None,
         "trainable_params": tr.n_trainable, "gradient_checkpointing": ckpt,
         "memory_estimate_bytes": need, "memory_available_bytes": avail,
         "train_seconds": round(hist.train_seconds, 1),
@@ -207,4 +243,29 @@ def distill(student, teacher, blocks: torch.Tensor, cfg: HealConfig, state_dir: 
         "loss_first": hist.steps[0]["loss"], "loss_last": sum(s["loss"] for s in last) / len(last),
         "history": hist.to_json(),
     }
+    if world is not None:
+        record.update(processes=world.size, micro_batch_per_process=sh.micro, grad_accum_per_process=sh.accum,
+                      cpu_offload=bool(getattr(cfg, "cpu_offload", False)))
+    if measure_before:
+        record["ppl_before"] = ppl_before
+    if measure_after and evaluate is not None:
+        record["ppl_after"] = run_eval()
     return healed, record
+
+
+def gather(healed, cfg: HealConfig, world: World, plain: Callable[[], torch.nn.Module]):
+    """The sharded healed student made whole on rank 0 (None on the others): its weights gathered into `plain()`, a
+    fresh unsharded copy of the student loaded on rank 0 (LoRA adapters put on it again, then merged)."""
+    sd = full_state_dict(healed)  # every rank takes part
+    if not world.main:
+        return None
+    student = plain()
+    tr = make_trainable(student, cfg)
+    missing, unexpected = tr.forward.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not student.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"gathered weights do not fit the student: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model = tr.finish()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

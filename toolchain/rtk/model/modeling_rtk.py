@@ -602,7 +602,12 @@ class RtkDeciLMForCausalLM(RtkPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, skip=frozenset(),
-                return_dict=True, **kwargs):
+                return_dict=True, hidden_only=False, **kwargs):
+        """hidden_only: return the final normed hidden states [B, T, H] instead of logits (distillation computes
+        the heads itself, chunk by chunk; a call of this module, not of .model, is what FSDP's hooks see)."""
+        if hidden_only:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, skip=skip)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not self.training:
             from transformers import DynamicCache

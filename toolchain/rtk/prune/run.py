@@ -104,7 +104,7 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
         if recipe.heal is not None:  # read (and checked) before the search
             from rtk.heal.run import heal_blocks
 
-            heal_pool = heal_blocks(tokenizer, recipe.heal.data, recipe.heal.tokens)
+            heal_pool = heal_blocks(tokenizer, recipe.heal.data, recipe.heal.tokens, seed=recipe.heal.seed)
         speed = speed_model(model.config, recipe.cost)
         cost_fn = speed.cost_fn() if recipe.search.normalize == "cost" else None
         cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
