@@ -159,3 +159,31 @@ def vllm_backends(smollm2_dir, smollm2_pruned_dir, tmp_path_factory):
         assert b.server.proc.poll() is not None
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", b.server.port)) != 0
+
+
+# ---- healing ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def heal_text(tmp_path_factory, data_dir) -> Path:
+    """A small training text (the first 20k characters of WikiText-2 valid)."""
+    p = tmp_path_factory.mktemp("heal-text") / "heal.txt"
+    p.write_text((data_dir / "wikitext-2-raw" / "valid.txt").read_text()[:20000])
+    return p
+
+
+@pytest.fixture(scope="session")
+def pruned_out(tmp_path_factory, tiny_folder) -> Path:
+    """`rtk prune` of the tiny Llama (SmolLM2's tokenizer): OUT with plan.json naming the original."""
+    d = tmp_path_factory.mktemp("pruned")
+    r = {"model": str(tiny_folder), "scoring": {"batch_size": 2},
+         "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 32},
+                  "evaluation": {"source": "wikitext2", "split": "test", "samples": 3, "seq_len": 32}},
+         "search": {"target": {"sublayers": 3}}}
+    import yaml
+    from click.testing import CliRunner
+
+    from rtk.cli import main
+
+    (d / "r.yaml").write_text(yaml.safe_dump(r))
+    res = CliRunner().invoke(main, ["prune", str(d / "r.yaml"), "-o", str(d / "out"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    return d / "out"

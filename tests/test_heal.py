@@ -298,14 +298,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def heal_text(tmp_path_factory, data_dir) -> Path:
-    """A small training text (the first 20k characters of WikiText-2 valid)."""
-    p = tmp_path_factory.mktemp("heal-text") / "heal.txt"
-    p.write_text((data_dir / "wikitext-2-raw" / "valid.txt").read_text()[:20000])
-    return p
-
-
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
@@ -314,19 +306,6 @@ def write_yaml(path: Path, data: dict) -> Path:
 def heal_keys(heal_text: Path, **over) -> dict:
     return {"data": {"source": str(heal_text), "seq_len": 32}, "tokens": 6 * 2 * 32, "micro_batch": 2,
             "lr": 1e-3, "checkpoint_every": 2, "eval_every": 3, **over}
-
-
-@pytest.fixture(scope="module")
-def pruned_out(tmp_path_factory, tiny_folder) -> Path:
-    """`rtk prune` of the tiny Llama (SmolLM2's tokenizer): OUT with plan.json naming the original."""
-    d = tmp_path_factory.mktemp("pruned")
-    r = {"model": str(tiny_folder), "scoring": {"batch_size": 2},
-         "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 32},
-                  "evaluation": {"source": "wikitext2", "split": "test", "samples": 3, "seq_len": 32}},
-         "search": {"target": {"sublayers": 3}}}
-    res = run("prune", write_yaml(d / "r.yaml", r), "-o", d / "out", "--quiet")
-    assert res.exit_code == 0, res.output
-    return d / "out"
 
 
 def tensors(folder: Path) -> dict:

@@ -96,16 +96,17 @@ def _jsonl_pieces(path: Path, start: int, key: str, field: str) -> Iterator[tupl
 
 
 def _text_pieces(path: Path, start: int, field: str) -> Iterator[tuple[int, str]]:
+    """Pieces of about TEXT_CHUNK bytes, each ending before a line that starts with a non-space character (where a
+    whitespace-splitting tokenizer splits anyway), or at 16 x TEXT_CHUNK bytes when no such line comes."""
     with path.open("rb") as f:
         f.seek(start)
-        at, chunk = start, []
-        size = 0
+        at, chunk, size = start, [], 0
         for raw in iter(f.readline, b""):
-            chunk.append(raw)
-            size += len(raw)
-            if size >= TEXT_CHUNK:
+            if size >= TEXT_CHUNK and (raw[:1].strip() or size >= 16 * TEXT_CHUNK):
                 yield at, _utf8(b"".join(chunk), path, field)
                 at, chunk, size = at + size, [], 0
+            chunk.append(raw)
+            size += len(raw)
         if chunk:
             yield at, _utf8(b"".join(chunk), path, field)
 
@@ -175,6 +176,17 @@ def pieces(spec: "HealData", field: str, at: tuple[int, int] = (0, 0), sep: bool
             sep, first_of_file = True, False
 
 
+def _with_next(it: Iterator[Piece]) -> Iterator[tuple[Piece, bool]]:
+    """(piece, whether a blank line joins it to the next piece)."""
+    prev = None
+    for piece in it:
+        if prev is not None:
+            yield prev, piece.sep
+        prev = piece
+    if prev is not None:
+        yield prev, False
+
+
 # ---- blocks ----------------------------------------------------------------------------------------------------
 class BlockStream:
     """Blocks packed on the fly from a streamed source, by sample index (see the module's doc)."""
@@ -201,8 +213,10 @@ class BlockStream:
         origins: list[list] = []  # [piece position, sep, offset into its tokens, tokens of it left in buf]
         at, sep, skip = start
         head = 0  # buf[head:] is what is not cut yet
-        for piece in pieces(self.spec, self.field, at, sep):
-            ids = self.tok((RECORD_SEP if piece.sep else "") + piece.text, add_special_tokens=False)["input_ids"]
+        for piece, joined in _with_next(pieces(self.spec, self.field, at, sep)):
+            # the blank line that joins a record to the next ends the record's text, as in the whole text (a
+            # whitespace-splitting tokenizer keeps the next record's leading space with its first word)
+            ids = self.tok(piece.text + (RECORD_SEP if joined else ""), add_special_tokens=False)["input_ids"]
             off, skip = skip, 0
             ids = ids[off:]
             if head:
@@ -236,7 +250,7 @@ class BlockStream:
                 raise RtkError(f"{self.field}: {self.spec.source} holds fewer than {self.seq_len} tokens; lower seq_len")
             if not self.spec.repeat:
                 raise RtkError(f"{self.field}: {self.spec.source} ended after {self.pos:,} blocks of {self.seq_len} "
-                               f"tokens" + (f", before the {self.need:,} the token budget reads" if self.need else "")
+                               f"tokens" + (f", before the {self.need:,} blocks the token budget reads" if self.need else "")
                                + "; set heal.data.repeat: true to pass over it again, or lower tokens")
             self._start_pass(self.epoch + 1)
             return self._fill()

@@ -75,7 +75,7 @@ def estimate(student_config, teacher_config, cfg: "HealConfig", seq_len: int, el
     per_token = (c.hidden_size if checkpointing else 16 * c.hidden_size + 4 * c.intermediate_size) * element_size
     acts = tokens * c.num_hidden_layers * per_token
     gathered = 2 * layer_params(teacher_config) * element_size if processes > 1 else 0
-    fixed = acts + gathered + 6 * CHUNK_ELEMENTS * 4
+    fixed = acts + gathered + 6 * min(CHUNK_ELEMENTS, tokens * c.vocab_size) * 4
     if cpu_offload:
         return Need(fixed, sharded, acts, checkpointing)
     return Need(sharded + fixed, 0, acts, checkpointing)
@@ -101,7 +101,7 @@ def check_fits(student_config, teacher_config, cfg: "HealConfig", element_size: 
     kw = dict(seq_len=cfg.data.seq_len, element_size=element_size)
     ck = cfg.gradient_checkpointing == "on"
     cpu = not str(device).startswith("cuda")
-    # processes on the CPU share one memory: they need it together, and each loads both models whole first
+    # processes on the CPU share one memory: they need it together (more of them never helps there)
     share = local_processes if cpu else 1
     avail = available_memory(device) // share
 
@@ -116,7 +116,8 @@ def check_fits(student_config, teacher_config, cfg: "HealConfig", element_size: 
     if n.device <= avail:
         return n
     ways = []
-    more = next((p for p in (2 ** k for k in range(1, 11)) if p > processes and need(n=p, ck=True).device <= avail), None)
+    more = None if cpu else next((p for p in (2 ** k for k in range(1, 11))
+                                  if p > processes and need(n=p, ck=True).device <= avail), None)
     if more:
         ways.append(f"{more} processes")
     if cfg.method == "full" and need(cfg=cfg.model_copy(update={"method": "lora"}), ck=True).device <= avail:

@@ -72,14 +72,18 @@ def report_lines(plan: dict, out: Path) -> list[str]:
     h = plan["heal"]
     ev = h["eval"]
     curve = loss_curve(plan, out)
-    lines = ["## Healing (knowledge distillation from the original)", "",
-             f"- Text: {h['data']['text']}, {h['blocks']} blocks x {h['data']['seq_len']} tokens, "
-             f"{h['tokens']:,} training tokens ({h['passes']:.2f} passes over them).",
+    text = (f"- Text: {h['data']['text']}, {h['blocks']} blocks x {h['data']['seq_len']} tokens, {h['tokens']:,} "
+            f"training tokens ({h['passes']:.2f} passes over them)." if h.get("passes") is not None else
+            f"- Text: {h['data']['text']}, read in blocks of {h['data']['seq_len']} tokens, {h['tokens']:,} training "
+            f"tokens.")
+    procs = h.get("processes")
+    lines = ["## Healing (knowledge distillation from the original)", "", text,
              f"- How: {_how(h)}; {h['trainable_params']:,} trainable parameters; {h['dtype']} on {h['device']}"
-             f"{', gradient checkpointing' if h['gradient_checkpointing'] else ''}.",
+             + (f" x {procs} processes (torchrun, FSDP2)" if procs else "")
+             + f"{', gradient checkpointing' if h['gradient_checkpointing'] else ''}.",
              f"- Loss {h['loss_first']:.4f} (first step) -> {h['loss_last']:.4f} (mean of the last tenth); "
              f"{h['tokens_per_second']:.0f} training tokens/s over {h['train_seconds']:.0f} s "
-             f"({h['threads']} thread{'s' * (h['threads'] != 1)}).", "",
+             f"({h['threads']} thread{'s' * (h['threads'] != 1)}" + (" per process" if procs else "") + ").", "",
              "| evaluation PPL | teacher | pruned | healed | measured on |", "|---|---:|---:|---:|---|",
              f"| {ev.get('split') or ''} | {h.get('teacher', {}).get('ppl', float('nan')):.3f} | "
              f"{ev['ppl_before']:.3f} | {ev['ppl_after']:.3f} | {ev['measured']} |", ""]
