@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs a script with some packages made unimportable, as on a bare GPU machine.
@@ -63,6 +65,29 @@ def test_gpu_heal_script_runs_on_the_h200_image(tmp_path):
         assert row["tokens_per_s"] > 0 and row["seconds_per_step"] > 0 and row["model_tflops"] >= 0
         assert len(row["loss"]) == 6 and all(0 < x < 20 for x in row["loss"])
         assert row["gradient_checkpointing"] is False  # a tiny model fits: auto leaves it off
+
+
+def test_gpu_heal_script_runs_under_torchrun(tmp_path):
+    """The same script on 2 processes (gloo on the CPU): FSDP2 heals; the losses are the one-process run's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "toolchain"), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "bench" / "scale" / "gpu_heal.py")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r = subprocess.run([sys.executable, script, "--tiny", "--device", "cpu", "-o", str(one)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script,
+                        "--tiny", "--device", "cpu", "-o", str(two)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["processes"] == 2 and len(b["peak_rss_gib_process"]) == 2
+    for m in ("full", "lora"):
+        row = b["methods"][m]
+        assert len(row["per_process"]) == 2 and all(p["peak_rss_gib_training"] > 0 for p in row["per_process"])
+        assert row["tokens_per_s"] > 0 and row["memory_estimate_gib"] >= 0
+        assert len(row["loss"]) == 6 and all(0 < x < 20 for x in row["loss"])  # the warm-up step left out
+        # the starting loss is the one-process run's (same random models and tokens, same first global batch)
+        assert row["loss"][0] == pytest.approx(a["methods"][m]["loss"][0], rel=0.05)
 
 
 def test_gpu_heal_settings_are_the_recipes(tmp_path):

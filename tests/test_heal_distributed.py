@@ -127,7 +127,7 @@ def test_two_nodes_on_localhost(tmp_path, pruned_out, heal_text):
 def test_killed_process_stops_the_others_and_the_rerun_resumes(tmp_path, pruned_out, heal_text):
     import psutil
 
-    c = conf(tmp_path, keys(heal_text, tokens=300 * 4 * 32, checkpoint_every=1))
+    c = conf(tmp_path, keys(heal_text, tokens=60 * 4 * 32, checkpoint_every=1))
     out = tmp_path / "out"
     p = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "rtk", "heal", str(pruned_out), "-o",
                           str(out), "--config", str(c), "--quiet"], env=env(), stdout=subprocess.PIPE,
@@ -144,11 +144,12 @@ def test_killed_process_stops_the_others_and_the_rerun_resumes(tmp_path, pruned_
     assert p.returncode != 0 and not out.exists()
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)  # torchrun stopped both
     step = json.loads(state.read_text())["step"]
-    assert 3 <= step < 300
-    r = torchrun(pruned_out, "-o", out, "--config", c, "--quiet")
+    assert 3 <= step < 60
+    rarely = conf(tmp_path, keys(heal_text, tokens=60 * 4 * 32, checkpoint_every=100), "rarely.yaml")  # same healing
+    r = torchrun(pruned_out, "-o", out, "--config", rarely, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"resuming {tmp_path / 'out.partial' / 'heal'} at step {step} of 300" in r.stdout
-    assert json.loads((out / "plan.json").read_text())["heal"]["steps"] == 300
+    assert f"resuming {tmp_path / 'out.partial' / 'heal'} at step {step} of 60" in r.stdout
+    assert json.loads((out / "plan.json").read_text())["heal"]["steps"] == 60
 
 
 # ---- bad input: one line, exit != 0, nothing written ------------------------------------------------------------
@@ -285,8 +286,8 @@ def test_stream_resumes_mid_pass_and_holds_one_window(corpus, tokenizer):
 
 
 def test_a_stream_that_ends_before_the_budget(tmp_path, corpus, pruned_out):
-    c = conf(tmp_path, {"data": {"source": str(corpus), "seq_len": 32, "stream": True}, "tokens": 10 ** 6,
-                        "micro_batch": 2, "checkpoint_every": 1000})
+    c = conf(tmp_path, {"data": {"source": str(corpus), "seq_len": 256, "stream": True}, "tokens": 10 ** 6,
+                        "micro_batch": 4, "checkpoint_every": 1000})  # ~29 blocks: the stream ends at step 8
     res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", c, "--quiet")
     assert res.exit_code == 1, res.output
     line = res.output.strip().splitlines()[-1]
@@ -331,3 +332,16 @@ def test_stream_settings_are_checked():
     assert HealConfig(method="lora", data={"source": "x.jsonl"}, cpu_offload=True).fingerprint() == "9646b63332a16aa3"
     assert HealConfig(data={"source": "x.jsonl", "stream": True, "repeat": True}).fingerprint() == \
         HealConfig(data={"source": "x.jsonl", "stream": True}).fingerprint()
+
+
+def test_rtk_prune_under_torchrun_says_how_to_heal_distributed(tmp_path, monkeypatch, tiny_folder):
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    recipe = conf(tmp_path, {"model": str(tiny_folder), "search": {"target": {"sublayers": 2}}, "heal": {"tokens": 64}},
+                  "recipe.yaml")
+    res = cli("prune", recipe, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "rtk prune runs as one process" in res.output
+    assert "torchrun --nproc-per-node N -m rtk heal OUT -o HEALED --config RECIPE" in res.output
+    assert not list(tmp_path.glob("o*"))

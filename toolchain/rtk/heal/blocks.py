@@ -28,30 +28,13 @@ import torch
 from rtk import pip_install
 from rtk.data import RECORD_SEP, adds_bos
 from rtk.errors import RtkError
-from rtk.heal.schedule import DataOrder
+from rtk.heal.schedule import Pool  # noqa: F401  (the in-memory source, beside DataOrder)
 
 if TYPE_CHECKING:
     from rtk.heal.config import HealData
 
 TEXT_CHUNK = 1 << 20  # a .txt file is read (and tokenized) in pieces of about this many bytes, cut at line ends
 STREAM_KINDS = (".jsonl", ".txt", ".parquet")
-
-
-class Pool:
-    """The in-memory blocks [n, seq_len] in DataOrder's seeded order."""
-
-    def __init__(self, blocks: torch.Tensor, seed: int):
-        self.blocks, self.order = blocks, DataOrder(blocks.shape[0], seed)
-        self.n_blocks, self.seq_len = blocks.shape
-
-    def batch(self, start: int, count: int) -> torch.Tensor:
-        return self.blocks[self.order.indices(start, count)]
-
-    def state(self) -> Optional[dict]:
-        return None
-
-    def restore(self, state: Optional[dict]) -> None:
-        pass
 
 
 # ---- records ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,23 @@ class DataOrder:
         return [int(self._perm(i // self.n)[i % self.n]) for i in range(start, start + count)]
 
 
+class Pool:
+    """The in-memory blocks [n, seq_len] in DataOrder's seeded order."""
+
+    def __init__(self, blocks: torch.Tensor, seed: int):
+        self.blocks, self.order = blocks, DataOrder(blocks.shape[0], seed)
+        self.n_blocks, self.seq_len = blocks.shape
+
+    def batch(self, start: int, count: int) -> torch.Tensor:
+        return self.blocks[self.order.indices(start, count)]
+
+    def state(self) -> Optional[dict]:
+        return None
+
+    def restore(self, state: Optional[dict]) -> None:
+        pass
+
+
 def plan_steps(cfg: HealConfig, seq_len: int) -> tuple[int, int]:
     """(optimizer steps, tokens per step) for the budget."""
     per_step = cfg.micro_batch * cfg.grad_accum * seq_len

@@ -27,12 +27,11 @@ from tqdm.auto import tqdm
 
 from rtk.errors import RtkError
 from rtk.heal.adapters import disable_checkpointing, enable_checkpointing, make_trainable
-from rtk.heal.blocks import Pool
 from rtk.heal.checkpoint import (STATE, History, load_checkpoint, load_meta, num_or_none, rng_state,
                                  save_checkpoint, saved_checkpoint, set_rng_state)
 from rtk.heal.distributed import full_state_dict, mean_over_ranks, share, shard
 from rtk.heal.loss import CHUNK_ELEMENTS, LayerOutputs, distill_loss, hidden_loss
-from rtk.heal.schedule import lr_factor, plan_steps
+from rtk.heal.schedule import Pool, lr_factor, plan_steps
 from rtk.model.params import param_bytes, total_params
 
 if TYPE_CHECKING:  # annotations only: the loop runs without pydantic (bench/scale/gpu_heal.py on a bare GPU machine)
@@ -204,7 +203,8 @@ def distill(student, teacher, blocks, cfg: HealConfig, state_dir: Optional[Path]
         dt = time.perf_counter() - t0
         hist.train_seconds += dt
         hist.steps.append({"step": step, "tokens": step * per_step, "loss": loss_sum, "kl": num_or_none(kl_sum),
-                           "ce": num_or_none(ce_sum), **({"hidden": hid_sum} if hooks else {}), "lr": lr, "grad_norm": num_or_none(gnorm)})
+                           "ce": num_or_none(ce_sum), **({"hidden": hid_sum} if hooks else {}), "lr": lr, "grad_norm": num_or_none(gnorm),
+                           "seconds": round(dt, 4)})
         bar.update()
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{per_step / dt:.0f}")
         if cfg.eval_every and evaluate is not None and (step % cfg.eval_every == 0 or step == steps):

@@ -65,10 +65,24 @@ def _check_lengths(model, recipe: Recipe) -> None:
                            f"max_position_embeddings ({limit})")
 
 
+def _check_one_process(recipe: Recipe) -> None:
+    """rtk prune is one process (its scoring spreads over Ray workers, not torchrun): under torchrun with several
+    processes, one line that says how to heal on them instead."""
+    from rtk.heal.distributed import torchrun_env
+
+    e = torchrun_env()
+    if e is not None and e["WORLD_SIZE"] > 1:
+        raise RtkError("rtk prune runs as one process (scoring.workers spreads it over Ray); run it without torchrun"
+                       + (", leaving heal: out, then heal on N processes: torchrun --nproc-per-node N -m rtk heal OUT "
+                          "-o HEALED --config RECIPE (or rtk heal OUT -o HEALED --config RECIPE --nproc N)"
+                          if recipe.heal is not None else ""))
+
+
 def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[str], None] = print,
               max_steps: int | None = None) -> dict:
     from rtk.model.device import resolve_runtime
 
+    _check_one_process(recipe)
     recipe = resolve_runtime(recipe)  # device and dtype checked and made concrete before any work
     out = Path(out)
     partial, complete = _check_out(out, recipe)
