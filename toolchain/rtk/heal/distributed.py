@@ -195,6 +195,22 @@ def shard(model, world: World, cpu_offload: bool = False):
     return model
 
 
+def materialize(model, world: World, full: Optional[dict]) -> None:
+    """After shard(): the weights of rank 0's whole model (`full`, its state dict taken before sharding; None on the
+    other ranks, whose models were built on the meta device) sent to every rank, each keeping its shards. Rank 0
+    alone reads the checkpoint, so a node holds one copy of the model in CPU memory, not one per process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from rtk.model.modeling_rtk import RtkModel
+
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=world.device)
+    set_model_state_dict(model, full if world.main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    inner = model.model
+    inner.inv_freq = RtkModel._rope(inner.config)[0].to(world.device)  # not in a state dict
+
+
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -101,7 +101,8 @@ def check_fits(student_config, teacher_config, cfg: "HealConfig", element_size: 
     kw = dict(seq_len=cfg.data.seq_len, element_size=element_size)
     ck = cfg.gradient_checkpointing == "on"
     cpu = not str(device).startswith("cuda")
-    # processes on the CPU share one memory: they need it together (more of them never helps there)
+    # processes on the CPU share one memory: they need it together (more of them never helps there); rank 0 alone
+    # loads the models whole before sharding
     share = local_processes if cpu else 1
     avail = available_memory(device) // share
 

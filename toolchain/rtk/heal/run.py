@@ -261,15 +261,20 @@ def _check_memory(s_conf, t_conf, cfg: HealConfig, dt: str, dev: str, world: Opt
 def _heal(model_dir: Path, plan: Optional[dict], t_spec: str, t_path: str, out: Path, partial: Path, cfg: HealConfig,
           teacher: Optional[str], evaluation: DataSpec, dev: str, dt: str, fp: str, world: Optional[World], need,
           progress: bool, echo: Callable[[str], None], max_steps: Optional[int]) -> Optional[dict]:
-    """Load, heal, write OUT (rank 0); under several processes each loads both models on the CPU and shards them."""
+    """Load, heal, write OUT (rank 0). Under several processes rank 0 loads both models on the CPU, the others build
+    them on the meta device, and the weights reach every rank's shards from rank 0 (rtk.heal.distributed)."""
     from rtk.heal.distributed import barrier
-    from rtk.model.load import load_model
+    from rtk.model.load import load_model, load_skeleton, load_tokenizer
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    load_dev = "cpu" if world else dev
-    student, tokenizer, s_path = load_model(str(model_dir), dt, load_dev)
-    teacher_m, _, _ = load_model(t_path, dt, load_dev)
+    if world is None or world.main:
+        load_dev = "cpu" if world else dev
+        student, tokenizer, s_path = load_model(str(model_dir), dt, load_dev)
+        teacher_m, _, _ = load_model(t_path, dt, load_dev)
+    else:
+        student, teacher_m = load_skeleton(str(model_dir), dt), load_skeleton(t_path, dt)
+        tokenizer, s_path = load_tokenizer(str(model_dir)), str(model_dir)
     evalb, eval_info = token_blocks(tokenizer, evaluation, "evaluation")
     if world is None or world.main:
         partial.mkdir(parents=True, exist_ok=True)

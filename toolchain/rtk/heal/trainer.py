@@ -29,7 +29,7 @@ from rtk.errors import RtkError
 from rtk.heal.adapters import disable_checkpointing, enable_checkpointing, make_trainable
 from rtk.heal.checkpoint import (STATE, History, load_checkpoint, load_meta, num_or_none, rng_state,
                                  save_checkpoint, saved_checkpoint, set_rng_state)
-from rtk.heal.distributed import full_state_dict, mean_over_ranks, share, shard
+from rtk.heal.distributed import full_state_dict, materialize, mean_over_ranks, share, shard
 from rtk.heal.loss import CHUNK_ELEMENTS, LayerOutputs, distill_loss, hidden_loss
 from rtk.heal.schedule import Pool, lr_factor, plan_steps
 from rtk.model.params import param_bytes, total_params
@@ -91,8 +91,9 @@ def distill(student, teacher, blocks, cfg: HealConfig, state_dir: Optional[Path]
     (None: none); `evaluate(model) -> PPL` is called every `eval_every` steps. `max_steps`: pause (HealPaused)
     after that many steps of this call, checkpoint saved.
 
-    `world` (several processes): student and teacher are sharded with FSDP2 over the ranks, each rank reads its
-    share of every global batch, and the healed student returned is still sharded (gather() makes it whole);
+    `world` (several processes): student and teacher are sharded with FSDP2 over the ranks (rank 0's weights sent
+    to all: the other ranks may hold meta-device skeletons), each rank reads its share of every global batch, and
+    the healed student returned is still sharded (gather() makes it whole);
     `measure_before` / `measure_after`: the record gets `ppl_before` / `ppl_after` from `evaluate` on the sharded
     model (the PPL before is kept in the checkpoints);
     `sharded_need`: rtk.heal.memory's estimate per process (it decides gradient checkpointing)."""
@@ -122,8 +123,11 @@ def distill(student, teacher, blocks, cfg: HealConfig, state_dir: Optional[Path]
     params = tr.params
     if world is not None:
         offload = bool(getattr(cfg, "cpu_offload", False))
-        shard(tr.forward, world, offload)
-        shard(teacher, world, offload)
+        for m in (tr.forward, teacher):
+            full = {k: v for k, v in m.state_dict().items()} if world.main else None
+            shard(m, world, offload)
+            materialize(m, world, full)
+            del full
         params = {n: p for n, p in tr.forward.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cfg.min_lr))

@@ -189,6 +189,16 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     return model, tokenizer, path
 
 
+def load_skeleton(spec: str, dtype: str = "float32") -> RtkDeciLMForCausalLM:
+    """The model of `spec` with no weights (meta tensors), as load_model would build it: what the ranks other than
+    0 of a sharded healing hold until rank 0's weights reach them (rtk.heal.distributed.materialize)."""
+    path = resolve(spec)
+    config = rtk_config_from_hf(load_hf_config(path))
+    with torch.device("meta"):
+        model = RtkDeciLMForCausalLM(config)
+    return model.to(DTYPES[dtype]).eval()
+
+
 def check_bos(config, tokenizer, spec: str) -> None:
     """A model that needs BOS before every sequence (Gemma) must have a tokenizer that adds it: rtk's token
     blocks, lm-eval and every comparison follow the tokenizer."""
