@@ -16,8 +16,11 @@ from rtk.cli.echo import echo_healed
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many search steps; rerunning the same command continues.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--no-heal", "no_heal", is_flag=True,
+              help="Leave the recipe's heal: section out; heal later on N processes with "
+                   "torchrun --nproc-per-node N -m rtk heal OUT -o HEALED --config RECIPE.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | None, quiet: bool):
+def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | None, no_heal: bool, quiet: bool):
     """Score every sublayer, search which to remove, and write OUT/{plan.json, model/, report.md}."""
     from rtk.prune.api import SearchPaused, prune as run
 
@@ -30,7 +33,7 @@ def prune(recipe: Path, out: Path | None, max_steps: int | None, threads: int | 
 
         torch.set_num_threads(threads)
     try:
-        res = run(recipe, out, progress=not quiet, echo=click.echo, max_steps=max_steps)
+        res = run(recipe, out, progress=not quiet, echo=click.echo, max_steps=max_steps, heal=not no_heal)
     except SearchPaused as exc:
         click.echo(str(exc))
         return

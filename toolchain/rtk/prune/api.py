@@ -54,9 +54,10 @@ def default_out(recipe: Union[str, Path]) -> Path:
 
 def prune(recipe: Union[str, Path, Mapping, Recipe], out: Union[str, Path, None] = None, *,
           max_steps: Optional[int] = None, progress: bool = True,
-          echo: Optional[Callable[[str], None]] = print) -> PruneResult:
+          echo: Optional[Callable[[str], None]] = print, heal: bool = True) -> PruneResult:
     """Score, search, rewrite and export as `rtk prune RECIPE -o OUT`. `recipe`: a YAML file, or the recipe's
-    keys as a mapping (then `out` is needed). `echo`: where the progress lines go (None: nowhere)."""
+    keys as a mapping (then `out` is needed). `echo`: where the progress lines go (None: nowhere). `heal=False`
+    (--no-heal) leaves the recipe's heal: section for `rtk heal` on N processes."""
     from rtk.prune.run import run_prune
 
     if isinstance(recipe, Recipe):
@@ -65,6 +66,8 @@ def prune(recipe: Union[str, Path, Mapping, Recipe], out: Union[str, Path, None]
         rec = parse_recipe(dict(recipe), where="recipe")
     else:
         rec = load_recipe(recipe)
+    if not heal:
+        rec = rec.model_copy(update={"heal": None})
     if out is None:
         if isinstance(recipe, (Mapping, Recipe)):
             raise RtkError("out: a recipe given as a mapping needs an output folder (out=...)")

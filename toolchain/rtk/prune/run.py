@@ -73,7 +73,7 @@ def _check_one_process(recipe: Recipe) -> None:
     e = torchrun_env()
     if e is not None and e["WORLD_SIZE"] > 1:
         raise RtkError("rtk prune runs as one process (scoring.workers spreads it over Ray); run it without torchrun"
-                       + (", leaving heal: out, then heal on N processes: torchrun --nproc-per-node N -m rtk heal OUT "
+                       + (" and --no-heal, then heal on N processes: torchrun --nproc-per-node N -m rtk heal OUT "
                           "-o HEALED --config RECIPE (or rtk heal OUT -o HEALED --config RECIPE --nproc N)"
                           if recipe.heal is not None else ""))
 
