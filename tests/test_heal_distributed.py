@@ -179,7 +179,7 @@ def test_nproc_beyond_the_gpus(tmp_path, pruned_out, heal_text, monkeypatch):
     res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", conf(tmp_path, keys(heal_text)), "--nproc", "4",
               "--device", "cuda")
     assert res.exit_code == 1 and res.output.strip() == \
-        "Error: --nproc: 4 processes but 2 CUDA devices here; use at most 2 (one per GPU)"
+        "Error: --nproc: 4 processes on this node but 2 CUDA devices; use at most 2 (one per GPU)"
     from rtk.heal.distributed import current_world
 
     e = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "x",
@@ -345,3 +345,18 @@ def test_rtk_prune_under_torchrun_says_how_to_heal_distributed(tmp_path, monkeyp
     assert "rtk prune runs as one process" in res.output
     assert "torchrun --nproc-per-node N -m rtk heal OUT -o HEALED --config RECIPE" in res.output
     assert not list(tmp_path.glob("o*"))
+
+
+def test_nproc_checks_before_starting_torchrun(tmp_path, pruned_out, heal_text, monkeypatch):
+    """--nproc runs every weight-free check of a healing as for N processes first: one line, no torchrun."""
+    import rtk.heal.distributed as distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("started torchrun"))
+    res = cli("heal", tmp_path / "nowhere", "-o", tmp_path / "o", "--nproc", "2")
+    assert res.exit_code == 1 and res.output.strip() == f"Error: PRUNED_DIR: {tmp_path / 'nowhere'}: no such folder"
+    eval_text = conf(tmp_path, keys(heal_text, data={"source": "wikitext2", "split": "test", "seq_len": 32}))
+    res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", eval_text, "--nproc", "2")
+    assert res.exit_code == 1 and "is the evaluation text" in res.output
+    (tmp_path / "o").mkdir()
+    res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", conf(tmp_path, keys(heal_text)), "--nproc", "2")
+    assert res.exit_code == 1 and "folder exists and is not an rtk healing" in res.output

@@ -140,7 +140,10 @@ def main(argv=None):
     if world is not None:
         join(world)
 
-    teacher, build_s = timed(lambda: build(SHAPES[name], device, dtype), device)
+    # under torchrun rank 0 builds the models, the others their skeletons (their shards come from rank 0, as in
+    # rtk heal)
+    where = device if world is None or world.main else "meta"
+    teacher, build_s = timed(lambda: build(SHAPES[name], where, dtype), device)
     removed = REMOVED[name]
     per_step = mb * ga * t
     g = torch.Generator().manual_seed(0)
@@ -157,7 +160,7 @@ def main(argv=None):
     res["params_removed"] = round(1 - res["student_params"] / res["teacher_params"], 4)
     for i, method in enumerate(a.methods.split(",")):
         if world is not None and i:  # the last method's healing sharded the teacher: a fresh one
-            teacher = build(SHAPES[name], device, dtype)
+            teacher = build(SHAPES[name], where, dtype)
         student = pruned_student(teacher, removed)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()

@@ -41,6 +41,7 @@ TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_h
 
 
 def build(shape: dict, device: str, dtype: torch.dtype) -> RtkDeciLMForCausalLM:
+    """A random model of `shape` on `device` (on "meta": its skeleton, no weights)."""
     group = shape["num_attention_heads"] // shape["num_key_value_heads"]
     cfg = RtkDeciConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -48,6 +49,8 @@ def build(shape: dict, device: str, dtype: torch.dtype) -> RtkDeciLMForCausalLM:
                                        for _ in range(shape["num_hidden_layers"])])
     with torch.device("meta"):
         model = RtkDeciLMForCausalLM(cfg)
+    if device == "meta":
+        return model.to(dtype).eval()
     model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

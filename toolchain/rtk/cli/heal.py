@@ -49,7 +49,8 @@ def heal(pruned_dir: Path, out: Path, teacher: str | None, config: Path | None, 
                 argv += [flag, str(value)]
         if quiet:
             argv.append("--quiet")
-        code = launch_heal(nproc, argv, config=config, device=device, tokens=tokens, method=method)
+        code = launch_heal(nproc, argv, pruned_dir, out, teacher=teacher, config=config, device=device, dtype=dtype,
+                           tokens=tokens, method=method)
         if code:
             raise SystemExit(code)
         return

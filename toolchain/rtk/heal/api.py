@@ -67,11 +67,26 @@ def heal(pruned_dir: Union[str, Path], out: Union[str, Path], *, teacher: Option
     return None if plan is None else HealResult.of(out, plan)
 
 
-def launch_heal(nproc: int, argv: list[str], *, config=None, device: str = "auto", **settings) -> int:
-    """`rtk heal --nproc N`: the settings checked here first (one line for a process count that does not split the
-    global batch), then `rtk heal ARGV` under torchrun with N processes on this node; torchrun's exit status."""
-    from rtk.heal.distributed import World, launch, share
+def launch_heal(nproc: int, argv: list[str], pruned_dir: Union[str, Path], out: Union[str, Path], *,
+                teacher: Optional[str] = None, config=None, device: str = "auto", dtype: str = "auto",
+                **settings) -> int:
+    """`rtk heal --nproc N`: everything a healing checks before loading weights is checked here first, as for N
+    processes (one line each: a process count that does not split the global batch, more processes than GPUs,
+    the memory per process, the folders), then `rtk heal ARGV` runs under torchrun with N processes on this node;
+    torchrun's exit status (0 also when OUT already holds this healing)."""
+    from rtk.heal.distributed import World, launch, torchrun_env, world_device
+    from rtk.heal.run import prepare_heal
 
+    if torchrun_env() is not None:
+        raise RtkError("--nproc: this process already runs under torchrun; leave --nproc out (torchrun set the "
+                       "process count)")
     cfg = load_heal_config(config, **settings)
-    share(cfg.micro_batch, cfg.grad_accum, World(0, nproc, 0, nproc, "cpu"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise RtkError(f"--device: {device}: with --nproc each process computes on its own GPU; give --device "
+                       "cuda, auto or cpu")
+    world = World(0, nproc, 0, nproc, world_device(device, 0, nproc))
+    job = prepare_heal(Path(pruned_dir), Path(out), cfg, teacher, device, dtype, None, world)
+    if job.complete:
+        print(f"rtk: {out} already holds this healing")
+        return 0
     return launch(nproc, argv, device)

@@ -195,7 +195,7 @@ def shard(model, world: World, cpu_offload: bool = False):
     return model
 
 
-def materialize(model, world: World, full: Optional[dict]) -> None:
+def materialize(model, world: World, full: Optional[dict], cpu_offload: bool = False) -> None:
     """After shard(): the weights of rank 0's whole model (`full`, its state dict taken before sharding; None on the
     other ranks, whose models were built on the meta device) sent to every rank, each keeping its shards. Rank 0
     alone reads the checkpoint, so a node holds one copy of the model in CPU memory, not one per process."""
@@ -204,7 +204,7 @@ def materialize(model, world: World, full: Optional[dict]) -> None:
     from rtk.model.modeling_rtk import RtkModel
 
     if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=world.device)
+        model.to_empty(device="cpu" if cpu_offload else world.device)  # offloaded shards live in CPU memory
     set_model_state_dict(model, full if world.main else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
     inner = model.model
@@ -228,17 +228,7 @@ def full_state_dict(model) -> dict:
 def launch(nproc: int, argv: list[str], device: str) -> int:
     """Run `rtk heal` again under torchrun with `nproc` processes on this node (argv: the command's arguments
     without --nproc); returns torchrun's exit status."""
-    if torchrun_env() is not None:
-        raise RtkError("--nproc: this process already runs under torchrun; leave --nproc out (torchrun set the "
-                       "process count)")
-    if device not in ("auto", "cpu", "cuda"):
-        raise RtkError(f"--device: {device}: with --nproc each process computes on its own GPU; give --device "
-                       "cuda, auto or cpu")
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "cuda" or (device == "auto" and n_gpu):
-        if nproc > n_gpu:
-            raise RtkError(f"--nproc: {nproc} processes but {n_gpu} CUDA device{'s' * (n_gpu != 1)} here; use at "
-                           f"most {n_gpu} (one per GPU)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rtk",
            "heal", *argv]
     env = dict(os.environ)

@@ -12,6 +12,7 @@ import hashlib
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -192,23 +193,37 @@ def folder_id(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teacher: Optional[str] = None,
-             device: str = "auto", dtype: str = "auto", progress: bool = True,
-             echo: Callable[[str], None] = print, max_steps: Optional[int] = None,
-             evaluation: Optional[DataSpec] = None) -> dict:
-    """`rtk heal`: heal PRUNED_DIR's model from its original (plan.json) or `teacher` into OUT. The PPL before
-    and after is measured on `evaluation`, by default the evaluation text of the recipe that pruned it."""
-    from rtk.heal.distributed import current_world, join, leave, share
-    from rtk.model.device import resolve_device, resolve_dtype
-    from rtk.model.load import load_model, load_tokenizer, resolve
+@dataclass
+class Job:
+    """What `rtk heal` checked before loading anything: one process's part of a healing."""
 
-    cfg = cfg or HealConfig()
-    out = Path(out)
-    world = current_world(device)  # several processes under torchrun, else None
+    model_dir: Path
+    plan: Optional[dict]
+    t_spec: str  # the teacher as given (or plan.json's)
+    t_path: str  # its local folder or hub id
+    teacher: Optional[str]  # --teacher
+    out: Path
+    partial: Path
+    complete: bool  # OUT already holds this healing
+    cfg: HealConfig
+    evaluation: DataSpec
+    device: str
+    dtype: str
+    fingerprint: str
+    world: Optional[World]
+    need: object = None  # rtk.heal.memory.Need
+
+
+def prepare_heal(pruned_dir: Path, out: Path, cfg: HealConfig, teacher: Optional[str], device: str, dtype: str,
+                 evaluation: Optional[DataSpec], world: Optional[World]) -> Job:
+    """Every check of a healing that needs no weights, each a one-line RtkError: the folders, the teacher, the
+    texts, the device, OUT, the tokenizers, the memory per process (`world`: the processes that will heal)."""
+    from rtk.heal.distributed import share
+    from rtk.model.device import resolve_device, resolve_dtype
+    from rtk.model.load import load_hf_config, load_tokenizer, resolve
+
     if world is not None:
-        share(cfg.micro_batch, cfg.grad_accum, world)  # one line before any work when N does not divide the batch
-        if not world.main:
-            echo = lambda s: None  # noqa: E731  (rank 0 speaks for all)
+        share(cfg.micro_batch, cfg.grad_accum, world)  # one line when N does not divide the global batch
     model_dir, plan = locate(pruned_dir)
     t_spec = teacher_spec(plan, teacher, Path(pruned_dir))
     if evaluation is None:
@@ -226,20 +241,36 @@ def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teac
     fp = fingerprint({"heal": cfg.fingerprint(), "student": folder_id(model_dir), "teacher": str(t_spec), "dtype": dt})
     partial, complete = check_out(out, fp, PLAN_FILE, f"{HEAL_DIR}/{STATE}", "healing",
                                   "another model or other heal settings", result_key="heal_fingerprint")
+    job = Job(model_dir, plan, t_spec, t_path, teacher, out, partial, complete, cfg, evaluation, dev, dt, fp, world)
     if complete:
-        echo(f"rtk: {out} already holds this healing")
-        return read_plan(out / PLAN_FILE)
-    s_tok, t_tok = load_tokenizer(str(model_dir)), load_tokenizer(t_path)
-    from rtk.model.load import load_hf_config
-
+        return job
     t_conf, s_conf = load_hf_config(t_path), load_hf_config(str(model_dir))
-    check_same_tokenizer(s_tok, t_tok, t_conf.vocab_size, s_conf.vocab_size, t_spec)
-    need = _check_memory(s_conf, t_conf, cfg, dt, dev, world)
+    check_same_tokenizer(load_tokenizer(str(model_dir)), load_tokenizer(t_path), t_conf.vocab_size,
+                         s_conf.vocab_size, t_spec)
+    job.need = _check_memory(s_conf, t_conf, cfg, dt, dev, world)
+    return job
+
+
+def run_heal(pruned_dir: Path, out: Path, cfg: Optional[HealConfig] = None, teacher: Optional[str] = None,
+             device: str = "auto", dtype: str = "auto", progress: bool = True,
+             echo: Callable[[str], None] = print, max_steps: Optional[int] = None,
+             evaluation: Optional[DataSpec] = None) -> Optional[dict]:
+    """`rtk heal`: heal PRUNED_DIR's model from its original (plan.json) or `teacher` into OUT. The PPL before
+    and after is measured on `evaluation`, by default the evaluation text of the recipe that pruned it. Under
+    torchrun with several processes every rank runs it; rank 0 writes OUT and returns plan.json, the others None."""
+    from rtk.heal.distributed import current_world, join, leave
+
+    world = current_world(device)  # several processes under torchrun, else None
+    if world is not None and not world.main:
+        echo = lambda s: None  # noqa: E731  (rank 0 speaks for all)
+    job = prepare_heal(Path(pruned_dir), Path(out), cfg or HealConfig(), teacher, device, dtype, evaluation, world)
+    if job.complete:
+        echo(f"rtk: {out} already holds this healing")
+        return read_plan(job.out / PLAN_FILE)
     if world is not None:
         join(world)
     try:
-        return _heal(model_dir, plan, t_spec, t_path, out, partial, cfg, teacher, evaluation, dev, dt, fp, world, need,
-                     progress, echo, max_steps)
+        return _heal(job, progress, echo, max_steps)
     finally:
         if world is not None:
             leave()
@@ -258,14 +289,15 @@ def _check_memory(s_conf, t_conf, cfg: HealConfig, dt: str, dev: str, world: Opt
                       world.size if world else 1, world.local_size if world else 1, sh.micro)
 
 
-def _heal(model_dir: Path, plan: Optional[dict], t_spec: str, t_path: str, out: Path, partial: Path, cfg: HealConfig,
-          teacher: Optional[str], evaluation: DataSpec, dev: str, dt: str, fp: str, world: Optional[World], need,
-          progress: bool, echo: Callable[[str], None], max_steps: Optional[int]) -> Optional[dict]:
+def _heal(job: Job, progress: bool, echo: Callable[[str], None], max_steps: Optional[int]) -> Optional[dict]:
     """Load, heal, write OUT (rank 0). Under several processes rank 0 loads both models on the CPU, the others build
     them on the meta device, and the weights reach every rank's shards from rank 0 (rtk.heal.distributed)."""
     from rtk.heal.distributed import barrier
     from rtk.model.load import load_model, load_skeleton, load_tokenizer
 
+    model_dir, plan, t_spec, t_path, teacher, world = (job.model_dir, job.plan, job.t_spec, job.t_path, job.teacher,
+                                                        job.world)
+    dev, dt, partial, cfg = job.device, job.dtype, job.partial, job.cfg
     t_start = time.perf_counter()
     torch.manual_seed(0)
     if world is None or world.main:
@@ -275,14 +307,15 @@ def _heal(model_dir: Path, plan: Optional[dict], t_spec: str, t_path: str, out: 
     else:
         student, teacher_m = load_skeleton(str(model_dir), dt), load_skeleton(t_path, dt)
         tokenizer, s_path = load_tokenizer(str(model_dir)), str(model_dir)
-    evalb, eval_info = token_blocks(tokenizer, evaluation, "evaluation")
+    evalb, eval_info = token_blocks(tokenizer, job.evaluation, "evaluation")
     if world is None or world.main:
         partial.mkdir(parents=True, exist_ok=True)
     barrier(world)
-    known = _plan_ppls(plan, evaluation, dt, teacher)
-    healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR, fp,
-                                progress=progress, echo=echo, max_steps=max_steps, ppl_before=known[1], world=world,
-                                plain=lambda: load_model(str(model_dir), dt, "cpu")[0], sharded_need=need,
+    known = _plan_ppls(plan, job.evaluation, dt, teacher)
+    healed, record = heal_model(student, teacher_m, tokenizer, cfg, evalb, eval_info, partial / HEAL_DIR,
+                                job.fingerprint, progress=progress, echo=echo, max_steps=max_steps,
+                                ppl_before=known[1], world=world,
+                                plain=lambda: load_model(str(model_dir), dt, "cpu")[0], sharded_need=job.need,
                                 teacher_ppl=known[0] is None)
     if healed is None:  # a rank other than 0: rank 0 writes OUT
         return None
@@ -296,12 +329,12 @@ def _heal(model_dir: Path, plan: Optional[dict], t_spec: str, t_path: str, out: 
     new_plan.setdefault("params_total", None)
     new_plan.setdefault("removed_sublayers", removed_sublayers(healed.config))  # healed without a plan.json
     new_plan.update({"rtk_version": __version__, "healed_from": str(model_dir), "heal": record,
-                     "heal_fingerprint": fp, "params_after": total_params(healed),
+                     "heal_fingerprint": job.fingerprint, "params_after": total_params(healed),
                      "heal_wall_seconds": round(time.perf_counter() - t_start, 1)})
     if new_plan["params_total"] is None:
         new_plan.pop("params_total")
     write_out(healed, tokenizer, new_plan, partial, source=s_path, echo=echo, recipe_dir=model_dir)
-    partial.rename(out)
+    partial.rename(job.out)
     return new_plan
 
 

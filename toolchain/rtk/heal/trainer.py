@@ -126,7 +126,7 @@ def distill(student, teacher, blocks, cfg: HealConfig, state_dir: Optional[Path]
         for m in (tr.forward, teacher):
             full = {k: v for k, v in m.state_dict().items()} if world.main else None
             shard(m, world, offload)
-            materialize(m, world, full)
+            materialize(m, world, full, offload)
             del full
         params = {n: p for n, p in tr.forward.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,119 @@
+"""Healing on 1 process vs 2 (torchrun + FSDP2, gloo) on this CPU machine, for bench/RESULTS.md "Healing on many
+processes":
+
+1. SmolLM2-135M with the demo's plan (the 16 removals of bench/results/demo-2026-12-03/prune/plan.json, rebuilt
+   from the original without a search), healed by `rtk heal` at the demo's defaults (61,440 tokens of WikiText-2
+   valid), once as 1 process x 2 threads and once as `rtk heal --nproc 2` (2 processes x 1 thread). Same PPL
+   expected (WikiText-2 test, 32 x 256, fp32); tokens/s said plainly.
+2. A random Llama of 1.5 GB in fp32 (bench/scale/gpu_heal.py --shape llama-1.5gb), fully distilled for a few
+   steps under 1 process (2 threads) and 2 processes (1 thread each): peak memory per process, tokens/s.
+
+    .venv/bin/python bench/scale/heal_processes.py -o bench/results/heal-processes [--tokens N] [--parts 1,2]
+
+Run it alone on the machine (it is the measurement); each run is skipped when its output is already there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_PLAN = REPO / "bench" / "results" / "demo-2026-12-03" / "prune" / "plan.json"
+
+
+def pruned_demo(root: Path) -> Path:
+    """OUT of `rtk prune recipes/smollm2-demo.yaml` rebuilt from its recorded plan: the same removals applied to the
+    original, exported the same way, with the recorded plan.json (its PPLs are reused by rtk heal, as after make
+    demo)."""
+    out = root / "smollm2-demo"
+    if (out / "model" / "config.json").is_file():
+        return out
+    from rtk.export.safetensors import export_model
+    from rtk.model.load import load_model
+    from rtk.model.rewrite import apply_plan
+
+    plan = json.loads(DEMO_PLAN.read_text())
+    model, tok, path = load_model(plan["model"], "float32", "cpu")
+    pruned = apply_plan(model, plan["removed_sublayers"])
+    tmp = root / "smollm2-demo.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plan["model_path"] = path  # this machine's cache of the original
+    export_model(pruned, tok, tmp / "model", original=model, plan=plan, source=path)
+    (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
+    tmp.rename(out)
+    return out
+
+
+def run(cmd: list[str], env: dict, log: Path) -> float:
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - t0
+
+
+def part_smollm2(root: Path, tokens: int | None) -> dict:
+    pruned = pruned_demo(root)
+    rtk = str(Path(sys.executable).parent / "rtk")
+    res = {}
+    for name, extra, threads in (("1x2", ["--threads", "2"], "2"), ("2x1", ["--nproc", "2"], "1")):
+        out = root / f"smollm2-healed-{name}"
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        wall = None
+        if not (out / "plan.json").is_file():
+            cmd = [rtk, "heal", str(pruned), "-o", str(out), "--quiet", *extra]
+            if tokens:
+                cmd += ["--tokens", str(tokens)]
+            wall = run(cmd, env, root / f"smollm2-healed-{name}.log")
+        h = json.loads((out / "plan.json").read_text())["heal"]
+        res[name] = {"processes": h.get("processes", 1), "threads_per_process": h["threads"],
+                     "tokens": h["tokens"], "train_seconds": h["train_seconds"],
+                     "tokens_per_second": round(h["tokens_per_second"], 1), "command_seconds": wall,
+                     "ppl_before": h["eval"]["ppl_before"], "ppl_after": h["eval"]["ppl_after"],
+                     "loss_last": h["loss_last"], "measured": h["eval"]["measured"]}
+    return res
+
+
+def part_random(root: Path) -> dict:
+    script = str(REPO / "bench" / "scale" / "gpu_heal.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "toolchain")}
+    args = ["--shape", "llama-1.5gb", "--device", "cpu", "--methods", "full", "--steps", "3"]
+    res = {}
+    for name, launcher, threads in (("1x2", [sys.executable], "2"),
+                                    ("2x1", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc-per-node=2"], "1")):
+        out = root / f"llama-1.5gb-{name}.json"
+        if not out.is_file():
+            run([*launcher, script, *args, "-o", str(out)], {**env, "OMP_NUM_THREADS": threads},
+                root / f"llama-1.5gb-{name}.log")
+        res[name] = json.loads(out.read_text())
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--tokens", type=int, default=None, help="SmolLM2's healing budget (default: rtk heal's)")
+    ap.add_argument("--parts", default="1,2")
+    a = ap.parse_args(argv)
+    root = Path(a.out)
+    root.mkdir(parents=True, exist_ok=True)
+    summary = {"machine": f"{os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d")}
+    if "1" in a.parts.split(","):
+        summary["smollm2_demo_plan"] = part_smollm2(root, a.tokens)
+        print(json.dumps(summary["smollm2_demo_plan"], indent=1), flush=True)
+    if "2" in a.parts.split(","):
+        summary["random_llama_1_5gb"] = part_random(root)
+        print(json.dumps({k: v["methods"]["full"] for k, v in summary["random_llama_1_5gb"].items()}, indent=1))
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
