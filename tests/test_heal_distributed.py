@@ -360,3 +360,13 @@ def test_nproc_checks_before_starting_torchrun(tmp_path, pruned_out, heal_text, 
     (tmp_path / "o").mkdir()
     res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", conf(tmp_path, keys(heal_text)), "--nproc", "2")
     assert res.exit_code == 1 and "folder exists and is not an rtk healing" in res.output
+
+
+def test_a_folder_holding_the_evaluation_text_is_refused(data_dir):
+    from rtk.data import DataConfig
+    from rtk.heal.config import HealConfig, check_heal_text
+
+    with pytest.raises(RtkError, match=r"heal.data: is the evaluation text \(wikitext2 \[test\], test.txt in that "
+                                       r"folder\)"):
+        check_heal_text(HealConfig(data={"source": str(data_dir / "wikitext-2-raw")}), DataConfig().evaluation)
+    check_heal_text(HealConfig(data={"source": str(data_dir / "piqa")}), DataConfig().evaluation)  # another folder

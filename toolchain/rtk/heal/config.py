@@ -1,6 +1,7 @@
 """`heal:` settings (a recipe's section, or `rtk heal --config`): what to distil on, how long, how."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Union
 
@@ -133,8 +134,25 @@ class HealConfig(Strict):
 
 def evaluation_clash(heal_data: DataSpec, evaluation: DataSpec) -> Optional[str]:
     """The name of the evaluation text when healing would train on it, else None (the one rule; the recipe
-    and rtk heal both ask it)."""
-    return text_name(evaluation) if same_text(heal_data, evaluation) else None
+    and rtk heal both ask it). A folder of shards clashes when the evaluation file is among them."""
+    if same_text(heal_data, evaluation):
+        return text_name(evaluation)
+    if heal_data.kind == "folder":
+        ev = evaluation_file(evaluation)
+        folder = Path(heal_data.source).expanduser().resolve()
+        if ev is not None and folder in ev.parents:
+            return f"{text_name(evaluation)}, {ev.name} in that folder"
+    return None
+
+
+def evaluation_file(evaluation: DataSpec) -> Optional[Path]:
+    """The file the evaluation text is read from on this machine, where it is a file."""
+    if evaluation.kind == "wikitext2":
+        root = os.environ.get("RTK_DATA_DIR")
+        return (Path(root) / "wikitext-2-raw" / f"{evaluation.split}.txt").resolve() if root else None
+    if evaluation.kind in ("jsonl", "text"):
+        return Path(evaluation.source).expanduser().resolve()
+    return None
 
 
 def check_heal_text(cfg: HealConfig, evaluation: DataSpec, field: str = "heal.data") -> None:
