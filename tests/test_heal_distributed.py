@@ -66,13 +66,24 @@ def rtk_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("rtk", "Error"))]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, pruned_out, heal_text) -> Path:
+    """The 1-process healing at keys() (full): the reference of the N-process runs."""
+    d = tmp_path_factory.mktemp("one")
+    res = cli("heal", pruned_out, "-o", d / "out", "--config", conf(d, keys(heal_text)), "--quiet")
+    assert res.exit_code == 0, res.output
+    return d / "out"
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_processes_heal_as_one(tmp_path, pruned_out, heal_text, method):
+def test_two_processes_heal_as_one(tmp_path, pruned_out, heal_text, one_process, method):
     extra = {"method": "lora", "lr": 1e-2, "lora": {"rank": 2}} if method == "lora" else {}
     c = conf(tmp_path, keys(heal_text, **extra))
-    one, two = tmp_path / "one", tmp_path / "two"
-    res = cli("heal", pruned_out, "-o", one, "--config", c, "--quiet")
-    assert res.exit_code == 0, res.output
+    one, two = one_process, tmp_path / "two"
+    if method == "lora":
+        one = tmp_path / "one"
+        res = cli("heal", pruned_out, "-o", one, "--config", c, "--quiet")
+        assert res.exit_code == 0, res.output
     p = torchrun(pruned_out, "-o", two, "--config", c, "--quiet")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "x 2 processes (FSDP2)" in p.stdout and p.stdout.count("rtk: healed") == 1  # rank 0 reports
@@ -91,10 +102,9 @@ def weights_of(pruned_out: Path) -> dict:
     return load_file(str(pruned_out / "model" / "model.safetensors"))
 
 
-def test_paused_under_two_processes_resumes_under_one(tmp_path, pruned_out, heal_text):
+def test_paused_under_two_processes_resumes_under_one(tmp_path, pruned_out, heal_text, one_process):
     c = conf(tmp_path, keys(heal_text))
-    ref, part = tmp_path / "ref", tmp_path / "part"
-    assert cli("heal", pruned_out, "-o", ref, "--config", c, "--quiet").exit_code == 0
+    part = tmp_path / "part"
     res = cli("heal", pruned_out, "-o", part, "--config", c, "--quiet", "--nproc", "2", "--max-steps", "5")
     assert res.exit_code == 0, res.output
     state = tmp_path / "part.partial" / "heal"
@@ -103,10 +113,10 @@ def test_paused_under_two_processes_resumes_under_one(tmp_path, pruned_out, heal
     res = cli("heal", pruned_out, "-o", part, "--config", c, "--quiet")
     assert res.exit_code == 0, res.output
     assert "resuming" in res.output and "at step 5 of 12 (saved by 2 processes)" in res.output
-    assert_close(weights(ref), weights(part))
+    assert_close(weights(one_process), weights(part))
 
 
-def test_two_nodes_on_localhost(tmp_path, pruned_out, heal_text):
+def test_two_nodes_on_localhost(tmp_path, pruned_out, heal_text, one_process):
     """The README's multi-node command: two torchrun agents (--nnodes 2, one process each) meeting at a c10d
     rendezvous on localhost, as two machines would."""
     c = conf(tmp_path, keys(heal_text))
@@ -122,12 +132,13 @@ def test_two_nodes_on_localhost(tmp_path, pruned_out, heal_text):
     assert all(p.returncode == 0 for p in procs), outs
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["heal"]["processes"] == 2
+    assert_close(weights(one_process), weights(tmp_path / "out"))
 
 
 def test_killed_process_stops_the_others_and_the_rerun_resumes(tmp_path, pruned_out, heal_text):
     import psutil
 
-    c = conf(tmp_path, keys(heal_text, tokens=60 * 4 * 32, checkpoint_every=1))
+    c = conf(tmp_path, keys(heal_text, tokens=40 * 4 * 32, checkpoint_every=1))
     out = tmp_path / "out"
     p = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "rtk", "heal", str(pruned_out), "-o",
                           str(out), "--config", str(c), "--quiet"], env=env(), stdout=subprocess.PIPE,
@@ -144,22 +155,27 @@ def test_killed_process_stops_the_others_and_the_rerun_resumes(tmp_path, pruned_
     assert p.returncode != 0 and not out.exists()
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)  # torchrun stopped both
     step = json.loads(state.read_text())["step"]
-    assert 3 <= step < 60
-    rarely = conf(tmp_path, keys(heal_text, tokens=60 * 4 * 32, checkpoint_every=100), "rarely.yaml")  # same healing
+    assert 3 <= step < 40
+    rarely = conf(tmp_path, keys(heal_text, tokens=40 * 4 * 32, checkpoint_every=100), "rarely.yaml")  # same healing
     r = torchrun(pruned_out, "-o", out, "--config", rarely, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"resuming {tmp_path / 'out.partial' / 'heal'} at step {step} of 60" in r.stdout
-    assert json.loads((out / "plan.json").read_text())["heal"]["steps"] == 60
+    assert f"resuming {tmp_path / 'out.partial' / 'heal'} at step {step} of 40" in r.stdout
+    assert json.loads((out / "plan.json").read_text())["heal"]["steps"] == 40
 
 
 # ---- bad input: one line, exit != 0, nothing written ------------------------------------------------------------
-def test_a_process_count_that_does_not_split_the_global_batch(tmp_path, pruned_out, heal_text):
+def test_a_process_count_that_does_not_split_the_global_batch(tmp_path, pruned_out, heal_text, monkeypatch):
     c = conf(tmp_path, keys(heal_text))
     res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", c, "--nproc", "3")
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
     assert "the global batch of 4 blocks (micro_batch 2 x grad_accum 2) does not split over 3 processes" in res.output
-    p = torchrun(pruned_out, "-o", tmp_path / "o", "--config", c, nproc=3)
-    assert p.returncode != 0 and "does not split over 3 processes" in p.stdout + p.stderr
+    # under torchrun: the same line from every rank before any work (WORLD_SIZE 3, as torchrun sets it)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", c)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "does not split over 3 processes" in res.output
     assert not list(tmp_path.glob("o*"))
 
 
@@ -370,3 +386,35 @@ def test_a_folder_holding_the_evaluation_text_is_refused(data_dir):
                                        r"folder\)"):
         check_heal_text(HealConfig(data={"source": str(data_dir / "wikitext-2-raw")}), DataConfig().evaluation)
     check_heal_text(HealConfig(data={"source": str(data_dir / "piqa")}), DataConfig().evaluation)  # another folder
+
+
+def test_parquet_streams_the_blocks_of_the_same_jsonl(tmp_path, corpus, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rtk.heal.blocks import BlockStream
+    from rtk.heal.config import HealData
+
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "c.parquet",
+                   row_group_size=7)
+    spec = dict(seq_len=32, shuffle_blocks=40, repeat=True)
+    a = BlockStream(tokenizer, HealData(source=str(corpus), stream=True, **spec), seed=2)
+    b = BlockStream(tokenizer, HealData(source=str(tmp_path / "c.parquet"), **spec), seed=2)  # streams by default
+    assert torch.equal(a.batch(0, 300), b.batch(0, 300))
+    state = b.state()
+    c = BlockStream(tokenizer, HealData(source=str(tmp_path / "c.parquet"), **spec), seed=2)
+    c.restore(state)
+    assert torch.equal(c.batch(300, 50), b.batch(300, 50))
+    with pytest.raises(RtkError, match="heal.data.field: 'body' is not a column of c.parquet"):
+        BlockStream(tokenizer, HealData(source=str(tmp_path / "c.parquet"), field="body", **spec), seed=2).batch(0, 1)
+
+
+def test_cpu_offload_is_for_gpu_processes(tmp_path, pruned_out, heal_text):
+    c = conf(tmp_path, keys(heal_text, cpu_offload=True))
+    res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", c)
+    assert res.exit_code == 1 and res.output.strip() == \
+        "Error: heal.cpu_offload: applies to healing on several processes (torchrun, --nproc)"
+    res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", c, "--nproc", "2")
+    assert res.exit_code == 1 and "on the CPU they are there already" in res.output
+    assert not list(tmp_path.glob("o*"))
