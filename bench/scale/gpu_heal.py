@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_step import LLAMA_8B, TINY, build, timed, write_result  # noqa: E402  (also shims click where it is missing)
 
 from rtk.model.cost import head_kernel, model_cost, model_params  # noqa: E402
-from rtk.heal.distributed import current_world, join, leave  # noqa: E402
+from rtk.heal.distributed import current_world, join, leave, share  # noqa: E402
 from rtk.heal.memory import available_memory, estimate  # noqa: E402
 from rtk.heal.trainer import distill  # noqa: E402
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM  # noqa: E402
@@ -108,7 +108,7 @@ def sharded_need(student, teacher, cfg, t: int, world, device: str):
     """rtk.heal.memory's estimate per process, with gradient checkpointing where the estimate says so (what
     rtk heal's check_fits decides before loading)."""
     esize = next(student.parameters()).element_size()
-    kw = dict(processes=world.size, micro_batch=cfg.micro_batch // world.size or 1)
+    kw = dict(processes=world.size, micro_batch=share(cfg.micro_batch, cfg.grad_accum, world).micro)
     need = estimate(student.config, teacher.config, cfg, t, esize, **kw)
     if need.device > 0.8 * available_memory(device):
         need = estimate(student.config, teacher.config, cfg, t, esize, checkpointing=True, **kw)

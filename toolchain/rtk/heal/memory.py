@@ -2,10 +2,12 @@
 that refuses a healing that cannot fit, naming what would.
 
 Per process, with N processes sharding (FSDP2): the weights of student and teacher / N; for what trains, its
-gradients (the weights' dtype) and AdamW's two float32 moments / N; the activations of one micro-batch (not
-sharded; per layer ~ 16 x hidden + 4 x intermediate values per token kept for the backward pass, or one hidden
-state per layer under gradient checkpointing); two decoder layers gathered whole at a time (N > 1); and one
-chunk of logits (rtk.heal.loss). `cpu_offload` moves the sharded part to CPU memory.
+gradients (the weights' dtype), AdamW's two float32 moments and one float32 temporary of its update / N; the
+activations of one micro-batch (not sharded; per layer ~ 16 x hidden + 4 x intermediate values per token kept
+for the backward pass, or one hidden state per layer under gradient checkpointing); with N > 1, two decoder
+layers gathered whole at a time plus both models' roots (embeddings, final norm, LM head), which stay gathered
+from their forward to the loss; and one chunk of logits (rtk.heal.loss). `cpu_offload` moves the sharded part to
+CPU memory.
 """
 from __future__ import annotations
 
@@ -70,11 +72,13 @@ def estimate(student_config, teacher_config, cfg: "HealConfig", seq_len: int, el
     c = student_config
     weights = (model_params(student_config) + model_params(teacher_config)) * element_size
     n_train = trainable_params(student_config, cfg)
-    sharded = (weights + n_train * (element_size + 8)) // processes
+    sharded = (weights + n_train * (element_size + 12)) // processes
     tokens = (micro_batch or cfg.micro_batch) * seq_len
     per_token = (c.hidden_size if checkpointing else 16 * c.hidden_size + 4 * c.intermediate_size) * element_size
     acts = tokens * c.num_hidden_layers * per_token
-    gathered = 2 * layer_params(teacher_config) * element_size if processes > 1 else 0
+    roots = sum(m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) + m.hidden_size
+                for m in (student_config, teacher_config))
+    gathered = (2 * layer_params(teacher_config) + roots) * element_size if processes > 1 else 0
     fixed = acts + gathered + 6 * min(CHUNK_ELEMENTS, tokens * c.vocab_size) * 4
     if cpu_offload:
         return Need(fixed, sharded, acts, checkpointing)
