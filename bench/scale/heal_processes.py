@@ -4,7 +4,8 @@ processes":
 1. SmolLM2-135M with the demo's plan (the 16 removals of bench/results/demo-2026-12-03/prune/plan.json, rebuilt
    from the original without a search), healed by `rtk heal` at the demo's defaults (61,440 tokens of WikiText-2
    valid), as 1 process x 2 threads, as `rtk heal --nproc 2` (2 processes x 1 thread), and as 1 process x 1 thread
-   (what float rounding alone moves). Same PPL expected (WikiText-2 test, 32 x 256, fp32); tokens/s said plainly.
+   (what the thread count moves), and as 1 process reading each global batch of 4 blocks in 2 micro-batches of 2
+   (bench/scale/heal_processes_mb2.yaml: the summation order of 2 ranks, in one process). Same PPL expected (WikiText-2 test, 32 x 256, fp32); tokens/s said plainly.
 2. A random Llama of 1.5 GB in fp32 (bench/scale/gpu_heal.py --shape llama-1.5gb), fully distilled for a few
    steps under 1 process (2 threads) and 2 processes (1 thread each): peak memory per process, tokens/s.
 
@@ -65,8 +66,11 @@ def part_smollm2(root: Path, tokens: int | None) -> dict:
     res = {}
     # 1x1 tells float noise from a difference: same per-process thread count as 2x1, the same order of operations
     # as 1x2 but within each matmul
+    # 1x1-split: one process reading each global batch of 4 blocks as 2 micro-batches of 2, as each of 2 ranks does
+    split = str(Path(__file__).with_name("heal_processes_mb2.yaml"))
     for name, extra, threads in (("1x2", ["--threads", "2"], "2"), ("2x1", ["--nproc", "2"], "1"),
-                                 ("1x1", ["--threads", "1"], "1")):
+                                 ("1x1", ["--threads", "1"], "1"),
+                                 ("1x1-split", ["--threads", "1", "--config", split], "1")):
         out = root / f"smollm2-healed-{name}"
         env = {**os.environ, "OMP_NUM_THREADS": threads}
         wall = None

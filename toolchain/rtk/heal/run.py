@@ -31,8 +31,8 @@ from rtk.model.ppl import model_ppl
 from rtk.heal.distributed import World
 from rtk.heal.trainer import HealPaused, STATE, distill, gather, sharded_ppl
 
-HEAL_DIR = "heal"
-STREAM_KEYS = {"stream", "shuffle_blocks", "repeat"}  # HealData's own keys, not DataSpec's  # checkpoints inside OUT.partial/
+HEAL_DIR = "heal"  # checkpoints inside OUT.partial/
+STREAM_KEYS = {"stream", "shuffle_blocks", "repeat"}  # HealData's own keys, not DataSpec's
 __all__ = ["HealPaused", "heal_blocks", "heal_model", "run_heal", "check_heal_text", "check_same_tokenizer"]
 
 
@@ -66,7 +66,8 @@ def heal_blocks(tokenizer, spec: HealData, tokens: int, field: str = "heal.data"
                 raise RtkError(f"{field}: {spec.source} holds fewer than {spec.seq_len} tokens"
                                + (" outside the held-out blocks" if avoid else "") + "; lower seq_len")
             n = min(n, have)
-    blocks, info = token_blocks(tokenizer, DataSpec(**{**spec.model_dump(exclude=STREAM_KEYS), "samples": n}), field, avoid)
+    spec_n = DataSpec(**{**spec.model_dump(exclude=STREAM_KEYS), "samples": n})
+    blocks, info = token_blocks(tokenizer, spec_n, field, avoid)
     return blocks, info
 
 
