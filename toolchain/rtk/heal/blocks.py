@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 from rtk import pip_install
-from rtk.data import RECORD_SEP, adds_bos
+from rtk.data import RECORD_SEP, _record_text, adds_bos
 from rtk.errors import RtkError
 from rtk.heal.schedule import Pool  # noqa: F401  (the in-memory source, beside DataOrder)
 
@@ -73,9 +73,7 @@ def _jsonl_pieces(path: Path, start: int, key: str, field: str) -> Iterator[tupl
                 rec = json.loads(raw)
             except ValueError:
                 raise RtkError(f"{field}.source: {path}: the line at byte {at} is not JSON") from None
-            if not isinstance(rec, dict) or key not in rec or not isinstance(rec[key], str):
-                raise RtkError(f"{field}.field: the line at byte {at} of {path.name} has no text under '{key}'")
-            yield at, rec[key]
+            yield at, _record_text(rec, key, f"the line at byte {at} of {path.name}", field)
 
 
 def _text_pieces(path: Path, start: int, field: str) -> Iterator[tuple[int, str]]:
