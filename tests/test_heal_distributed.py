@@ -417,3 +417,19 @@ def test_cpu_offload_is_for_gpu_processes(tmp_path, pruned_out, heal_text):
     res = cli("heal", pruned_out, "-o", tmp_path / "o", "--config", c, "--nproc", "2")
     assert res.exit_code == 1 and "on the CPU they are there already" in res.output
     assert not list(tmp_path.glob("o*"))
+
+
+def test_rtk_prune_no_heal_leaves_the_heal_section_for_later(tmp_path, tiny_folder, heal_text):
+    recipe = conf(tmp_path, {"model": str(tiny_folder), "search": {"target": {"sublayers": 2}},
+                             "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2,
+                                                      "seq_len": 32},
+                                      "evaluation": {"source": "wikitext2", "split": "test", "samples": 2,
+                                                     "seq_len": 32}},
+                             "heal": {"data": {"source": str(heal_text), "seq_len": 32}, "tokens": 64}}, "recipe.yaml")
+    res = cli("prune", recipe, "-o", tmp_path / "o", "--no-heal", "--quiet")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert "heal" not in plan and "rtk: healed" not in res.output
+    from rtk.heal.config import load_heal_config
+
+    assert load_heal_config(recipe).tokens == 64  # the recipe's heal: section, for rtk heal --config RECIPE
