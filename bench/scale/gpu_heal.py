@@ -38,7 +38,7 @@ from gpu_step import LLAMA_8B, TINY, build, timed, write_result  # noqa: E402  (
 
 from rtk.model.cost import head_kernel, model_cost, model_params  # noqa: E402
 from rtk.heal.distributed import current_world, join, leave, share  # noqa: E402
-from rtk.heal.memory import available_memory, estimate  # noqa: E402
+from rtk.heal.memory import available_memory, with_checkpointing  # noqa: E402
 from rtk.heal.trainer import distill  # noqa: E402
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM  # noqa: E402
 from rtk.model.rewrite import apply_plan, pruned_config  # noqa: E402
@@ -107,12 +107,9 @@ class PeakRSS:
 def sharded_need(student, teacher, cfg, t: int, world, device: str):
     """rtk.heal.memory's estimate per process, with gradient checkpointing where the estimate says so (what
     rtk heal's check_fits decides before loading)."""
-    esize = next(student.parameters()).element_size()
-    kw = dict(processes=world.size, micro_batch=share(cfg.micro_batch, cfg.grad_accum, world).micro)
-    need = estimate(student.config, teacher.config, cfg, t, esize, **kw)
-    if need.device > 0.8 * available_memory(device):
-        need = estimate(student.config, teacher.config, cfg, t, esize, checkpointing=True, **kw)
-    return need
+    return with_checkpointing(student.config, teacher.config, cfg, t, next(student.parameters()).element_size(),
+                              available_memory(device), processes=world.size,
+                              micro_batch=share(cfg.micro_batch, cfg.grad_accum, world).micro)
 
 
 def main(argv=None):

@@ -125,17 +125,6 @@ def barrier(world: Optional[World]) -> None:
         dist.barrier()
 
 
-def broadcast_object(world: Optional[World], obj):
-    """Rank 0's `obj` on every rank."""
-    if world is None:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj if world.main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def mean_over_ranks(world: Optional[World], values: list[float]) -> list[float]:
     """The mean of each value over the ranks (the loss of the global batch from each rank's share)."""
     if world is None:

@@ -98,6 +98,17 @@ def available_memory(device: str) -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def with_checkpointing(student_config, teacher_config, cfg: "HealConfig", seq_len: int, element_size: int,
+                       avail: int, **kw) -> Need:
+    """The estimate with gradient checkpointing as `cfg.gradient_checkpointing` says: on, off, or auto (on when the
+    estimate without it passes 0.8 of `avail`); `kw`: estimate()'s processes, cpu_offload, micro_batch."""
+    ck = cfg.gradient_checkpointing == "on"
+    n = estimate(student_config, teacher_config, cfg, seq_len, element_size, checkpointing=ck, **kw)
+    if not ck and cfg.gradient_checkpointing == "auto" and n.device > 0.8 * avail:
+        n = estimate(student_config, teacher_config, cfg, seq_len, element_size, checkpointing=True, **kw)
+    return n
+
+
 def check_fits(student_config, teacher_config, cfg: "HealConfig", element_size: int, device: str, processes: int,
                local_processes: int, micro_batch: int) -> Need:
     """The estimate for this run (gradient checkpointing when auto and needed); one line naming what would fit when
@@ -115,9 +126,8 @@ def check_fits(student_config, teacher_config, cfg: "HealConfig", element_size: 
                         cpu_offload=over.pop("off", cfg.cpu_offload), checkpointing=over.pop("ck", ck),
                         micro_batch=over.pop("mb", micro_batch), **kw)
 
-    n = need()
-    if n.device > 0.8 * avail and cfg.gradient_checkpointing == "auto":
-        n = need(ck=True)
+    n = with_checkpointing(student_config, teacher_config, cfg, cfg.data.seq_len, element_size, avail,
+                           processes=processes, cpu_offload=cfg.cpu_offload, micro_batch=micro_batch)
     if n.device <= avail:
         return n
     ways = []

@@ -30,6 +30,7 @@ from rtk.heal.adapters import disable_checkpointing, enable_checkpointing, make_
 from rtk.heal.checkpoint import (STATE, History, load_checkpoint, load_meta, num_or_none, rng_state,
                                  save_checkpoint, saved_checkpoint, set_rng_state)
 from rtk.heal.distributed import full_state_dict, materialize, mean_over_ranks, share, shard
+from rtk.heal.memory import available_memory
 from rtk.heal.loss import CHUNK_ELEMENTS, LayerOutputs, distill_loss, hidden_loss
 from rtk.heal.schedule import Pool, lr_factor, plan_steps
 from rtk.model.params import param_bytes, total_params
@@ -58,12 +59,6 @@ def memory_estimate(student, teacher, cfg: HealConfig, seq_len: int) -> int:
     inter = c.intermediate_size
     per_token = len(student.model.layers) * (16 * c.hidden_size + 4 * inter) * esize
     return param_bytes(student) + param_bytes(teacher) + n_train * (esize + 8) + tokens * per_token + 6 * CHUNK_ELEMENTS * 4
-
-
-def available_memory(device: str) -> int:
-    from rtk.heal.memory import available_memory as avail
-
-    return avail(device)
 
 
 def sharded_ppl(model, evaluate: Callable[[torch.nn.Module], float]) -> float:
@@ -124,7 +119,7 @@ def distill(student, teacher, blocks, cfg: HealConfig, state_dir: Optional[Path]
     if world is not None:
         offload = bool(getattr(cfg, "cpu_offload", False))
         for m in (tr.forward, teacher):
-            full = {k: v for k, v in m.state_dict().items()} if world.main else None
+            full = m.state_dict() if world.main else None  # the whole weights, before sharding
             shard(m, world, offload)
             materialize(m, world, full, offload)
             del full
