@@ -11,6 +11,8 @@ processes":
 
     .venv/bin/python bench/scale/heal_processes.py -o bench/results/heal-processes [--tokens N] [--parts 1,2]
 
+3. The healed SmolLM2 models of 1. on the same evaluation blocks: paired intervals of their PPL ratios.
+
 Run it alone on the machine (it is the measurement); each run is skipped when its output is already there.
 """
 from __future__ import annotations
@@ -63,6 +65,7 @@ def run(cmd: list[str], env: dict, log: Path) -> float:
 def part_smollm2(root: Path, tokens: int | None) -> dict:
     pruned = pruned_demo(root)
     rtk = str(Path(sys.executable).parent / "rtk")
+    before = json.loads((root / "summary.json").read_text()) if (root / "summary.json").is_file() else {}
     res = {}
     # 1x1 tells float noise from a difference: same per-process thread count as 2x1, the same order of operations
     # as 1x2 but within each matmul
@@ -73,7 +76,7 @@ def part_smollm2(root: Path, tokens: int | None) -> dict:
                                  ("1x1-split", ["--threads", "1", "--config", split], "1")):
         out = root / f"smollm2-healed-{name}"
         env = {**os.environ, "OMP_NUM_THREADS": threads}
-        wall = None
+        wall = before.get("smollm2_demo_plan", {}).get(name, {}).get("command_seconds")  # a run made before
         if not (out / "plan.json").is_file():
             cmd = [rtk, "heal", str(pruned), "-o", str(out), "--quiet", *extra]
             if tokens:
@@ -86,6 +89,35 @@ def part_smollm2(root: Path, tokens: int | None) -> dict:
                      "ppl_before": h["eval"]["ppl_before"], "ppl_after": h["eval"]["ppl_after"],
                      "loss_last": h["loss_last"], "measured": h["eval"]["measured"]}
     return res
+
+
+def part_paired(root: Path) -> dict:
+    """The healed SmolLM2 models compared on the same evaluation blocks: per-block mean NLL (WikiText-2 test 32 x 256,
+    fp32), a paired bootstrap over the blocks (10,000 resamples, seed 0); PPL ratio = exp(mean difference)."""
+    import math
+
+    import torch
+
+    from rtk.data import DataConfig, token_blocks
+    from rtk.model.load import load_model
+    from rtk.model.ppl import _full_logits, logits_nll
+
+    per = {}
+    for name in ("1x2", "2x1", "1x1-split"):
+        m, tok, _ = load_model(str(root / f"smollm2-healed-{name}" / "model"), "float32", "cpu")
+        blocks, _ = token_blocks(tok, DataConfig().evaluation, "evaluation")
+        with torch.no_grad():
+            per[name] = torch.tensor([logits_nll(lg, ids[:, 1:]) / (ids.shape[1] - 1)
+                                      for ids, lg in _full_logits(m, blocks, 1)])
+    g = torch.Generator().manual_seed(0)
+    out = {"measured": part_paired.__doc__.split(": ", 1)[1].replace("\n   ", "").strip()}
+    for a, b in (("2x1", "1x2"), ("1x1-split", "1x2"), ("2x1", "1x1-split")):
+        d = per[a] - per[b]
+        boots = torch.stack([d[torch.randint(0, len(d), (len(d),), generator=g)].mean() for _ in range(10_000)])
+        out[f"{a} vs {b}"] = {"ppl_ratio": math.exp(d.mean().item()), "blocks": len(d),
+                              "ci95": [math.exp(boots.quantile(q).item()) for q in (0.025, 0.975)]}
+    (root / "paired.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 def part_random(root: Path) -> dict:
@@ -108,7 +140,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--tokens", type=int, default=None, help="SmolLM2's healing budget (default: rtk heal's)")
-    ap.add_argument("--parts", default="1,2")
+    ap.add_argument("--parts", default="1,3,2")
     a = ap.parse_args(argv)
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -116,6 +148,9 @@ def main(argv=None):
     if "1" in a.parts.split(","):
         summary["smollm2_demo_plan"] = part_smollm2(root, a.tokens)
         print(json.dumps(summary["smollm2_demo_plan"], indent=1), flush=True)
+    if "3" in a.parts.split(","):
+        summary["paired"] = part_paired(root)
+        print(json.dumps(summary["paired"], indent=1), flush=True)
     if "2" in a.parts.split(","):
         summary["random_llama_1_5gb"] = part_random(root)
         print(json.dumps({k: v["methods"]["full"] for k, v in summary["random_llama_1_5gb"].items()}, indent=1))
