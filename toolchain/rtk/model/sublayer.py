@@ -17,6 +17,11 @@ SKIP = {kind: entry for entry, kind in SKIP_NAMES.items()}
 BLOCK_PART = {"attn": "attention", "mlp": "ffn"}  # the block_configs entry of each kind
 
 
+def sublayer_name(kind: str, layer: int) -> str:
+    """The one place a name is made: 'attn.3', 'mlp.3', 'layer.3'."""
+    return f"{kind}.{layer}"
+
+
 @dataclass(frozen=True, order=True)
 class Sublayer:
     layer: int
@@ -31,7 +36,7 @@ class Sublayer:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}.{self.layer}"
+        return sublayer_name(self.kind, self.layer)
 
     def __str__(self) -> str:
         return self.name
@@ -39,7 +44,7 @@ class Sublayer:
     @property
     def parts(self) -> tuple[str, ...]:
         """The sublayers this name removes: both of a layer, else itself."""
-        return tuple(f"{k}.{self.layer}" for k in KINDS) if self.kind == "layer" else (self.name,)
+        return tuple(sublayer_name(k, self.layer) for k in KINDS) if self.kind == "layer" else (self.name,)
 
 
 def is_name(name: str) -> bool:
