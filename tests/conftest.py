@@ -81,6 +81,17 @@ def tiny_rtk(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int =
     return from_hf(tiny_hf(arch, layers, tie, seed)).eval()
 
 
+def save_native(model, tokenizer, out: Path) -> None:
+    """Write `model` (rtk's class) as a native (DeciLM / nemotron-nas) folder without checks or a card: a quick
+    folder rtk loads. rtk's exports use export_model, which verifies what it wrote."""
+    from rtk.export.safetensors import write_layout
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_layout(model.config, "native", next(model.parameters()).dtype, out, None, model.state_dict().__getitem__)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = Path(os.environ["RTK_DATA_DIR"])

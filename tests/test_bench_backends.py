@@ -57,13 +57,12 @@ def test_loaded_pruned_folder_has_rope_frequencies(tmp_path):
     """A nemotron-nas folder loaded by rtk.model.load.load_model computes RoPE (inv_freq is a
     non-persistent buffer that from_pretrained leaves uninitialized), so torch and vLLM agree."""
     import torch
-    from conftest import tiny_rtk
+    from conftest import save_native, tiny_rtk
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
     from rtk.model.load import load_model
     from rtk.model.modeling_rtk import RtkModel
-    from rtk.export.safetensors import save_native
     from rtk.model.rewrite import apply_plan
 
     model = tiny_rtk("llama")

@@ -17,7 +17,7 @@ import requests
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO, tiny_hf, tiny_rtk
+from conftest import REPO, save_native, tiny_hf, tiny_rtk
 
 DEPLOY = REPO / "deploy"
 README = DEPLOY / "README.md"
@@ -40,8 +40,6 @@ def readme_blocks() -> list[tuple[list[str], str]]:
 @pytest.fixture(scope="module")
 def native(tmp_path_factory) -> Path:
     """A tiny rtk (nemotron-nas) folder: 4 heads, 2 KV heads, auto_map -> needs remote code."""
-    from rtk.export.safetensors import save_native
-
     out = tmp_path_factory.mktemp("tiny-native") / "model"
     save_native(tiny_rtk("llama"), None, out)
     return out

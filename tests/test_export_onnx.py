@@ -13,13 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import tiny_hf, tiny_rtk
+from conftest import save_native, tiny_hf, tiny_rtk
 from rtk.cli import main
 from rtk.errors import RtkError
 from rtk.export.onnx import ATOL, export_onnx, torch_greedy, validate
 from rtk.export.onnx_runtime import OrtLM
 from rtk.model.load import load_model
-from rtk.export.safetensors import export_model, save_native
+from rtk.export.safetensors import export_model
 from rtk.model.rewrite import apply_plan
 from rtk.prune.scoring import ModelScorer
 

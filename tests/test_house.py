@@ -89,7 +89,7 @@ def test_the_floor_rule_can_fail(tmp_path):
 # ---- sublayer names ---------------------------------------------------------------------------------------------
 def test_sublayer_names_parse_expand_and_own_their_weights():
     from rtk.errors import RtkError
-    from rtk.model.sublayer import Sublayer, expand, model_order, owner_prefixes
+    from rtk.model.sublayer import KINDS, Sublayer, expand, model_order, owner_prefixes, sublayer_name
 
     assert Sublayer.parse("attn.3") == Sublayer(3, "attn") and str(Sublayer(12, "mlp")) == "mlp.12"
     assert Sublayer.parse("layer.2").parts == ("attn.2", "mlp.2")
@@ -105,30 +105,30 @@ def test_sublayer_names_parse_expand_and_own_their_weights():
     # every weight of the tiny model belongs to exactly one sublayer, or to the embedding / final norm / head
     for arch in ("qwen3", "gemma3"):
         model = tiny_rtk(arch, layers=3)
-        names = [f"{k}.{i}" for i in range(3) for k in ("attn", "mlp")]
+        names = [sublayer_name(k, i) for i in range(3) for k in KINDS]
         for key in model.state_dict():
             owners = [n for n in names if key.startswith(owner_prefixes(n, model.config))]
             assert len(owners) == (1 if key.startswith("model.layers.") else 0), key
 
 
 def test_skip_lists_and_block_configs_are_one_codec():
-    """removed_sublayers -> per_layer_config skips -> modeling_rtk's reader gives the same removed set back."""
+    """removed set -> per_layer_config skips -> modeling_rtk's reader gives the same removed set back."""
     from types import SimpleNamespace
 
     from rtk.model.modeling_rtk import config_from_standard
     from rtk.model.rewrite import pruned_config
-    from rtk.model.sublayer import per_layer_skips, removed_sublayers
+    from rtk.model.sublayer import removed_set
 
     model = tiny_rtk("llama", layers=4)
     cfg = pruned_config(model.config, ["attn.1", "mlp.1", "mlp.3", "attn.2"])
-    assert removed_sublayers(cfg) == ["attn.1", "mlp.1", "attn.2", "mlp.3"]
-    skips = per_layer_skips(cfg)
+    assert removed_set(cfg).names == ["attn.1", "mlp.1", "attn.2", "mlp.3"]
+    skips = removed_set(cfg).skip_lists()
     assert skips == {1: {"skip": ["attention", "mlp"]}, 2: {"skip": ["attention"]}, 3: {"skip": ["mlp"]}}
     std = SimpleNamespace(model_type="llama", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=96, hidden_act="silu", max_position_embeddings=256,
                           rms_norm_eps=1e-6, vocab_size=128, is_heterogeneous=True,
                           per_layer_config={i: SimpleNamespace(**skips.get(i, {})) for i in range(4)})
-    assert removed_sublayers(config_from_standard(std)) == removed_sublayers(cfg)
+    assert removed_set(config_from_standard(std)) == removed_set(cfg)
 
 
 # ---- plan.json ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from rtk.errors import RtkError
-from rtk.model.sublayer import is_name
+from rtk.model.sublayer import RemovedSet
 from rtk.outdir import replace_atomic
 
 PLAN_FILE = "plan.json"
@@ -66,9 +66,11 @@ class Plan(BaseModel):
     @field_validator("removed_sublayers")
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
-        bad = [n for n in names if not is_name(n)]
-        if bad:
-            raise ValueError(f"'{bad[0]}' is not a sublayer name (attn.N, mlp.N or layer.N)")
+        """Names the removed-set codec reads (kept as written: plan.json's text does not change)."""
+        try:
+            RemovedSet.of(names, "removed_sublayers")
+        except RtkError as exc:
+            raise ValueError(exc.message) from None
         return names
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from rtk.errors import RtkError
+from rtk.model.sublayer import sublayer_name
 from rtk.outdir import write_json_atomic
 
 PROFILE_FILE = "profile.json"
@@ -26,8 +27,9 @@ def profiling_plans(n_layers: int) -> dict[str, list[str]]:
         raise RtkError(f"model: {n_layers} layers; profiling needs 4 or more")
     k = max(1, (n_layers - 1) // 3)
     spread = lambda m: sorted({1 + round(i * (n_layers - 2) / max(1, m - 1)) for i in range(m)})  # noqa: E731
-    return {"attn": [f"attn.{i}" for i in spread(k)], "mlp": [f"mlp.{i}" for i in spread(k)],
-            "layers": [f"layer.{i}" for i in spread(max(1, k // 2))]}
+    return {"attn": [sublayer_name("attn", i) for i in spread(k)],
+            "mlp": [sublayer_name("mlp", i) for i in spread(k)],
+            "layers": [sublayer_name("layer", i) for i in spread(max(1, k // 2))]}
 
 
 def metric_key(cfg, phase: str = "decode") -> tuple[str, str, str]:

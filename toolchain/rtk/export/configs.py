@@ -16,7 +16,7 @@ import torch
 from rtk.errors import RtkError
 from rtk.export.layouts import LAYOUTS, PER_LAYER, VLLM_VERSION
 from rtk.model.modeling_rtk import BASE_ARCHS, RtkDeciConfig, config_from_standard
-from rtk.model.sublayer import first_sublayer_blocker
+from rtk.model.sublayer import removed_set
 
 
 def standard_config(config: RtkDeciConfig, base: str, layers: list[int], dtype: torch.dtype,
@@ -71,7 +71,7 @@ def standard_base(config: RtkDeciConfig) -> Optional[str]:
     base = _base_fits(config)
     if base is None or not _uniform_sizes(config):
         return None
-    if any(bool(b.attention.no_op) != bool(b.ffn.no_op) for b in config.block_configs):
+    if not removed_set(config).whole_layers_only():
         return None
     return base
 
@@ -84,7 +84,8 @@ def per_layer_base(config: RtkDeciConfig) -> Optional[str]:
 
 def vllm_blocker(config: RtkDeciConfig) -> Optional[str]:
     """The sublayer that stops stock vLLM serving a DeciLM folder (an MLP before any attention), or None."""
-    return first_sublayer_blocker(config.block_configs)
+    blocker = removed_set(config).first_blocker(config.num_hidden_layers)
+    return None if blocker is None else blocker.name
 
 
 def choose_layout(config: RtkDeciConfig, requested: Optional[str] = None) -> str:

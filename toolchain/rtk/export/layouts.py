@@ -47,8 +47,8 @@ LAYOUTS: dict[str, Layout] = {
         ("--trust-remote-code",), False,
         "served natively by stock vLLM {version} (DeciLMForCausalLM, --trust-remote-code)"),
     "plugin": Layout(
-        "plugin", "what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; an MLP before any "
-        "attention)", PLUGIN_ARCH, True, True, AUTO_MODEL, "remote-code", (), True,
+        "plugin", "what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; Gemma 3's norms after "
+        "each sublayer; an MLP before any attention)", PLUGIN_ARCH, True, True, AUTO_MODEL, "remote-code", (), True,
         "served by rtk's vLLM plugin ({architecture}): " + PLUGIN_INSTALL
         + " {version} (or build the image in deploy/README.md)"),
     "per-layer-config": Layout(

@@ -28,13 +28,15 @@ from torch import nn
 
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM, TensorCache
+from rtk.model.sublayer import removed_set
 
 GRAPH, DATA = "model.onnx", "model.onnx.data"
 ATOL = 1e-3  # max |onnx - torch| allowed for logits and presents (fp32)
 
 
 def attention_layers(model: RtkDeciLMForCausalLM) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if layer.self_attn is not None]
+    """The layers that keep their attention: the graph's KV inputs, in order (config.json's rtk_onnx list)."""
+    return removed_set(model.config).attention_layers(model.config.num_hidden_layers)
 
 
 def kv_shape(model: RtkDeciLMForCausalLM) -> tuple[int, int]:

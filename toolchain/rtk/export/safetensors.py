@@ -3,11 +3,12 @@
 Four layouts (their table, with what loads and serves each, is rtk.export.layouts); `rtk export` picks the
 first of the first three that fits, `--format per-layer-config` asks for the fourth:
 - **standard**: only whole layers are gone (or nothing): the original architecture
-  (Llama / Mistral / Qwen2 / Qwen3, from `rtk_base_model_type`) with fewer, renumbered layers; no remote code.
+  (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3, from `rtk_base_model_type`) with fewer, renumbered layers; no
+  remote code.
 - **native**: some layer lacks only its attention or only its MLP, and stock vLLM's DeciLM serves it:
   DeciLM / nemotron-nas, one `block_configs` entry per layer, `modeling_rtk.py` beside the weights (`auto_map`).
-- **plugin**: what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; an MLP before any
-  attention, e.g. `attn.0` removed): the base architecture's standard config with a `per_layer_config`
+- **plugin**: what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; Gemma 3's norms after
+  each sublayer; an MLP before any attention, e.g. `attn.0` removed): the base architecture's standard config with a `per_layer_config`
   whose `skip` lists name the removed modules, `architectures: ["RtkForCausalLM"]` (rtk's vLLM plugin,
   rtk.vllm_plugin) and `modeling_rtk.py` (`auto_map`) for transformers.
 - **per-layer-config**: the same config with the standard `architectures` (`LlamaForCausalLM`, ...), for
@@ -32,14 +33,14 @@ from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM
 from rtk.model.load import read_config
 from rtk.model.params import total_params
 from rtk.model.rewrite import MODELING_FILE
-from rtk.model.sublayer import expand, per_layer_skips, removed_sublayers
+from rtk.model.sublayer import RemovedSet, removed_set
 from rtk.outdir import temp_dir_beside
 from rtk.export.layouts import LAYOUTS, layout_of, vllm_line
 from rtk.plan import PLAN_FILE, read_plan, write_plan
 from rtk.records.card import model_card
 from rtk.export.configs import architecture_of, choose_layout, per_layer_base, standard_base, standard_config
 from rtk.export.shards import SHARD_BYTES, write_shards
-from rtk.export.verify import reload_written, verify
+from rtk.export.verify import check_removed, reload_written, verify
 
 def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Path, generation_config,
                  tensor: Callable[[str], torch.Tensor], shard_bytes: int = SHARD_BYTES) -> None:
@@ -53,10 +54,11 @@ def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Pa
     under their original names and layer numbers."""
     from transformers import GenerationConfig
 
+    removed = removed_set(config)
     if layout == "standard":
         from transformers import AutoModelForCausalLM
 
-        keep = [i for i, b in enumerate(config.block_configs) if not b.attention.no_op]
+        keep = removed.attention_layers(config.num_hidden_layers)  # only whole layers are gone
         cfg = standard_config(config, standard_base(config), keep, dtype)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -73,7 +75,7 @@ def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Pa
         lay = LAYOUTS[layout]
         if lay.per_layer_config:
             base = per_layer_base(config)
-            cfg = standard_config(config, base, list(range(config.num_hidden_layers)), dtype, per_layer_skips(config))
+            cfg = standard_config(config, base, list(range(config.num_hidden_layers)), dtype, removed.skip_lists())
         else:
             cfg = RtkDeciConfig(**config.to_dict())
             for stale in ("rtk_vllm_servable", "rtk_vllm_note"):  # marks of older rtk releases
@@ -92,18 +94,6 @@ def write_layout(config: RtkDeciConfig, layout: str, dtype: torch.dtype, out: Pa
     write_shards(out, specs, lambda k: tensor(source_name(k)).detach().to("cpu", dtype), shard_bytes)
 
 
-def save_native(model: RtkDeciLMForCausalLM, tokenizer, out: Path, dtype: Optional[torch.dtype] = None) -> None:
-    """Write `model` as a native (DeciLM / nemotron-nas) folder without checks or a card: a quick way to make a
-    folder rtk loads (tests, benchmarks). rtk's exports use export_model, which verifies what it wrote."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or next(model.parameters()).dtype
-    sd = model.state_dict()
-    write_layout(model.config, "native", dtype, out, None, sd.__getitem__)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
-
 def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, params_before: Optional[int],
                folder: Path, check) -> dict:
     """What an export wrote and how it verified (rtk export prints it; the model card is made from it)."""
@@ -113,7 +103,7 @@ def summary_of(config: RtkDeciConfig, layout: str, dtype: str, params: int, para
         "architecture": architecture,
         "base_model_type": getattr(config, "rtk_base_model_type", None),
         "dtype": dtype,
-        "removed_sublayers": removed_sublayers(config),
+        "removed_sublayers": removed_set(config).names,
         "params": params,
         "params_before": params_before,
         "weight_bytes": weight_bytes(folder),
@@ -176,7 +166,7 @@ def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Op
     if dtype not in DTYPES:
         raise RtkError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
-    removed = removed_sublayers(model.config)
+    removed = removed_set(model.config)
     layout = choose_layout(model.config, layout)
     generation_config = generation_config_of(source)
     tmp = temp_dir_beside(out)
@@ -186,8 +176,9 @@ def export_model(model: RtkDeciLMForCausalLM, tokenizer, out: Path, *, dtype: Op
         del sd
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        check_removed(tmp, removed, layout)
         reloaded = reload_written(tmp, layout)
-        check = verify(reloaded, model, tdtype, original, removed if original is not None else ())
+        check = verify(reloaded, model, tdtype, original, removed)
         del reloaded
         check.raise_on_mismatch(f"-o {out}")
         before = plan.get("params_total") if plan and "params_total" in plan else \
@@ -227,11 +218,10 @@ def export_dir(model_dir: str, out: Path, dtype: Optional[str] = None, plan: Opt
         original, model = model, apply_plan(model, names)
     elif own_plan.is_file():
         plan_data = read_plan(own_plan)
-        want = sorted(expand(plan_data["removed_sublayers"]))
-        have = sorted(removed_sublayers(model.config))
+        want, have = RemovedSet.of(plan_data["removed_sublayers"]), removed_set(model.config)
         if want != have:
-            raise RtkError(f"{own_plan}: removed_sublayers {want} do not match the model's config.json, "
-                           f"which lacks {have}")
+            raise RtkError(f"{own_plan}: removed_sublayers {want.names} do not match the model's config.json, "
+                           f"which lacks {have.names}")
         base = plan_data.get("model_path")
         if base and Path(base, "config.json").is_file() and not plan_data.get("heal"):  # healed: weights differ
             original = load_model(base, "float32")[0]

@@ -19,13 +19,13 @@ from rtk.model.device import DTYPES
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciConfig
 from rtk.model.rewrite import pruned_config
-from rtk.model.sublayer import expand
+from rtk.model.sublayer import RemovedSet
 from rtk.outdir import temp_dir_beside
 from rtk.model.layers import DiskOffload, WeightFiles, streamed_logits
 from rtk.export.configs import choose_layout
 from rtk.export.safetensors import finish, generation_config_of, summary_of, write_layout
 from rtk.export.shards import SHARD_BYTES
-from rtk.export.verify import Verification, probe_inputs
+from rtk.export.verify import Verification, check_removed, probe_inputs
 
 
 def export_streamed(source_folder: str, config: RtkDeciConfig, removed: Iterable[str], tokenizer, out: Path, *,
@@ -36,7 +36,7 @@ def export_streamed(source_folder: str, config: RtkDeciConfig, removed: Iterable
     if out.exists():
         raise RtkError(f"-o {out}: already exists; choose a new folder (rtk never overwrites an export)")
     tdtype = DTYPES[dtype]
-    removed = sorted(expand(removed))
+    removed = RemovedSet.of(removed)
     cfg = pruned_config(config, removed)
     layout = choose_layout(cfg, layout)
     src = WeightFiles(source_folder)
@@ -53,6 +53,7 @@ def export_streamed(source_folder: str, config: RtkDeciConfig, removed: Iterable
         write_layout(cfg, layout, tdtype, tmp, generation_config_of(source_folder), tensor, shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        check_removed(tmp, removed, layout)
         check = _verify(tmp, source_folder, config, removed, tdtype, device)
         check.raise_on_mismatch(f"-o {out}")
         summary = summary_of(cfg, layout, dtype, params, plan.get("params_total") if plan else None, tmp, check)

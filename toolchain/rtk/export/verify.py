@@ -1,4 +1,5 @@
-"""Every export checks itself: reload what was written and compare logits on fresh shapes.
+"""Every export checks itself: reload what was written and compare logits on fresh shapes, and read the written
+config.json back as deploy and rtk's vLLM plugin read it.
 
 The probe batch has shapes used nowhere else in rtk (batch 2, odd length 13, the second row left-padded
 by 5 tokens), and the comparison runs in float32: the references are rounded to the exported dtype
@@ -15,6 +16,8 @@ from typing import Iterable, Optional
 import torch
 
 from rtk.errors import RtkError
+from rtk.model.load import read_config
+from rtk.model.sublayer import RemovedSet, removed_set
 
 PROBE_BATCH, PROBE_LEN, PROBE_PAD = 2, 13, 5
 REL_TOL = 1e-4
@@ -94,6 +97,16 @@ def verify(reloaded: torch.nn.Module, pruned: torch.nn.Module, dtype: torch.dtyp
         v.add("the original model run with the removed sublayers skipped", got,
               logits(as_float32(original, dtype), inputs, skip))
     return v
+
+
+def check_removed(out: Path, removed: RemovedSet, layout: str) -> None:
+    """The written config.json, read by `removed_set` (as rtk deploy and rtk's vLLM plugin read it), lacks the
+    sublayers the model lacks; a standard layout's config (the removed layers gone, the rest renumbered) lacks none."""
+    written = removed_set(read_config(out), "export: the written config.json")
+    want = RemovedSet() if layout == "standard" else removed
+    if written != want:
+        raise RtkError(f"export: the written config.json reads as lacking {written.names}, but the model lacks "
+                       f"{want.names} ({layout} layout)")
 
 
 def reload_written(out: Path, layout: str):

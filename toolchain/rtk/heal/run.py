@@ -22,7 +22,7 @@ from rtk import __version__
 from rtk.data import read_text, token_blocks
 from rtk.errors import RtkError
 from rtk.outdir import check_out, fingerprint
-from rtk.model.sublayer import removed_sublayers
+from rtk.model.sublayer import removed_set
 from rtk.plan import PLAN_FILE, read_plan, write_plan
 from rtk.data import DataConfig, DataSpec
 from rtk.heal.config import HealConfig, HealData, check_heal_text
@@ -328,7 +328,7 @@ def _heal(job: Job, progress: bool, echo: Callable[[str], None], max_steps: Opti
     new_plan.setdefault("model", t_spec)
     new_plan.setdefault("model_path", t_path)
     new_plan.setdefault("params_total", None)
-    new_plan.setdefault("removed_sublayers", removed_sublayers(healed.config))  # healed without a plan.json
+    new_plan.setdefault("removed_sublayers", removed_set(healed.config).names)  # healed without a plan.json
     new_plan.update({"rtk_version": __version__, "healed_from": str(model_dir), "heal": record,
                      "heal_fingerprint": job.fingerprint, "params_after": total_params(healed),
                      "heal_wall_seconds": round(time.perf_counter() - t_start, 1)})

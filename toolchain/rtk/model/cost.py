@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from rtk.model.sublayer import Sublayer, expand
+from rtk.model.sublayer import KINDS, RemovedSet, Sublayer
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,7 @@ def head_kernel(config, batch: int, hw: Hardware = H200) -> Kernel:
 def sublayer_cost(config, name: str, batch: int, context: int, phase: str = "decode", hw: Hardware = H200) -> float:
     """Microseconds per step saved by removing `name` ('attn.i', 'mlp.i' or 'layer.i')."""
     total = 0.0
-    for part in sorted(expand([name])):
-        s = Sublayer.parse(part)
+    for s in Sublayer.parse(name).split():
         total += sum(k.seconds(hw) for k in sublayer_kernels(config, s.kind, s.layer, batch, context, phase, hw))
     return total * 1e6
 
@@ -116,11 +115,11 @@ def sublayer_cost_fn(config, cost_cfg, hw: Hardware = H200) -> Callable:
 def model_cost(config, batch: int, context: int, phase: str = "decode", removed: Iterable[str] = (),
                hw: Hardware = H200) -> dict:
     """Bytes moved, FLOPs, KV-cache bytes and roofline time of one step of the whole model."""
-    gone = expand(removed)
+    gone = RemovedSet.of(removed)
     kernels, kv_cache = [head_kernel(config, batch, hw)], 0
     for i in range(config.num_hidden_layers):
-        for kind in ("attn", "mlp"):
-            if f"{kind}.{i}" in gone:
+        for kind in KINDS:
+            if gone.lacks(kind, i):
                 continue
             ks = sublayer_kernels(config, kind, i, batch, context, phase, hw)
             kernels += ks

@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM, RtkModel
+from rtk.model.sublayer import RemovedSet
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -246,7 +247,7 @@ def make_source(model: Optional[RtkDeciLMForCausalLM], offload: str, device, dty
 def streamed_logits(source: LayerSource, inputs: dict, skip: Iterable[str] = ()) -> torch.Tensor:
     """Float32 logits at the non-padded positions ([n_tokens, vocab]) of a whole forward pass run layer
     by layer through `source`, with `skip` bypassed: the same arithmetic as the model's forward."""
-    skip = frozenset(skip)
+    skip = RemovedSet.of(skip)
     ids = inputs["input_ids"].to(source.device)
     mask = inputs.get("attention_mask")
     pos = inputs.get("position_ids")
@@ -256,6 +257,6 @@ def streamed_logits(source: LayerSource, inputs: dict, skip: Iterable[str] = ())
     cos, sin = source.rotary(pos)
     am = RtkModel.build_mask(mask.to(source.device) if mask is not None else None, 0, ids.shape[1], h.dtype)
     for i, run in source.layers():
-        h = run(h, cos, sin, am, skip_attn=f"attn.{i}" in skip, skip_mlp=f"mlp.{i}" in skip)
+        h = run(h, cos, sin, am, skip_attn=skip.lacks("attn", i), skip_mlp=skip.lacks("mlp", i))
     out = source.head(h).float()
     return out[mask.bool().to(out.device)] if mask is not None else out.reshape(-1, out.shape[-1])

@@ -2,8 +2,6 @@
 holds only their weights."""
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -11,31 +9,20 @@ import torch
 
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciConfig, RtkDeciLMForCausalLM, RtkModel
-from rtk.model.sublayer import BLOCK_PART, Sublayer, expand, model_order, owner_prefixes
+from rtk.model.sublayer import RemovedSet, owner_prefixes
 
 MODELING_FILE = Path(__file__).with_name("modeling_rtk.py")  # copied beside the weights of some layouts
 
 
 def pruned_config(config: RtkDeciConfig, removed: Iterable[str]) -> RtkDeciConfig:
-    cfg = copy.deepcopy(config)
-    blocks = [json.loads(json.dumps(b)) for b in cfg.block_configs]
-    for name in model_order(expand(removed)):  # in model order: the first bad name is the one reported
-        s = Sublayer.parse(name)
-        if s.layer >= len(blocks):
-            raise RtkError(f"plan: '{name}' names layer {s.layer}, but the model has {len(blocks)} layers")
-        part = blocks[s.layer][BLOCK_PART[s.kind]]
-        if part["no_op"]:
-            raise RtkError(f"plan: '{name}' is already absent from the model")
-        part["no_op"] = True
-        size = "n_heads_in_group" if s.kind == "attn" else "intermediate_size"
-        part.pop(size, None)  # re-added last, as the block of a config written by rtk always had it
-        part[size] = None
-    return RtkDeciConfig(**{**cfg.to_dict(), "block_configs": blocks})
+    """`config` with the sublayers named in `removed` marked absent as well."""
+    blocks = RemovedSet.of(removed).mark_blocks(config.block_configs)
+    return RtkDeciConfig(**{**config.to_dict(), "block_configs": blocks})
 
 
 def apply_plan(model: RtkDeciLMForCausalLM, removed: Iterable[str]) -> RtkDeciLMForCausalLM:
     """A new, smaller model without the removed sublayers (weights shared with the original)."""
-    removed = expand(removed)
+    removed = RemovedSet.of(removed)
     cfg = pruned_config(model.config, removed)
     drop = tuple(p for n in removed for p in owner_prefixes(n, cfg))
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}

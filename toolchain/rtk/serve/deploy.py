@@ -18,7 +18,7 @@ from rtk.errors import RtkError
 from rtk.export.layouts import PER_LAYER, VLLM_RELEASE, layout_of
 from rtk.model.load import read_config
 from rtk.model.modeling_rtk import BASE_ARCHS
-from rtk.model.sublayer import SKIP, first_sublayer_blocker
+from rtk.model.sublayer import RemovedSet, removed_set
 from rtk.serve.flags import TARGETS, needs_remote_code, plugin_args, vllm_args
 
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"  # the vLLM release rtk targets (export.layouts)
@@ -66,72 +66,62 @@ def inspect_model(model_dir: str | Path) -> ModelInfo:
         raise RtkError(f"{where}: folder has no *.safetensors weights")
     layers = _positive_int(cfg, "num_hidden_layers", where)
     heads = _positive_int(cfg, "num_attention_heads", where)
-    kv: dict[int, list[int]] = {}
     if cfg.get("model_type") == "nemotron-nas":
         if cfg.get("architectures") != ["DeciLMForCausalLM"]:
             raise RtkError(f"{where}/config.json: 'architectures' is {cfg.get('architectures')!r}; vLLM serves "
                            f"nemotron-nas folders only as [\"DeciLMForCausalLM\"]")
-        blocks = cfg.get("block_configs")
-        if not isinstance(blocks, list) or len(blocks) != layers:
-            raise RtkError(f"{where}/config.json: 'block_configs' must list one entry per layer ({layers})")
-        for i, block in enumerate(blocks):
-            att = (block or {}).get("attention") or {}
-            if att.get("no_op"):
-                continue
-            group = att.get("n_heads_in_group")
-            if not isinstance(group, int) or group < 1 or heads % group:
-                raise RtkError(f"{where}/config.json: block_configs[{i}].attention.n_heads_in_group={group!r} "
-                               f"does not divide num_attention_heads={heads}")
-            kv.setdefault(heads // group, []).append(i)
-        _check_first_sublayer(blocks, where)
+        removed = removed_set({"block_configs": None, **cfg}, f"{where}/config.json")  # its blocks must be there
+        _check_first_sublayer(removed, layers, where)
+        kv = _kv_heads(cfg["block_configs"], removed.attention_layers(layers), heads, where)
     else:
-        kv[cfg.get("num_key_value_heads") or heads] = _attention_layers(cfg, layers, where)
+        removed = removed_set(cfg, f"{where}/config.json")  # per_layer_config skips, if any
+        kv = {cfg.get("num_key_value_heads") or heads: _attention_layers(cfg, removed, layers, where)}
     max_pos = cfg.get("max_position_embeddings")
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
     return ModelInfo(str(model_dir), layers, heads, kv, max_pos if isinstance(max_pos, int) else None,
                      needs_remote_code(p), size, plugin_args(p))
 
 
-def _attention_layers(cfg: dict, layers: int, where: str) -> list[int]:
+def _kv_heads(blocks: list, attention: list[int], heads: int, where: str) -> dict[int, list[int]]:
+    """KV-head count -> the layers of a nemotron-nas config whose attention has that many."""
+    kv: dict[int, list[int]] = {}
+    for i in attention:
+        group = blocks[i]["attention"].get("n_heads_in_group")
+        if not isinstance(group, int) or group < 1 or heads % group:
+            raise RtkError(f"{where}/config.json: block_configs[{i}].attention.n_heads_in_group={group!r} "
+                           f"does not divide num_attention_heads={heads}")
+        kv.setdefault(heads // group, []).append(i)
+    return kv
+
+
+def _attention_layers(cfg: dict, removed: RemovedSet, layers: int, where: str) -> list[int]:
     """The layers of a standard config that keep their attention. A config with per_layer_config skips
     (or architectures [RtkForCausalLM]) is served by rtk's vLLM plugin, which reads the base architectures
     in its table only; anything else no vLLM path serves."""
-    plc = cfg.get("per_layer_config") or {}
-    needs_plugin = layout_of(cfg) in PER_LAYER if isinstance(plc, dict) else True
-    if not needs_plugin:
+    if layout_of(cfg) not in PER_LAYER:
         return list(range(layers))
     mt = cfg.get("model_type")
     if mt not in BASE_ARCHS:
         raise RtkError(f"{where}/config.json: model_type {mt!r} with {cfg.get('architectures')} and per-layer skips: "
                        f"neither stock vLLM nor rtk's vLLM plugin serves it (the plugin serves "
                        f"{', '.join(BASE_ARCHS)}; stock vLLM serves rtk's nemotron-nas folders)")
-    if not isinstance(plc, dict):
-        raise RtkError(f"{where}/config.json: 'per_layer_config' must map layer indices to overrides")
-    skips = {}
-    for key, over in plc.items():
-        i = int(key) if str(key).isdigit() else -1
-        skip = (over or {}).get("skip", []) if isinstance(over, dict) else None
-        if not 0 <= i < layers or not isinstance(skip, list) or set(skip) - set(SKIP.values()):
-            raise RtkError(f"{where}/config.json: per_layer_config[{key!r}] must be a layer index below {layers} "
-                           f"with a skip list of {' / '.join(SKIP.values())} (got {over!r})")
-        skips[i] = set(skip)
-    keep = [i for i in range(layers) if "attention" not in skips.get(i, ())]
+    keep = removed.attention_layers(layers)
     if not keep:
         raise RtkError(f"{where}/config.json: no layer has attention; vLLM cannot serve this model")
     return keep
 
 
-def _check_first_sublayer(blocks: list, where: str) -> None:
+def _check_first_sublayer(removed: RemovedSet, layers: int, where: str) -> None:
     """Stock vLLM's DeciLM starts the residual stream in the first attention: an MLP before any
     attention (or no sublayer at all) crashes it. rtk protects attn.0 by default for this reason."""
-    blocker = first_sublayer_blocker([b or {} for b in blocks])
+    blocker = removed.first_blocker(layers)
     if blocker is not None:
-        i = int(blocker.split(".")[1])
+        i = blocker.layer
         raise RtkError(f"{where}/config.json: layer {i} keeps its MLP but no attention comes before it "
                        f"(block_configs[{i}].attention.no_op); stock vLLM's nemotron-nas model cannot "
                        f"serve that: re-export the folder (rtk export {where.split(': ', 1)[1]} -o NEW) for "
                        f"rtk's vLLM plugin, or prune with protect: [attn.0]")
-    if all(((b or {}).get("attention") or {}).get("no_op") for b in blocks):
+    if not removed.attention_layers(layers):
         raise RtkError(f"{where}/config.json: no layer has attention; stock vLLM cannot serve this model")
 
 

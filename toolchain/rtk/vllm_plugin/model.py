@@ -41,6 +41,7 @@ from vllm.sequence import IntermediateTensors
 
 from rtk.model.modeling_rtk import (BASE_ARCHS, SUBLAYER_MODULES, RtkDeciConfig, attention_type,
                                     config_from_standard, window_of)
+from rtk.model.sublayer import RemovedSet, removed_set
 
 
 def rtk_config(hf_config) -> RtkDeciConfig:
@@ -77,7 +78,8 @@ class RtkDecoderLayer(nn.Module):
     """A layer's present sublayers, each h += post(branch(pre(h))) (post only with sandwich norms), named as in
     the checkpoint (modeling_rtk.SUBLAYER_MODULES)."""
 
-    def __init__(self, vllm_config: VllmConfig, rtk: RtkDeciConfig, layer_idx: int, prefix: str = ""):
+    def __init__(self, vllm_config: VllmConfig, rtk: RtkDeciConfig, removed: RemovedSet, layer_idx: int,
+                 prefix: str = ""):
         super().__init__()
         hf, cache_config, quant_config = vllm_config.model_config.hf_config, vllm_config.cache_config, \
             vllm_config.quant_config
@@ -90,7 +92,7 @@ class RtkDecoderLayer(nn.Module):
                 if name is not None:
                     setattr(self, name, None)
         norm = GemmaRMSNorm if getattr(rtk, "rms_norm_unit_offset", False) else RMSNorm
-        if not block.attention.no_op:
+        if not removed.lacks("attn", layer_idx):
             kv = rtk.num_attention_heads // block.attention.n_heads_in_group
             if gemma:
                 self.self_attn = Gemma3Attention(
@@ -112,7 +114,7 @@ class RtkDecoderLayer(nn.Module):
                     bias=bool(rtk.qkv_bias), bias_o_proj=bool(rtk.attention_bias), cache_config=cache_config,
                     prefix=f"{prefix}.self_attn")
             self._norms("attn", norm, h, eps)
-        if not block.ffn.no_op:
+        if not removed.lacks("mlp", layer_idx):
             if gemma:
                 self.mlp = Gemma3MLP(hidden_size=h, intermediate_size=block.ffn.intermediate_size,
                                      hidden_activation=rtk.hidden_act, quant_config=quant_config,
@@ -151,6 +153,7 @@ class RtkModel(nn.Module):
         super().__init__()
         self.config = vllm_config.model_config.hf_config
         self.rtk = rtk = rtk_config(self.config)
+        removed = removed_set(rtk)
         self.vocab_size = rtk.vocab_size
         pp = get_pp_group()
         if pp.is_first_rank or (rtk.tie_word_embeddings and pp.is_last_rank):
@@ -160,7 +163,7 @@ class RtkModel(nn.Module):
             self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
             rtk.num_hidden_layers,
-            lambda prefix: RtkDecoderLayer(vllm_config, rtk, int(prefix.rsplit(".", 1)[1]), prefix=prefix),
+            lambda prefix: RtkDecoderLayer(vllm_config, rtk, removed, int(prefix.rsplit(".", 1)[1]), prefix=prefix),
             prefix=f"{prefix}.layers")
         norm = GemmaRMSNorm if getattr(rtk, "rms_norm_unit_offset", False) else RMSNorm
         self.norm = norm(rtk.hidden_size, eps=rtk.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
