@@ -8,9 +8,9 @@ first of the first three that fits, `--format per-layer-config` asks for the fou
 - **native**: some layer lacks only its attention or only its MLP, and stock vLLM's DeciLM serves it:
   DeciLM / nemotron-nas, one `block_configs` entry per layer, `modeling_rtk.py` beside the weights (`auto_map`).
 - **plugin**: what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; Gemma 3's norms after
-  each sublayer; an MLP before any attention, e.g. `attn.0` removed): the base architecture's standard config with a `per_layer_config`
-  whose `skip` lists name the removed modules, `architectures: ["RtkForCausalLM"]` (rtk's vLLM plugin,
-  rtk.vllm_plugin) and `modeling_rtk.py` (`auto_map`) for transformers.
+  each sublayer; an MLP before any attention, e.g. `attn.0` removed): the base architecture's standard config
+  with a `per_layer_config` whose `skip` lists name the removed modules, `architectures: ["RtkForCausalLM"]`
+  (rtk's vLLM plugin, rtk.vllm_plugin) and `modeling_rtk.py` (`auto_map`) for transformers.
 - **per-layer-config**: the same config with the standard `architectures` (`LlamaForCausalLM`, ...), for
   the day transformers' and vLLM's own modeling code reads `per_layer_config`; until then it loads
   through `modeling_rtk.py` (trust_remote_code) and rtk's plugin (`--hf-overrides`).

@@ -193,7 +193,7 @@ class RemovedSet:
         out = []
         for key, over in per_layer.items():
             i = key if isinstance(key, int) else int(key) if str(key).isdigit() else -1
-            skip = (over or {}).get("skip") or [] if isinstance(over, dict) else None
+            skip = (over.get("skip") or []) if isinstance(over, dict) else None
             if not 0 <= i < layers or not isinstance(skip, list) or set(skip) - set(kind_of):
                 raise RtkError(f"{where}: per_layer_config[{key!r}] must be a layer index below {layers} with a skip "
                                f"list of {' / '.join(SKIP.values())} (got {over!r})")

@@ -1,6 +1,5 @@
 """rtk's vLLM plugin: serves the rtk-pruned models stock vLLM's DeciLM cannot (Qwen3's q/k norms, Gemma 3's
-norms after each sublayer and its sliding-window layers, a model whose first sublayer is an MLP, e.g. layer 0's
-attention removed).
+norms after each sublayer, a model whose first sublayer is an MLP, e.g. layer 0's attention removed).
 
 vLLM loads it in every process through the entry point ``vllm.general_plugins`` (pyproject.toml:
 ``rtk = "rtk.vllm_plugin:register"``); ``register`` only names the class, which vLLM imports when a
