@@ -234,7 +234,8 @@ def removed_set(config, where: str = "config") -> RemovedSet:
     layers = get("num_hidden_layers")
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise RtkError(f"{where}: 'num_hidden_layers' is missing or not a positive integer (got {layers!r})")
-    if "block_configs" in config if isinstance(config, dict) else get("block_configs") is not None:
+    has_blocks = "block_configs" in config if isinstance(config, dict) else get("block_configs") is not None
+    if has_blocks:  # nemotron-nas (a config.json with the key must list them)
         blocks = get("block_configs")
         if not isinstance(blocks, (list, tuple)) or len(blocks) != layers:
             raise RtkError(f"{where}: 'block_configs' must list one entry per layer ({layers})")
