@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM, RtkModel
+from rtk.model.sublayer import sublayer_name
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -231,17 +232,6 @@ class DiskOffload(_Streamed):
         return {k[len(prefix):]: v for k, v in got.items()}
 
 
-def make_source(model: Optional[RtkDeciLMForCausalLM], offload: str, device, dtype: torch.dtype,
-                folder: Optional[str] = None, config=None) -> LayerSource:
-    if offload == "none":
-        return InMemory(model)
-    if offload == "cpu":
-        return CpuOffload(model, device)
-    if offload == "disk":
-        return DiskOffload(folder, config, device, dtype)
-    raise ValueError(offload)
-
-
 @torch.no_grad()
 def streamed_logits(source: LayerSource, inputs: dict, skip: Iterable[str] = ()) -> torch.Tensor:
     """Float32 logits at the non-padded positions ([n_tokens, vocab]) of a whole forward pass run layer
@@ -256,6 +246,7 @@ def streamed_logits(source: LayerSource, inputs: dict, skip: Iterable[str] = ())
     cos, sin = source.rotary(pos)
     am = RtkModel.build_mask(mask.to(source.device) if mask is not None else None, 0, ids.shape[1], h.dtype)
     for i, run in source.layers():
-        h = run(h, cos, sin, am, skip_attn=f"attn.{i}" in skip, skip_mlp=f"mlp.{i}" in skip)
+        h = run(h, cos, sin, am, skip_attn=sublayer_name("attn", i) in skip,
+                skip_mlp=sublayer_name("mlp", i) in skip)
     out = source.head(h).float()
     return out[mask.bool().to(out.device)] if mask is not None else out.reshape(-1, out.shape[-1])
