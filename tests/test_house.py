@@ -248,3 +248,17 @@ def test_bench_cli_defaults_are_bench_config_defaults():
                  "input_len", "output_len", "sweep_seconds"):
         assert shown[name] == default(name), name
     assert shown["batch_sizes"] == csv(default("batch_sizes")) and shown["concurrency"] == csv(default("concurrency"))
+
+
+def test_one_evaluation_default():
+    """rtk prune's evaluation and rtk bench's PPL read the same text, cut the same way, unless told otherwise
+    (tests/test_api.py: the same PPLs)."""
+    from rtk.bench.config import bench_config
+    from rtk.data import EVALUATION, DataConfig
+    from rtk.prune.config import parse_recipe
+
+    assert parse_recipe({"model": "m"}).data.evaluation == DataConfig().evaluation == EVALUATION
+    assert bench_config(baseline="a", candidates=["b"]).evaluation() == EVALUATION
+    assert (EVALUATION.source, EVALUATION.split, EVALUATION.samples, EVALUATION.seq_len) == ("wikitext2", "test", 32,
+                                                                                             256)  # plan.json's eval
+    assert bench_config(baseline="a", candidates=["b"], ppl_samples=4).evaluation().samples == 4

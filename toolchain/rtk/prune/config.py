@@ -16,7 +16,7 @@ from rtk.data import DataConfig, DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.heal.config import HEAL_TEXT_RULE, HealConfig, evaluation_clash
 from rtk.outdir import fingerprint
-from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, Dtype, Strict, format_errors
+from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, DEVICES, Dtype, Strict, format_errors
 
 
 
@@ -263,7 +263,7 @@ class Recipe(Strict):
     @classmethod
     def _device(cls, v):
         if not re.fullmatch(DEVICE_PATTERN, v):
-            raise ValueError(f"'{v}' is not one of auto, cpu, cuda, cuda:N")
+            raise ValueError(f"'{v}' is not one of {', '.join(DEVICES)}")
         return v
 
     @model_validator(mode="after")
