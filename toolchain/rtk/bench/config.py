@@ -1,84 +1,67 @@
-"""`rtk bench` settings: BenchConfig holds every default (the CLI shows and uses these), and the model
-folders a run measures are checked here before anything starts."""
+"""`rtk bench` settings: BenchConfig holds every default (the CLI shows and uses these) and checks every value the
+way a recipe is checked (pydantic: every problem at once, one line each, by rtk.settings.format_errors); the
+model folders a run measures are checked here before anything starts."""
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
+from pydantic import Field, ValidationError
+
+from rtk.data import EVALUATION, DataSpec
 from rtk.errors import RtkError
+from rtk.settings import DTYPE_NAMES, Strict, format_errors
+
+Count = Annotated[int, Field(strict=True, ge=1)]  # an integer, not a bool or a string of one
+Switch = Annotated[bool, Field(strict=True)]
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-@dataclass
-class BenchConfig:
+class BenchConfig(Strict):
     baseline: str
     candidates: list[str]
     backend: str = "torch"
-    endpoints: list[str] = field(default_factory=list)
-    tasks: list[str] = field(default_factory=list)
-    limit: Optional[int] = None
-    ppl_samples: int = 16
-    ppl_seq_len: int = 256
-    rounds: int = 3
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    prompt_len: int = 128
-    gen_len: int = 32
-    repeats: int = 3
-    concurrency: list[int] = field(default_factory=lambda: [1, 4])
-    num_prompts: int = 8
-    input_len: int = 128
-    output_len: int = 32
-    chat: bool = False                   # served speed as chat requests (/v1/chat/completions, the chat template)
-    dtype: str = "float32"
-    keep_servers: Optional[bool] = None  # None: decide from free memory
-    quality: bool = True
-    speed: bool = True
-    sweep: Optional[str] = None          # None | "guidellm" | "rates"
-    sweep_seconds: int = 20              # per sweep point
-    sweep_points: int = 6                # guidellm: sweep_size (synchronous, throughput, then constant rates)
-    sweep_rates: list[float] = field(default_factory=list)  # "rates": request rates (req/s); [] = from a probe
-    lm_eval_batch_size: int = 8
+    endpoints: list[str] = Field(default_factory=list)
+    tasks: list[str] = Field(default_factory=list)
+    limit: Optional[Count] = None
+    ppl_samples: Count = Field(EVALUATION.samples, description="WikiText-2 test blocks (rtk.data.EVALUATION's)")
+    ppl_seq_len: Annotated[int, Field(strict=True, ge=2)] = Field(EVALUATION.seq_len, description="tokens per block")
+    rounds: Count = 3
+    batch_sizes: list[Count] = Field(default_factory=lambda: [1, 8], min_length=1)
+    prompt_len: Count = 128
+    gen_len: Count = 32
+    repeats: Count = 3
+    concurrency: list[Count] = Field(default_factory=lambda: [1, 4], min_length=1)
+    num_prompts: Count = 8
+    input_len: Count = 128
+    output_len: Count = 32
+    chat: Switch = False                   # served speed as chat requests (/v1/chat/completions, the chat template)
+    dtype: Literal[DTYPE_NAMES] = "float32"
+    keep_servers: Optional[Switch] = None  # None: decide from free memory
+    quality: Switch = True
+    speed: Switch = True
+    sweep: Optional[Literal["guidellm", "rates"]] = None
+    sweep_seconds: Annotated[int, Field(strict=True, ge=5)] = 20  # per sweep point
+    sweep_points: Count = 6                # guidellm: sweep_size (synchronous, throughput, then constant rates)
+    sweep_rates: list[Rate] = Field(default_factory=list)  # "rates": request rates (req/s); [] = from a probe
+    lm_eval_batch_size: Count = 8
+
+    def evaluation(self) -> DataSpec:
+        """The text and blocks of the WikiText-2 PPL: rtk.data.EVALUATION, cut to ppl_samples x ppl_seq_len."""
+        return EVALUATION.model_copy(update={"samples": self.ppl_samples, "seq_len": self.ppl_seq_len})
 
 
-MINIMUM = {"ppl_seq_len": 2, "sweep_seconds": 5}  # every other count is at least 1
-CHOICES = {"sweep": (None, "guidellm", "rates")}
-
-
-def minimum(name: str) -> int:
-    """The smallest value a count setting takes (the CLI's ranges and rtk.bench's checks)."""
-    return MINIMUM.get(name, 1)
-
-
-def check_settings(settings: dict) -> dict:
-    """BenchConfig fields given by a caller (rtk.bench's keywords), checked as the CLI's options are: counts are
-    integers at their minimum, lists of counts are non-empty, switches are booleans."""
-    kinds = {f.name: default(f.name) for f in fields(BenchConfig) if f.name not in ("baseline", "candidates")}
-    for name, v in settings.items():
-        flag, d = f"--{name.replace('_', '-')}", kinds[name]
-        if name in CHOICES:
-            ok = v in CHOICES[name]
-            want = f"one of {', '.join(map(str, CHOICES[name]))}"
-        elif isinstance(d, bool) or name == "keep_servers":
-            ok, want = isinstance(v, bool) or (v is None and d is None), "True or False"
-        elif isinstance(d, int) or name == "limit":
-            ok = (v is None and d is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum(name))
-            want = f"an integer >= {minimum(name)}"
-        elif isinstance(d, list) and name != "sweep_rates":
-            ok = isinstance(v, (list, tuple)) and bool(v) and all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
-            want = "positive integers"
-        else:
-            ok = isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and x > 0 for x in v)
-            want = "positive numbers"
-        if not ok:
-            raise RtkError(f"{flag}: expected {want}, got {v!r}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+def bench_config(**values) -> BenchConfig:
+    """A BenchConfig, or one RtkError naming every bad setting (rtk.bench's keywords, the CLI's options)."""
+    try:
+        return BenchConfig.model_validate(values)
+    except ValidationError as exc:
+        raise RtkError(format_errors(exc, "rtk bench")) from None
 
 
 def default(name: str):
     """BenchConfig's default for a field (what `rtk bench --help` shows)."""
-    f = {f.name: f for f in fields(BenchConfig)}[name]
-    return f.default if f.default is not MISSING else f.default_factory()
+    return BenchConfig.model_fields[name].get_default(call_default_factory=True)
 
 
 def csv(values) -> str:

@@ -7,8 +7,6 @@ import math
 
 from rtk.model.cost import Hardware, workload_cost
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
 
 def ideal(base, cand, prompt_len: int, output_len: int, batch: int = 1, dtype_bytes: int = 4) -> dict:
     """Ideal speedups (baseline cost / candidate cost) of the workload, with weights and KV cache stored

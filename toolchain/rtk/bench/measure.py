@@ -23,10 +23,8 @@ def lm_eval_spec(b, cfg: BenchConfig, taskset):
 
 def measure_quality(b, cfg: BenchConfig, echo, taskset=None, work: Optional[Path] = None, label: str = "") -> dict:
     from rtk.data import token_blocks
-    from rtk.data import DataSpec
 
-    spec = DataSpec(source="wikitext2", split="test", samples=cfg.ppl_samples, seq_len=cfg.ppl_seq_len)
-    blocks, info = token_blocks(b.tokenizer, spec, "--ppl")
+    blocks, info = token_blocks(b.tokenizer, cfg.evaluation(), "--ppl")
     out = {"wikitext2": {**ppl(b, blocks), **{k: info[k] for k in ("file", "text", "split", "samples", "seq_len")}}}
     echo(f"rtk bench:   WikiText-2 test PPL {out['wikitext2']['ppl']:.3f}")
     out["tasks"] = {}

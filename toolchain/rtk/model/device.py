@@ -10,15 +10,16 @@ import re
 import torch
 
 from rtk.errors import RtkError
+from rtk.settings import DEVICE_PATTERN, DEVICES, DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # rtk.settings: the one list
 
 
 def resolve_device(spec: str, field: str = "device") -> str:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch device string, or a one-line RtkError."""
     spec = str(spec).strip()
-    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", spec):
-        raise RtkError(f"{field}: '{spec}' is not one of auto, cpu, cuda, cuda:N")
+    if not re.fullmatch(DEVICE_PATTERN, spec):
+        raise RtkError(f"{field}: '{spec}' is not one of {', '.join(DEVICES)}")
     if spec == "cpu":
         return "cpu"
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -232,17 +232,6 @@ class DiskOffload(_Streamed):
         return {k[len(prefix):]: v for k, v in got.items()}
 
 
-def make_source(model: Optional[RtkDeciLMForCausalLM], offload: str, device, dtype: torch.dtype,
-                folder: Optional[str] = None, config=None) -> LayerSource:
-    if offload == "none":
-        return InMemory(model)
-    if offload == "cpu":
-        return CpuOffload(model, device)
-    if offload == "disk":
-        return DiskOffload(folder, config, device, dtype)
-    raise ValueError(offload)
-
-
 @torch.no_grad()
 def streamed_logits(source: LayerSource, inputs: dict, skip: Iterable[str] = ()) -> torch.Tensor:
     """Float32 logits at the non-padded positions ([n_tokens, vocab]) of a whole forward pass run layer

@@ -16,7 +16,7 @@ from rtk.data import DataConfig, DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.heal.config import HEAL_TEXT_RULE, HealConfig, evaluation_clash
 from rtk.outdir import fingerprint
-from rtk.settings import Strict, format_errors
+from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, DEVICES, Dtype, Strict, format_errors
 
 
 
@@ -245,14 +245,11 @@ class SelectConfig(Strict):
         return v
 
 
-DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
-
-
 class Recipe(Strict):
     model: str
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when it is there)")
+    device: str = Field("auto", description=f"{DEVICE_HELP} (auto: CUDA when it is there)")
     data: DataConfig = DataConfig()
     search: SearchConfig = SearchConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -265,8 +262,8 @@ class Recipe(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v):
-        if not re.fullmatch(DEVICE_RE, v):
-            raise ValueError(f"'{v}' is not one of auto, cpu, cuda, cuda:N")
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError(f"'{v}' is not one of {', '.join(DEVICES)}")
         return v
 
     @model_validator(mode="after")

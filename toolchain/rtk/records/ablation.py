@@ -109,10 +109,19 @@ def _fmt_layers(xs: list[int]) -> str:
 
 
 def markdown(res: dict) -> str:
-    cal, ev, cm, sc = res["calibration"], res["eval"], res["cost_model"], res["scoring"]
-    d = res["dense"]
+    """ablation.md: the variants' table, healing and measured sections, winners, what each removed, plots."""
     w = winners(res)
     healed = any(r.get("healed") for r in res["rows"])
+    lines = _summary_lines(res, healed)
+    lines += healed_section(res)
+    lines += measured_section(res, w)
+    return "\n".join(lines + _winner_lines(res, w) + _variant_lines(res, w, healed))
+
+
+def _summary_lines(res: dict, healed: bool) -> list[str]:
+    """The run's settings, the dense model and one row per variant (eval PPL, ideal speedups)."""
+    cal, ev, cm, sc = res["calibration"], res["eval"], res["cost_model"], res["scoring"]
+    d = res["dense"]
     c = res.get("params_counted") or {"count": "all"}
     counted = (f"the {c['total']:,} non-embedding ones (embedding and LM head left out)" if c["count"] == "non_embedding"
                else "them (embeddings and LM head counted)")
@@ -148,9 +157,12 @@ def markdown(res: dict) -> str:
             f"{after} {r['calib_ppl']:.3f} | {len(r['attn_removed'])} | {len(r['mlp_removed'])} | "
             f"{r['decode_speedup_ideal']:.3f} | {r['decode_speedup_ideal_b1']:.3f} | {r['prefill_speedup_ideal']:.3f} | "
             f"{r['kv_cache_ratio']:.0%} |")
-    lines += healed_section(res)
-    lines += measured_section(res, w)
-    lines += ["", "## Winners", ""]
+    return lines
+
+
+def _winner_lines(res: dict, w: dict) -> list[str]:
+    """## Winners per target: eval PPL, ideal and measured speed, zero-shot, the Pareto sets."""
+    lines = ["", "## Winners", ""]
     for t in res["targets"]:
         if str(t) in w["ppl"]:
             lines.append(f"- {t:.0%} removed: lowest eval PPL **{w['ppl'][str(t)]}**; highest ideal decode speedup "
@@ -165,9 +177,14 @@ def markdown(res: dict) -> str:
                          f"**{e['winner']}** ({ppls}).")
     if w.get("measured_pareto"):
         lines.append(f"- Not dominated on (eval PPL, measured speedup): {', '.join(w['measured_pareto'])}.")
-    lines += [f"- Not dominated on (eval PPL, ideal decode speedup): {', '.join(w['pareto'])}.", "",
-              "## What each variant removed", "",
-              "| variant | target | attention layers | MLP layers | model |", "|---|---:|---|---|---|"]
+    lines.append(f"- Not dominated on (eval PPL, ideal decode speedup): {', '.join(w['pareto'])}.")
+    return lines
+
+
+def _variant_lines(res: dict, w: dict, healed: bool) -> list[str]:
+    """What each variant removed, how each was made, and the plots."""
+    lines = ["", "## What each variant removed", "",
+             "| variant | target | attention layers | MLP layers | model |", "|---|---:|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['variant']} | {r['target']:.0%} | {_fmt_layers(r['attn_removed'])} | "
                      f"{_fmt_layers(r['mlp_removed'])} | {r['model_dir']} |")
@@ -181,7 +198,7 @@ def markdown(res: dict) -> str:
         lines += ["![measured speedup vs PPL](measured_speedup_vs_ppl.png)", ""]
     if healed:
         lines += ["![PPL before and after healing](ppl_after_healing.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def healed_zero_shot_best(res: dict) -> dict[str, str]:

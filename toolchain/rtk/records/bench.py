@@ -111,6 +111,7 @@ def _median(xs):
 
 
 def markdown(res: dict) -> str:
+    """bench.md: the models, quality, speed, the sweep, the ratios per candidate and how it was measured."""
     c, models = res["config"], res["models"]
     lines = [f"# rtk bench: {c['backend']} backend", "",
              f"Run {res['started']} .. {res['finished']}. Ratios are candidate / baseline, computed round by round "
@@ -119,83 +120,105 @@ def markdown(res: dict) -> str:
     lines += [f"| {m['label']} | `{m['path']}` | {m['params']:,} |" if m["params"] else
               f"| {m['label']} | `{m['path']}` | n/a |" for m in models]
     if models[0].get("quality"):
-        q0 = models[0]["quality"]
-        w = q0["wikitext2"]
-        lines += ["", "## Quality", "",
-                  f"PPL: {w.get('text', 'WikiText-2 raw')}, {w['samples']} blocks x {w['seq_len']} tokens "
-                  f"({w['predicted_tokens']:,} predicted tokens), computed by the {c['backend']} backend.", "",
-                  "| model | WikiText-2 PPL |", "| --- | ---: |"]
-        lines += [f"| {m['label']} | {m['quality']['wikitext2']['ppl']:.3f} |" for m in models]
-        if q0.get("lm_eval"):
-            lines += ["", "### Accuracy (lm-evaluation-harness)", "",
-                      f"lm-eval {q0['lm_eval'].get('lm_eval_version', '')}, zero-shot, "
-                      f"{'first ' + str(c['limit']) + ' documents' if c['limit'] else 'all documents'} per task; "
-                      "± is lm-eval's standard error; recovery = candidate / baseline.", ""]
-            for m in models[1:]:
-                lines += [f"| task | metric | baseline | {m['label']} | recovery |", "|---|---|---:|---:|---:|",
-                          *accuracy_rows(q0, m["quality"]), ""]
-            lines += ["Each model's numbers as lm-eval printed them, and the command that reproduces them "
-                      "(`--output_path` left out):", ""]
-            for m in models:
-                le = m["quality"]["lm_eval"]
-                lines += [f"**{m['label']}** ({le['seconds']} s; raw results `{le['results_file']}`):", "", "```bash",
-                          le["command"], "```", "", *le["table"], ""]
+        lines += _quality_lines(res)
     if models[0]["speed"]:
-        keys = speed_keys(c["concurrency"], c["batch_sizes"], res["serving"])
-        lines += ["", "## Speed", "", _how(res) + ". Values: median over rounds.", "",
-                  "| metric | " + " | ".join(m["label"] for m in models) + " |",
-                  "| --- | " + " | ".join("---:" for _ in models) + " |"]
-        for key, _ in keys:
-            vals = [sorted(at_path(s, key) for s in m["speed"]) for m in models]
-            lines.append(f"| {key} | " + " | ".join(_f(v[len(v) // 2], 2) for v in vals) + " |")
-        if res["serving"]:
-            lines += ["", "vLLM's JSON result of every run is in `vllm_bench/`; e.g. the first round of each model:",
-                      "", "```bash"]
-            lines += [m["speed"][0][f"c{cc}"]["command"] for m in models for cc in c["concurrency"][:1]]
-            lines += ["```"]
+        lines += _speed_lines(res)
     if res.get("sweep"):
-        sw = res["sweep"]
-        lines += ["", f"## Throughput vs latency ({sw['tool']})", "", sw["how"], "", f"![sweep]({sw['plot']})", "",
-                  "| model | point | requests done / failed / unfinished | requests/s | output tokens/s | "
-                  "median TTFT ms | median ITL ms |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-        for label, pts in sw["points"].items():
-            for p in pts:
-                lines.append(f"| {label} | {p['name']} | {p['completed']} / {p['failed']} / {p['incomplete']} | "
-                             f"{_f(p['request_rate'], 2)} | {_f(p['output_throughput'], 1)} "
-                             f"| {_f(p['median_ttft_ms'], 1)} | {_f(p['median_itl_ms'], 1)} |")
-        lines += ["", "Reproduce (GuideLLM's scenario and report per model are in `sweep/`):", "", "```bash",
-                  *sw["commands"].values(), "```"]
+        lines += _sweep_lines(res["sweep"])
     lines += ["", "## Ratios (candidate / baseline)", ""]
     for label, r in res["ratios"].items():
-        ideal = res["ideal"].get(label, {})
-        lines += [f"### {label}", ""]
-        if res["serving"] and models[0]["speed"]:
-            lines += ["| served metric | baseline | candidate | speedup [min, max] |", "|---|---:|---:|---|",
-                      *speed_rows(res, label), ""]
-        for b, d in ideal.items():
-            lines.append(f"- ideal at {b} (prompt {d['workload']['prompt_len']}, output {d['workload']['output_len']}): "
-                         f"parameter ratio {d['param_ratio']:.3f}; prefill speedup from FLOPs "
-                         f"{d['ideal_prefill_speedup']:.3f}x; decode speedup from bytes read (weights + KV cache) "
-                         f"{d['ideal_decode_speedup']:.3f}x (from FLOPs {d['ideal_decode_flops_speedup']:.3f}x); "
-                         f"KV cache per token {d['kv_bytes_ratio']:.3f}")
-        if r:
-            lines += ["", "| metric | ratio | spread | note |", "| --- | ---: | --- | --- |"]
-        for key, v in r.items():
-            better = "higher is better" if v["higher_is_better"] else "lower is better"
-            if "rounds" in v:
-                inc = v["spread_includes_1"]
-                note = better + ("; **spread includes 1** (no clear change)" if inc else "")
-                lines.append(f"| {key} | {_f(v['median'])} | [{_f(v['min'])}, {_f(v['max'])}] over "
-                             f"{len(v['rounds'])} rounds | {note} |")
-            elif "diff" in v:
-                lines.append(f"| {key} | {_f(v['ratio'])} | diff {v['diff']:+.3f} ± {v['diff_stderr']:.3f} | "
-                             f"{better} |")
-            else:
-                lines.append(f"| {key} | {_f(v['ratio'])} | deterministic | {better} |")
-        lines.append("")
+        lines += _ratio_lines(res, label, r)
     lines += ["## How the numbers were measured", "", *[f"- {x}" for x in res.get("how", [])], "",
               "Plots: " + ", ".join(res.get("plots", [])), ""]
     return "\n".join(lines)
+
+
+def _quality_lines(res: dict) -> list[str]:
+    """## Quality: every model's WikiText-2 PPL, and lm-eval's accuracy with recovery and commands."""
+    c, models = res["config"], res["models"]
+    q0 = models[0]["quality"]
+    w = q0["wikitext2"]
+    lines = ["", "## Quality", "",
+             f"PPL: {w.get('text', 'WikiText-2 raw')}, {w['samples']} blocks x {w['seq_len']} tokens "
+             f"({w['predicted_tokens']:,} predicted tokens), computed by the {c['backend']} backend.", "",
+             "| model | WikiText-2 PPL |", "| --- | ---: |"]
+    lines += [f"| {m['label']} | {m['quality']['wikitext2']['ppl']:.3f} |" for m in models]
+    if not q0.get("lm_eval"):
+        return lines
+    lines += ["", "### Accuracy (lm-evaluation-harness)", "",
+              f"lm-eval {q0['lm_eval'].get('lm_eval_version', '')}, zero-shot, "
+              f"{'first ' + str(c['limit']) + ' documents' if c['limit'] else 'all documents'} per task; "
+              "± is lm-eval's standard error; recovery = candidate / baseline.", ""]
+    for m in models[1:]:
+        lines += [f"| task | metric | baseline | {m['label']} | recovery |", "|---|---|---:|---:|---:|",
+                  *accuracy_rows(q0, m["quality"]), ""]
+    lines += ["Each model's numbers as lm-eval printed them, and the command that reproduces them "
+              "(`--output_path` left out):", ""]
+    for m in models:
+        le = m["quality"]["lm_eval"]
+        lines += [f"**{m['label']}** ({le['seconds']} s; raw results `{le['results_file']}`):", "", "```bash",
+                  le["command"], "```", "", *le["table"], ""]
+    return lines
+
+
+def _speed_lines(res: dict) -> list[str]:
+    """## Speed: every speed figure's median over rounds per model (served: the first round's commands)."""
+    c, models = res["config"], res["models"]
+    keys = speed_keys(c["concurrency"], c["batch_sizes"], res["serving"])
+    lines = ["", "## Speed", "", _how(res) + ". Values: median over rounds.", "",
+             "| metric | " + " | ".join(m["label"] for m in models) + " |",
+             "| --- | " + " | ".join("---:" for _ in models) + " |"]
+    for key, _ in keys:
+        vals = [sorted(at_path(s, key) for s in m["speed"]) for m in models]
+        lines.append(f"| {key} | " + " | ".join(_f(v[len(v) // 2], 2) for v in vals) + " |")
+    if res["serving"]:
+        lines += ["", "vLLM's JSON result of every run is in `vllm_bench/`; e.g. the first round of each model:",
+                  "", "```bash"]
+        lines += [m["speed"][0][f"c{cc}"]["command"] for m in models for cc in c["concurrency"][:1]]
+        lines += ["```"]
+    return lines
+
+
+def _sweep_lines(sw: dict) -> list[str]:
+    """## Throughput vs latency: every sweep point per model, and the commands."""
+    lines = ["", f"## Throughput vs latency ({sw['tool']})", "", sw["how"], "", f"![sweep]({sw['plot']})", "",
+             "| model | point | requests done / failed / unfinished | requests/s | output tokens/s | "
+             "median TTFT ms | median ITL ms |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for label, pts in sw["points"].items():
+        for p in pts:
+            lines.append(f"| {label} | {p['name']} | {p['completed']} / {p['failed']} / {p['incomplete']} | "
+                         f"{_f(p['request_rate'], 2)} | {_f(p['output_throughput'], 1)} "
+                         f"| {_f(p['median_ttft_ms'], 1)} | {_f(p['median_itl_ms'], 1)} |")
+    return lines + ["", "Reproduce (GuideLLM's scenario and report per model are in `sweep/`):", "", "```bash",
+                    *sw["commands"].values(), "```"]
+
+
+def _ratio_lines(res: dict, label: str, r: dict) -> list[str]:
+    """### label: the served speedups, the ideal speedups, and every ratio with its spread."""
+    lines = [f"### {label}", ""]
+    if res["serving"] and res["models"][0]["speed"]:
+        lines += ["| served metric | baseline | candidate | speedup [min, max] |", "|---|---:|---:|---|",
+                  *speed_rows(res, label), ""]
+    for b, d in res["ideal"].get(label, {}).items():
+        lines.append(f"- ideal at {b} (prompt {d['workload']['prompt_len']}, output {d['workload']['output_len']}): "
+                     f"parameter ratio {d['param_ratio']:.3f}; prefill speedup from FLOPs "
+                     f"{d['ideal_prefill_speedup']:.3f}x; decode speedup from bytes read (weights + KV cache) "
+                     f"{d['ideal_decode_speedup']:.3f}x (from FLOPs {d['ideal_decode_flops_speedup']:.3f}x); "
+                     f"KV cache per token {d['kv_bytes_ratio']:.3f}")
+    if r:
+        lines += ["", "| metric | ratio | spread | note |", "| --- | ---: | --- | --- |"]
+    for key, v in r.items():
+        better = "higher is better" if v["higher_is_better"] else "lower is better"
+        if "rounds" in v:
+            note = better + ("; **spread includes 1** (no clear change)" if v["spread_includes_1"] else "")
+            lines.append(f"| {key} | {_f(v['median'])} | [{_f(v['min'])}, {_f(v['max'])}] over "
+                         f"{len(v['rounds'])} rounds | {note} |")
+        elif "diff" in v:
+            lines.append(f"| {key} | {_f(v['ratio'])} | diff {v['diff']:+.3f} ± {v['diff_stderr']:.3f} | "
+                         f"{better} |")
+        else:
+            lines.append(f"| {key} | {_f(v['ratio'])} | deterministic | {better} |")
+    return lines + [""]
 
 
 def plots(res: dict, out: Path) -> list[str]:

@@ -172,10 +172,6 @@ def model_card(summary: dict, plan: Optional[dict], source: Optional[str], recip
 
 # ---- filled by `rtk bench --card` ------------------------------------------------------------------------
 
-def _fmt(x, nd=3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
-
-
 def _public_command(cmd: str, this: dict, base: dict) -> str:
     """A recorded command with this machine's paths replaced: the card's model (its folder, the name a server
     served it under) by THIS_FOLDER, the base model's by BASE_MODEL, rtk's cache by ~/.cache/rtk (or

@@ -15,13 +15,14 @@ from typing import Optional
 
 from rtk import DISTRIBUTION, __version__
 from rtk.errors import RtkError
-from rtk.export.layouts import PER_LAYER, VLLM_RELEASE, layout_of
+from rtk.export.layouts import PER_LAYER, layout_of
 from rtk.model.load import read_config
 from rtk.model.modeling_rtk import BASE_ARCHS
 from rtk.model.sublayer import RemovedSet, removed_set
 from rtk.serve.flags import TARGETS, needs_remote_code, plugin_args, vllm_args
+from rtk.settings import VLLM_CUDA_RELEASE
 
-VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_RELEASE}"  # the vLLM release rtk targets (export.layouts)
+VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_CUDA_RELEASE}"  # the GPU install's vLLM release (rtk.settings)
 # folders that need rtk's vLLM plugin: vLLM's image with rtk installed next to vLLM
 PLUGIN_IMAGE = f"rtk-vllm-openai:{VLLM_IMAGE.split(':')[1]}-rtk{__version__}"
 PLUGIN_DOCKERFILE = f"FROM {VLLM_IMAGE}\nRUN pip install --no-cache-dir {DISTRIBUTION}=={__version__}\n"
