@@ -17,7 +17,7 @@ from rtk import DISTRIBUTION, __version__
 from rtk.errors import RtkError
 from rtk.export.layouts import PER_LAYER, VLLM_RELEASE, layout_of
 from rtk.model.load import read_config
-from rtk.model.modeling_rtk import BASE_ARCHS
+from rtk.model.arch import DECILM_ARCH, FAMILIES, NATIVE
 from rtk.model.sublayer import SKIP, first_sublayer_blocker
 from rtk.serve.flags import TARGETS, needs_remote_code, plugin_args, vllm_args
 
@@ -67,10 +67,10 @@ def inspect_model(model_dir: str | Path) -> ModelInfo:
     layers = _positive_int(cfg, "num_hidden_layers", where)
     heads = _positive_int(cfg, "num_attention_heads", where)
     kv: dict[int, list[int]] = {}
-    if cfg.get("model_type") == "nemotron-nas":
-        if cfg.get("architectures") != ["DeciLMForCausalLM"]:
+    if cfg.get("model_type") == NATIVE:
+        if cfg.get("architectures") != [DECILM_ARCH]:
             raise RtkError(f"{where}/config.json: 'architectures' is {cfg.get('architectures')!r}; vLLM serves "
-                           f"nemotron-nas folders only as [\"DeciLMForCausalLM\"]")
+                           f"{NATIVE} folders only as [\"{DECILM_ARCH}\"]")
         blocks = cfg.get("block_configs")
         if not isinstance(blocks, list) or len(blocks) != layers:
             raise RtkError(f"{where}/config.json: 'block_configs' must list one entry per layer ({layers})")
@@ -101,10 +101,10 @@ def _attention_layers(cfg: dict, layers: int, where: str) -> list[int]:
     if not needs_plugin:
         return list(range(layers))
     mt = cfg.get("model_type")
-    if mt not in BASE_ARCHS:
+    if mt not in FAMILIES:
         raise RtkError(f"{where}/config.json: model_type {mt!r} with {cfg.get('architectures')} and per-layer skips: "
                        f"neither stock vLLM nor rtk's vLLM plugin serves it (the plugin serves "
-                       f"{', '.join(BASE_ARCHS)}; stock vLLM serves rtk's nemotron-nas folders)")
+                       f"{', '.join(FAMILIES)}; stock vLLM serves rtk's {NATIVE} folders)")
     if not isinstance(plc, dict):
         raise RtkError(f"{where}/config.json: 'per_layer_config' must map layer indices to overrides")
     skips = {}
