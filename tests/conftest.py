@@ -20,7 +20,7 @@ os.environ.setdefault("RTK_DATA_DIR", str((REPO.parent / "shared" / "data").reso
 SMOLLM2_PLAN = ["attn.5", "attn.9", "attn.17", "attn.22", "mlp.12", "attn.20", "mlp.20", "mlp.29", "attn.27"]
 
 
-# The tiny model of each family is its entry's `tiny` in rtk.model.arch.FAMILIES (classes, config keys beyond the
+# The tiny model of each family is its entry's `tiny` in rtk.model.arch.FAMILIES (the config keys beyond the
 # shared sizes below, the weights redrawn so that they matter); tiny_hf also knows these test-only names:
 TINY_VARIANTS = {
     "gemma3": ("gemma3_text", {}),  # windows of 4 tokens (shorter than every test sequence, so the sliding masks
@@ -35,15 +35,15 @@ GEMMA3_WINDOW = FAMILIES["gemma3_text"].tiny.config["sliding_window"]
 def tiny_config(model_type: str, layers: int = 4, tie: bool = True, **kw):
     """The tiny standard config of a family (GQA: 4 heads, 2 KV heads, hidden 64, MLP 96, vocab 128), with its
     entry's own keys (qwen3 and gemma3 with head_dim 24 != 64 / 4; gemma3's layer types) and `kw` on top."""
-    import transformers
+    from transformers import AutoConfig
 
     tiny = FAMILIES[model_type].tiny
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
     types = [tiny.layer_types[i % len(tiny.layer_types)] for i in range(layers)] if tiny.layer_types else None
-    return getattr(transformers, tiny.config_class)(**{**common, **tiny.config,
-                                                       **({"layer_types": types} if types else {}), **kw})
+    return AutoConfig.for_model(model_type, **{**common, **tiny.config, **({"layer_types": types} if types else {}),
+                                               **kw})
 
 
 def tiny_gemma3_config(layers: int = 4, tie: bool = True, **kw):
@@ -60,7 +60,7 @@ def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 
         raise ValueError(arch)
     tiny = FAMILIES[model_type].tiny
     torch.manual_seed(seed)
-    model = getattr(transformers, tiny.model_class)(tiny_config(model_type, layers, tie, **kw))
+    model = getattr(transformers, FAMILIES[model_type].base.hf_class)(tiny_config(model_type, layers, tie, **kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if tiny.redraw and name.endswith(tiny.redraw):

@@ -45,11 +45,10 @@ class Vllm:
 
 @dataclass(frozen=True)
 class Tiny:
-    """The tiny random model tests make of a family: the transformers classes, the config keys beyond the shared
-    tiny sizes (tests/conftest.tiny_hf), and the parameters redrawn from N(mean, 0.5) after init so that the
-    family's own weights (biases, q/k norms, Gemma's 1 + w norms) move the logits."""
-    config_class: str
-    model_class: str
+    """The tiny random model tests make of a family (tests/conftest.tiny_hf: the config transformers makes for the
+    model_type, the class base.hf_class): the config keys beyond the shared tiny sizes, and the parameters redrawn
+    from N(mean, 0.5) after init so that the family's own weights (biases, q/k norms, Gemma's 1 + w norms) move
+    the logits."""
     config: dict = field(default_factory=dict)
     layer_types: tuple[str, ...] = ()  # repeated over the layers (Gemma 3's sliding and global layers)
     redraw: tuple[str, ...] = ()  # parameter name suffixes
@@ -58,7 +57,6 @@ class Tiny:
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # as messages name it
     base: Optional[BaseArch]  # modeling_rtk's row; None for DECILM (a nemotron-nas config rtk did not make)
     activations: tuple[str, ...] = LLAMA_ACTS  # the MLP activations rtk runs (base.act_key names the config key)
     checks: tuple[Callable[[object, str], None], ...] = ()  # (config, where) -> RtkError for what rtk cannot run
@@ -118,29 +116,27 @@ def _check_gemma(c, where: str) -> None:
 
 QWEN_BIASES = (".q_proj.bias", ".k_proj.bias", ".v_proj.bias")
 FAMILIES: dict[str, Family] = {
-    "llama": Family("Llama", BASE_ARCHS["llama"], tiny=Tiny("LlamaConfig", "LlamaForCausalLM")),
-    "mistral": Family("Mistral", BASE_ARCHS["mistral"], checks=(_no_mistral_window,),
-                      tiny=Tiny("MistralConfig", "MistralForCausalLM", {"sliding_window": None})),
-    "qwen2": Family("Qwen2", BASE_ARCHS["qwen2"], checks=(_no_qwen_window,),
-                    tiny=Tiny("Qwen2Config", "Qwen2ForCausalLM", redraw=QWEN_BIASES)),
-    "qwen3": Family("Qwen3", BASE_ARCHS["qwen3"], checks=(_no_qwen_window, _no_qwen3_o_bias),
+    "llama": Family(BASE_ARCHS["llama"], tiny=Tiny()),
+    "mistral": Family(BASE_ARCHS["mistral"], checks=(_no_mistral_window,),
+                      tiny=Tiny({"sliding_window": None})),
+    "qwen2": Family(BASE_ARCHS["qwen2"], checks=(_no_qwen_window,),
+                    tiny=Tiny(redraw=QWEN_BIASES)),
+    "qwen3": Family(BASE_ARCHS["qwen3"], checks=(_no_qwen_window, _no_qwen3_o_bias),
                     decilm_lacks="Qwen3's per-head q/k norms", vllm=Vllm(attention="Qwen3Attention"),
-                    tiny=Tiny("Qwen3Config", "Qwen3ForCausalLM",
-                              {"head_dim": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+                    tiny=Tiny({"head_dim": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
                               redraw=(".q_norm.weight", ".k_norm.weight"), mean=1.0)),
     "gemma3_text": Family(
-        "Gemma 3", BASE_ARCHS["gemma3_text"], activations=(GEMMA_ACT,), checks=(_check_gemma,),
+        BASE_ARCHS["gemma3_text"], activations=(GEMMA_ACT,), checks=(_check_gemma,),
         decilm_lacks="Gemma 3's norms after each sublayer (sandwich norms)",
         vllm=Vllm("Gemma3Attention", "Gemma3MLP", "GemmaRMSNorm"), needs_bos="Gemma",
         neighbours={"gemma3": "Gemma 3's multimodal checkpoints: rtk reads the text-only gemma3_text ones"},
-        tiny=Tiny("Gemma3TextConfig", "Gemma3ForCausalLM",
-                  {"head_dim": 24, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "sliding_window": 4,
+        tiny=Tiny({"head_dim": 24, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "sliding_window": 4,
                    "query_pre_attn_scalar": 32,
                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}},
                   layer_types=("sliding_attention", "full_attention"), redraw=("norm.weight",))),
 }
-DECILM = Family("DeciLM / Nemotron-NAS", None)  # a nemotron-nas config rtk did not make: Llama's layers
+DECILM = Family(None)  # a nemotron-nas config rtk did not make: Llama's layers
 SUPPORTED = ", ".join(sorted(FAMILIES)) + f", {NATIVE} (rtk-pruned)"
 
 
