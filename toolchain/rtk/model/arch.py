@@ -9,7 +9,7 @@ the Llama weight names (Gemma 3 adds a norm after each branch, under its own nam
   standard configs on its own; the shapes the cost model reads (``model/cost.py``: q/k norms, norms after each
   branch, biases) are the rtk config's flags this row sets.
 - ``activations`` and ``checks``: the config checks, each variant rtk's class (or its vLLM plugin) does not run
-  refused in one line;
+  refused in one line; ``neighbours``: related model types rtk refuses, with the hint its message gives;
 - ``decilm_lacks``: why stock vLLM's DeciLM cannot serve a partly pruned model of the family, which sends it
   to rtk's vLLM plugin (export/configs.choose_layout); None: the native DeciLM layout serves it;
 - ``vllm``: the vLLM modules rtk's plugin builds its layers from (vllm_plugin/model.py);
