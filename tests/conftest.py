@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rtk.model.arch import FAMILIES
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
@@ -18,60 +20,51 @@ os.environ.setdefault("RTK_DATA_DIR", str((REPO.parent / "shared" / "data").reso
 SMOLLM2_PLAN = ["attn.5", "attn.9", "attn.17", "attn.22", "mlp.12", "attn.20", "mlp.20", "mlp.29", "attn.27"]
 
 
-# Tiny Gemma 3: windows of 4 tokens (shorter than every test sequence, so the sliding masks matter), global
-# layers at 1 and 3 of 4, RoPE bases 10k local / 1M global, attention scaled by 1/sqrt(32) (head_dim 24).
-GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
-GEMMA3_WINDOW = 4
+# The tiny model of each family is its entry's `tiny` in rtk.model.arch.FAMILIES (the config keys beyond the
+# shared sizes below, the weights redrawn so that they matter); tiny_hf also knows these test-only names:
+TINY_VARIANTS = {
+    "gemma3": ("gemma3_text", {}),  # windows of 4 tokens (shorter than every test sequence, so the sliding masks
+    # matter), global layers at 1 and 3 of 4, RoPE bases 10k local / 1M global, attention scaled by 1/sqrt(32)
+    "gemma3-capped": ("gemma3_text", dict(final_logit_softcapping=0.5, rope_parameters={  # linear RoPE on globals
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})),
+}
+GEMMA3_WINDOW = FAMILIES["gemma3_text"].tiny.config["sliding_window"]
 
 
-def tiny_gemma3_config(layers: int = 4, tie: bool = True, **kw):
-    from transformers import Gemma3TextConfig
+def tiny_config(model_type: str, layers: int = 4, tie: bool = True, **kw):
+    """The tiny standard config of a family (GQA: 4 heads, 2 KV heads, hidden 64, MLP 96, vocab 128), with its
+    entry's own keys (qwen3 and gemma3 with head_dim 24 != 64 / 4; gemma3's layer types) and `kw` on top."""
+    from transformers import AutoConfig
 
-    types = [GEMMA3_LAYER_TYPES[i % len(GEMMA3_LAYER_TYPES)] for i in range(layers)]
-    return Gemma3TextConfig(**{**dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=2,
-        eos_token_id=1, pad_token_id=0, sliding_window=GEMMA3_WINDOW, layer_types=types, query_pre_attn_scalar=32,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}), **kw})
-
-
-def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
-    """A random tiny standard HF model: llama | mistral | qwen2 | qwen3 | gemma3 (GQA: 4 heads, 2 KV heads; qwen3
-    and gemma3 with head_dim 24 != 64 / 4 and random q/k norm weights; gemma3 with random sandwich norms, see
-    tiny_gemma3_config) | gemma3-capped (and final logit softcapping, linear RoPE scaling on global layers)."""
-    from transformers import (Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-
-    torch.manual_seed(seed)
+    tiny = FAMILIES[model_type].tiny
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-        for layer in model.model.layers:  # make the q/k/v biases matter
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.5)
-    elif arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                             **common))
-        for layer in model.model.layers:  # make the per-head q/k norms matter
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.5)
-    elif arch in ("gemma3", "gemma3-capped"):
-        kw = {} if arch == "gemma3" else dict(final_logit_softcapping=0.5, rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})
-        model = Gemma3ForCausalLM(tiny_gemma3_config(layers, tie, **kw))
-        for name, p in model.named_parameters():  # Gemma's norms scale by 1 + w: make w matter
-            if name.endswith("norm.weight"):
-                torch.nn.init.normal_(p, std=0.5)
-    else:
+    types = [tiny.layer_types[i % len(tiny.layer_types)] for i in range(layers)] if tiny.layer_types else None
+    return AutoConfig.for_model(model_type, **{**common, **tiny.config, **({"layer_types": types} if types else {}),
+                                               **kw})
+
+
+def tiny_gemma3_config(layers: int = 4, tie: bool = True, **kw):
+    return tiny_config("gemma3_text", layers, tie, **kw)
+
+
+def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
+    """A random tiny standard HF model of a family in rtk.model.arch.FAMILIES (by model_type, or a name of
+    TINY_VARIANTS), with the weights its entry names redrawn (q/k/v biases, q/k norms, Gemma's norms)."""
+    import transformers
+
+    model_type, kw = TINY_VARIANTS.get(arch, (arch, {}))
+    if model_type not in FAMILIES or FAMILIES[model_type].tiny is None:
         raise ValueError(arch)
+    tiny = FAMILIES[model_type].tiny
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[model_type].base.hf_class)(tiny_config(model_type, layers, tie, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if tiny.redraw and name.endswith(tiny.redraw):
+                p.normal_(tiny.mean, 0.5)
     return model.eval()
 
 

@@ -4,7 +4,8 @@ rtk's model class reads one config (DeciLM / nemotron-nas `block_configs`). The 
 layouts write the base architecture's own config instead (Llama, Qwen2, Gemma 3, ...: BASE_ARCHS in
 modeling_rtk); a model fits one only when the round trip rtk config -> standard config -> rtk config keeps its
 biases, norms, sizes and (Gemma 3) its settings and sliding windows. `choose_layout` is the policy: standard,
-else native (stock vLLM's DeciLM), else plugin.
+else native (stock vLLM's DeciLM), else plugin; what DeciLM lacks for a family is its entry's `decilm_lacks`
+(rtk.model.arch.FAMILIES).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from rtk.errors import RtkError
 from rtk.export.layouts import LAYOUTS, PER_LAYER, VLLM_VERSION
+from rtk.model.arch import family_of
 from rtk.model.modeling_rtk import BASE_ARCHS, RtkDeciConfig, config_from_standard
 from rtk.model.sublayer import removed_set
 
@@ -100,10 +102,9 @@ def choose_layout(config: RtkDeciConfig, requested: Optional[str] = None) -> str
         return requested
     if standard_base(config):
         return "standard"
-    why = ("Gemma 3's norms after each sublayer (sandwich norms)" if getattr(config, "sandwich_norms", False) else
-           "Qwen3's per-head q/k norms" if getattr(config, "qk_norm", False) else
-           f"its first remaining sublayer is {vllm_blocker(config)} (an MLP before any attention), and vLLM's "
-           "DeciLM layer crashes there" if vllm_blocker(config) else None)
+    why = family_of(config).decilm_lacks or (
+        f"its first remaining sublayer is {vllm_blocker(config)} (an MLP before any attention), and vLLM's "
+        "DeciLM layer crashes there" if vllm_blocker(config) else None)
     if why is None:
         return "native"
     if per_layer_base(config):

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rtk import pip_install
+from rtk.model.arch import DECILM_ARCH, FAMILIES
 from rtk.settings import VLLM_CPU_RELEASE as VLLM_RELEASE  # the release the tests serve the layouts with
 from rtk.vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 
 VLLM_VERSION = VLLM_RELEASE.rsplit(".", 1)[0]
-DECILM_ARCH = "DeciLMForCausalLM"  # what stock vLLM dispatches nemotron-nas folders on
 AUTO_MODEL = {"AutoModelForCausalLM": "modeling_rtk.RtkDeciLMForCausalLM"}
 HF_OVERRIDES = ("--hf-overrides", json.dumps({"architectures": [PLUGIN_ARCH]}))
 PLUGIN_INSTALL = f"`{pip_install()}` next to vLLM"
@@ -45,10 +45,11 @@ LAYOUTS: dict[str, Layout] = {
         "native", "some layer lacks only its attention or its MLP, and stock vLLM's DeciLM serves it",
         DECILM_ARCH, False, True, {"AutoConfig": "modeling_rtk.RtkDeciConfig", **AUTO_MODEL}, "rtk",
         ("--trust-remote-code",), False,
-        "served natively by stock vLLM {version} (DeciLMForCausalLM, --trust-remote-code)"),
+        "served natively by stock vLLM {version} (" + DECILM_ARCH + ", --trust-remote-code)"),
     "plugin": Layout(
-        "plugin", "what DeciLM cannot express or stock vLLM cannot run (Qwen3's q/k norms; Gemma 3's norms after "
-        "each sublayer; an MLP before any attention)", PLUGIN_ARCH, True, True, AUTO_MODEL, "remote-code", (), True,
+        "plugin", "what DeciLM cannot express or stock vLLM cannot run ("
+        + "".join(f"{f.decilm_lacks}; " for f in FAMILIES.values() if f.decilm_lacks)
+        + "an MLP before any attention)", PLUGIN_ARCH, True, True, AUTO_MODEL, "remote-code", (), True,
         "served by rtk's vLLM plugin ({architecture}): " + PLUGIN_INSTALL
         + " {version} (or build the image in deploy/README.md)"),
     "per-layer-config": Layout(

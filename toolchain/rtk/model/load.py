@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rtk.data import adds_bos
-from rtk.model.arch import ARCHS, check_supported, rtk_config_from_hf
+from rtk.model.arch import NATIVE, check_supported, family_of, rtk_config_from_hf
 from rtk.model.device import DTYPES
 from rtk.errors import RtkError
 from rtk.outdir import cache_dir, temp_dir_beside
@@ -139,7 +139,7 @@ def read_config(folder) -> dict:
 
 def is_native(folder) -> bool:
     """The folder is rtk's nemotron-nas (DeciLM) format, whose config class transformers does not know."""
-    return read_config(folder).get("model_type") == "nemotron-nas"
+    return read_config(folder).get("model_type") == NATIVE
 
 
 def transformers_remote_code(folder) -> bool:
@@ -168,7 +168,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     check_supported(hf_config, f"model: {spec}")
     torch_dtype = DTYPES[dtype]
     try:
-        if hf_config.model_type == "nemotron-nas":
+        if hf_config.model_type == NATIVE:
             model = RtkDeciLMForCausalLM.from_pretrained(path, dtype=torch_dtype)  # RoPE set in _init_weights
         elif getattr(hf_config, "is_heterogeneous", False):  # per_layer_config: the standard class would
             # build the skipped modules and leave them random, rtk's class builds only what exists
@@ -200,11 +200,11 @@ def load_skeleton(spec: str, dtype: str = "float32") -> RtkDeciLMForCausalLM:
 
 
 def check_bos(config, tokenizer, spec: str) -> None:
-    """A model that needs BOS before every sequence (Gemma) must have a tokenizer that adds it: rtk's token
-    blocks, lm-eval and every comparison follow the tokenizer."""
-    base = ARCHS.get(getattr(config, "rtk_base_model_type", None))
-    if base is not None and base.gemma and not adds_bos(tokenizer):
-        raise RtkError(f"model: {spec}: Gemma needs BOS at the start of every sequence, but its tokenizer adds none "
+    """A model whose family needs BOS before every sequence (Gemma) must have a tokenizer that adds it: rtk's
+    token blocks, lm-eval and every comparison follow the tokenizer."""
+    who = family_of(config).needs_bos
+    if who and not adds_bos(tokenizer):
+        raise RtkError(f"model: {spec}: {who} needs BOS at the start of every sequence, but its tokenizer adds none "
                        "(tokenizer_config.json / tokenizer.json: a bos_token, added before the text)")
 
 

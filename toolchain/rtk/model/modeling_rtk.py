@@ -140,6 +140,7 @@ BASE_ARCHS: dict[str, BaseArch] = {
                             standard=_gemma3_standard, act_key="hidden_activation", gemma=True),
 }
 SKIP_NAMES = {"attention": "attn", "mlp": "mlp"}  # per_layer_config skip entry -> rtk sublayer kind
+DECILM_ARCHITECTURE = "DeciLMForCausalLM"  # the architectures[] entry of a nemotron-nas config
 
 
 class RtkDeciConfig(PretrainedConfig):
@@ -269,7 +270,7 @@ def config_from_standard(c, **extra) -> RtkDeciConfig:
         mlp_bias=bool(getattr(c, "mlp_bias", False)), qk_norm=spec.qk_norm, block_configs=blocks,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), **gemma,
         bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
-        pad_token_id=getattr(c, "pad_token_id", None), architectures=["DeciLMForCausalLM"],
+        pad_token_id=getattr(c, "pad_token_id", None), architectures=[DECILM_ARCHITECTURE],
         rtk_base_model_type=mt, **extra,
     )
 

@@ -17,7 +17,7 @@ from rtk import DISTRIBUTION, __version__
 from rtk.errors import RtkError
 from rtk.export.layouts import PER_LAYER, layout_of
 from rtk.model.load import read_config
-from rtk.model.modeling_rtk import BASE_ARCHS
+from rtk.model.arch import DECILM_ARCH, FAMILIES, NATIVE
 from rtk.model.sublayer import RemovedSet, removed_set
 from rtk.serve.flags import TARGETS, needs_remote_code, plugin_args, vllm_args
 from rtk.settings import VLLM_CUDA_RELEASE
@@ -67,10 +67,10 @@ def inspect_model(model_dir: str | Path) -> ModelInfo:
         raise RtkError(f"{where}: folder has no *.safetensors weights")
     layers = _positive_int(cfg, "num_hidden_layers", where)
     heads = _positive_int(cfg, "num_attention_heads", where)
-    if cfg.get("model_type") == "nemotron-nas":
-        if cfg.get("architectures") != ["DeciLMForCausalLM"]:
+    if cfg.get("model_type") == NATIVE:
+        if cfg.get("architectures") != [DECILM_ARCH]:
             raise RtkError(f"{where}/config.json: 'architectures' is {cfg.get('architectures')!r}; vLLM serves "
-                           f"nemotron-nas folders only as [\"DeciLMForCausalLM\"]")
+                           f"{NATIVE} folders only as [\"{DECILM_ARCH}\"]")
         removed = removed_set({"block_configs": None, **cfg}, f"{where}/config.json")  # its blocks must be there
         _check_first_sublayer(removed, layers, where)
         kv = _kv_heads(cfg["block_configs"], removed.attention_layers(layers), heads, where)
@@ -102,10 +102,10 @@ def _attention_layers(cfg: dict, removed: RemovedSet, layers: int, where: str) -
     if layout_of(cfg) not in PER_LAYER:
         return list(range(layers))
     mt = cfg.get("model_type")
-    if mt not in BASE_ARCHS:
+    if mt not in FAMILIES:
         raise RtkError(f"{where}/config.json: model_type {mt!r} with {cfg.get('architectures')} and per-layer skips: "
                        f"neither stock vLLM nor rtk's vLLM plugin serves it (the plugin serves "
-                       f"{', '.join(BASE_ARCHS)}; stock vLLM serves rtk's nemotron-nas folders)")
+                       f"{', '.join(FAMILIES)}; stock vLLM serves rtk's {NATIVE} folders)")
     keep = removed.attention_layers(layers)
     if not keep:
         raise RtkError(f"{where}/config.json: no layer has attention; vLLM cannot serve this model")
@@ -119,7 +119,7 @@ def _check_first_sublayer(removed: RemovedSet, layers: int, where: str) -> None:
     if blocker is not None:
         i = blocker.layer
         raise RtkError(f"{where}/config.json: layer {i} keeps its MLP but no attention comes before it "
-                       f"(block_configs[{i}].attention.no_op); stock vLLM's nemotron-nas model cannot "
+                       f"(block_configs[{i}].attention.no_op); stock vLLM's {NATIVE} model cannot "
                        f"serve that: re-export the folder (rtk export {where.split(': ', 1)[1]} -o NEW) for "
                        f"rtk's vLLM plugin, or prune with protect: [attn.0]")
     if not removed.attention_layers(layers):

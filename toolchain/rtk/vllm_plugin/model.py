@@ -5,12 +5,13 @@ Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 config whose `per_layer_config` lists 
 (`{"3": {"skip": ["attention"]}}`), or rtk's nemotron-nas config (`block_configs`); both are read by
 `rtk.model.modeling_rtk` (`config_from_standard`), the class transformers loads from the same folder.
 
-- Attention is vLLM's `LlamaAttention` (fused q/k/v, RoPE, paged KV cache), or `Qwen3Attention` when
-  the model normalizes q and k per head; the MLP is vLLM's `LlamaMLP`; norms are vLLM's `RMSNorm`.
-  Gemma 3 layers are vLLM's own Gemma 3 modules: `Gemma3Attention` (q/k norms, query_pre_attn_scalar, the
-  layer's RoPE and, on sliding layers, its window), `Gemma3MLP` (GELU-tanh) and `GemmaRMSNorm` before and
-  after each sublayer (the after-norm applied to the branch, inside the sublayer); embeddings scaled by
-  sqrt(hidden) and logits softcapped as vLLM's Gemma3ForCausalLM does.
+- Which vLLM modules a layer is built from is its family's entry (rtk.model.arch.FAMILIES, `vllm`): by
+  default vLLM's `LlamaAttention` (fused q/k/v, RoPE, paged KV cache), `LlamaMLP` and `RMSNorm`; Qwen3 (q and
+  k normalized per head) takes `Qwen3Attention`; Gemma 3 layers are vLLM's own Gemma 3 modules:
+  `Gemma3Attention` (q/k norms, query_pre_attn_scalar, the layer's RoPE and, on sliding layers, its window),
+  `Gemma3MLP` (GELU-tanh) and `GemmaRMSNorm` before and after each sublayer (the after-norm applied to the
+  branch, inside the sublayer); embeddings scaled by sqrt(hidden) and logits softcapped as vLLM's
+  Gemma3ForCausalLM does.
   All of them split over tensor-parallel ranks, so any TP size that divides the heads works.
 - Only present attention sublayers create an `Attention` module, and vLLM sizes the KV cache from those
   modules: a removed attention holds no cache (and a sliding one only its window).
@@ -39,8 +40,8 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer,
                                               make_empty_intermediate_tensors_factory, make_layers, maybe_prefix)
 from vllm.sequence import IntermediateTensors
 
-from rtk.model.modeling_rtk import (BASE_ARCHS, SUBLAYER_MODULES, RtkDeciConfig, attention_type,
-                                    config_from_standard, window_of)
+from rtk.model.arch import family_of
+from rtk.model.modeling_rtk import SUBLAYER_MODULES, RtkDeciConfig, attention_type, config_from_standard, window_of
 from rtk.model.sublayer import RemovedSet, removed_set
 
 
@@ -49,10 +50,6 @@ def rtk_config(hf_config) -> RtkDeciConfig:
     if getattr(hf_config, "model_type", None) == RtkDeciConfig.model_type:
         return hf_config
     return config_from_standard(hf_config)
-
-
-def is_gemma(rtk: RtkDeciConfig) -> bool:
-    return getattr(BASE_ARCHS.get(getattr(rtk, "rtk_base_model_type", None)), "gemma", False)
 
 
 def gemma_view(rtk: RtkDeciConfig) -> SimpleNamespace:
@@ -74,56 +71,69 @@ def _sublayer(norm, fn, hidden, residual):
     return fn(hidden), residual
 
 
+def _llama_attention(rtk: RtkDeciConfig, kv: int, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    return LlamaAttention(
+        config=vllm_config.model_config.hf_config, hidden_size=rtk.hidden_size, num_heads=rtk.num_attention_heads,
+        num_kv_heads=kv, max_position_embeddings=rtk.max_position_embeddings, quant_config=vllm_config.quant_config,
+        bias=bool(rtk.qkv_bias), bias_o_proj=bool(rtk.attention_bias), cache_config=vllm_config.cache_config,
+        prefix=prefix)
+
+
+def _qwen3_attention(rtk: RtkDeciConfig, kv: int, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    if rtk.attention_bias:
+        raise ValueError("rtk plugin: q/k norms with an o_proj bias are not supported")
+    return Qwen3Attention(
+        hidden_size=rtk.hidden_size, num_heads=rtk.num_attention_heads, num_kv_heads=kv,
+        rope_parameters=vllm_config.model_config.hf_config.rope_parameters, max_position=rtk.max_position_embeddings,
+        head_dim=rtk.head_dim, rms_norm_eps=rtk.rms_norm_eps, qkv_bias=bool(rtk.qkv_bias),
+        cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=prefix)
+
+
+def _gemma3_attention(rtk: RtkDeciConfig, kv: int, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    return Gemma3Attention(
+        config=gemma_view(rtk), hidden_size=rtk.hidden_size, num_heads=rtk.num_attention_heads, num_kv_heads=kv,
+        head_dim=rtk.head_dim, max_position_embeddings=rtk.max_position_embeddings,
+        cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=prefix)
+
+
+def _llama_mlp(rtk: RtkDeciConfig, width: int, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    return LlamaMLP(hidden_size=rtk.hidden_size, intermediate_size=width, hidden_act=rtk.hidden_act,
+                    quant_config=vllm_config.quant_config, bias=bool(rtk.mlp_bias), prefix=prefix)
+
+
+def _gemma3_mlp(rtk: RtkDeciConfig, width: int, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    return Gemma3MLP(hidden_size=rtk.hidden_size, intermediate_size=width, hidden_activation=rtk.hidden_act,
+                     quant_config=vllm_config.quant_config, prefix=prefix)
+
+
+# The vLLM modules a family's entry may name (rtk.model.arch.Vllm), each built from the rtk config
+ATTENTIONS = {"LlamaAttention": _llama_attention, "Qwen3Attention": _qwen3_attention,
+              "Gemma3Attention": _gemma3_attention}
+MLPS = {"LlamaMLP": _llama_mlp, "Gemma3MLP": _gemma3_mlp}
+NORMS = {"RMSNorm": RMSNorm, "GemmaRMSNorm": GemmaRMSNorm}
+
+
 class RtkDecoderLayer(nn.Module):
     """A layer's present sublayers, each h += post(branch(pre(h))) (post only with sandwich norms), named as in
-    the checkpoint (modeling_rtk.SUBLAYER_MODULES)."""
+    the checkpoint (modeling_rtk.SUBLAYER_MODULES), built from the vLLM modules its family's entry names."""
 
     def __init__(self, vllm_config: VllmConfig, rtk: RtkDeciConfig, removed: RemovedSet, layer_idx: int,
                  prefix: str = ""):
         super().__init__()
-        hf, cache_config, quant_config = vllm_config.model_config.hf_config, vllm_config.cache_config, \
-            vllm_config.quant_config
-        block = rtk.block_configs[layer_idx]
-        h, eps = rtk.hidden_size, rtk.rms_norm_eps
-        gemma = is_gemma(rtk)
+        block, modules = rtk.block_configs[layer_idx], family_of(rtk).vllm
         self.names = SUBLAYER_MODULES[bool(getattr(rtk, "sandwich_norms", False))]
         for kind in ("attn", "mlp"):
             for name in self.names[kind]:
                 if name is not None:
                     setattr(self, name, None)
-        norm = GemmaRMSNorm if getattr(rtk, "rms_norm_unit_offset", False) else RMSNorm
+        norm = NORMS[modules.norm]
         if not removed.lacks("attn", layer_idx):
             kv = rtk.num_attention_heads // block.attention.n_heads_in_group
-            if gemma:
-                self.self_attn = Gemma3Attention(
-                    config=gemma_view(rtk), hidden_size=h, num_heads=rtk.num_attention_heads, num_kv_heads=kv,
-                    head_dim=rtk.head_dim, max_position_embeddings=rtk.max_position_embeddings,
-                    cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.self_attn")
-            elif rtk.qk_norm:
-                if rtk.attention_bias:
-                    raise ValueError("rtk plugin: q/k norms with an o_proj bias are not supported")
-                self.self_attn = Qwen3Attention(
-                    hidden_size=h, num_heads=rtk.num_attention_heads, num_kv_heads=kv,
-                    rope_parameters=hf.rope_parameters, max_position=rtk.max_position_embeddings,
-                    head_dim=rtk.head_dim, rms_norm_eps=eps, qkv_bias=bool(rtk.qkv_bias),
-                    cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.self_attn")
-            else:
-                self.self_attn = LlamaAttention(
-                    config=hf, hidden_size=h, num_heads=rtk.num_attention_heads, num_kv_heads=kv,
-                    max_position_embeddings=rtk.max_position_embeddings, quant_config=quant_config,
-                    bias=bool(rtk.qkv_bias), bias_o_proj=bool(rtk.attention_bias), cache_config=cache_config,
-                    prefix=f"{prefix}.self_attn")
-            self._norms("attn", norm, h, eps)
+            self.self_attn = ATTENTIONS[modules.attention](rtk, kv, vllm_config, f"{prefix}.self_attn")
+            self._norms("attn", norm, rtk.hidden_size, rtk.rms_norm_eps)
         if not removed.lacks("mlp", layer_idx):
-            if gemma:
-                self.mlp = Gemma3MLP(hidden_size=h, intermediate_size=block.ffn.intermediate_size,
-                                     hidden_activation=rtk.hidden_act, quant_config=quant_config,
-                                     prefix=f"{prefix}.mlp")
-            else:
-                self.mlp = LlamaMLP(hidden_size=h, intermediate_size=block.ffn.intermediate_size,
-                                    hidden_act=rtk.hidden_act, quant_config=quant_config, bias=bool(rtk.mlp_bias),
-                                    prefix=f"{prefix}.mlp")
-            self._norms("mlp", norm, h, eps)
+            self.mlp = MLPS[modules.mlp](rtk, block.ffn.intermediate_size, vllm_config, f"{prefix}.mlp")
+            self._norms("mlp", norm, rtk.hidden_size, rtk.rms_norm_eps)
 
     def _norms(self, kind: str, norm, h: int, eps: float) -> None:
         for name in self.names[kind][1:]:
@@ -165,7 +175,7 @@ class RtkModel(nn.Module):
             rtk.num_hidden_layers,
             lambda prefix: RtkDecoderLayer(vllm_config, rtk, removed, int(prefix.rsplit(".", 1)[1]), prefix=prefix),
             prefix=f"{prefix}.layers")
-        norm = GemmaRMSNorm if getattr(rtk, "rms_norm_unit_offset", False) else RMSNorm
+        norm = NORMS[family_of(rtk).vllm.norm]
         self.norm = norm(rtk.hidden_size, eps=rtk.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
         # Gemma: embeddings x sqrt(hidden) in the model's dtype, as vLLM's (and transformers') Gemma 3
         self.register_buffer("normalizer", torch.tensor(rtk.hidden_size ** 0.5)
