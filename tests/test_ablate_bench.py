@@ -194,6 +194,7 @@ def test_speed_only_report_shows_no_nan():
     assert "nan" not in md and "| dense | 0% | 0.0% | 27.435 | - |" in md
 
 
+@pytest.mark.heal
 def test_heal_then_bench_measures_the_healed_models_zero_shot_without_serving_them(tmp_path, tiny_folder,
                                                                                     data_dir, monkeypatch):
     """`rtk ablate --heal --bench`: every healed folder gets lm-eval zero-shot (the issue's healed metric) and no

@@ -41,6 +41,8 @@ def nothing_at(out: Path) -> bool:
     return not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
+@pytest.mark.heal
+@pytest.mark.onnx
 def test_readme_example_runs_in_process(tmp_path, tiny_dir, monkeypatch, capsys):
     """The README block verbatim, in tmp_path, with the tiny model for embedded:smollm2 (its recipe at the
     README's recipe path): every call returns what it wrote, and the bad export is one line, nothing written."""

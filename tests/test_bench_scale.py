@@ -49,6 +49,7 @@ def test_gpu_step_script_runs_with_torch_and_transformers_only(tmp_path):
     assert res["engines"]["layer-major"]["groups"] == 1
 
 
+@pytest.mark.heal
 def test_gpu_heal_script_runs_on_the_h200_image(tmp_path):
     out = tmp_path / "heal.json"
     r = run_script("gpu_heal.py", H200_IMAGE, "--tiny", "--device", "cpu", "-o", str(out))
@@ -67,6 +68,7 @@ def test_gpu_heal_script_runs_on_the_h200_image(tmp_path):
         assert row["gradient_checkpointing"] is False  # a tiny model fits: auto leaves it off
 
 
+@pytest.mark.heal
 def test_gpu_heal_script_runs_under_torchrun(tmp_path):
     """The same script on 2 processes (gloo on the CPU): FSDP2 heals; the losses are the one-process run's."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "toolchain"), "OMP_NUM_THREADS": "1"}

@@ -75,6 +75,8 @@ def plan_file(tmp_path, names) -> Path:
     return p
 
 
+@pytest.mark.onnx
+@pytest.mark.heal
 def test_every_export_and_healing_keeps_the_chat_files(tmp_path, chat_tiny):
     """Each safetensors layout, the per-layer-config format, ONNX (with onnxruntime-genai's stop tokens and
     sampling defaults from the generation config) and a healed folder: the same chat files as the source."""

@@ -23,6 +23,8 @@ from rtk.export.safetensors import export_model
 from rtk.model.rewrite import apply_plan
 from rtk.prune.scoring import ModelScorer
 
+pytestmark = pytest.mark.onnx
+
 PRUNE = ["attn.1", "mlp.1", "attn.2"]  # layer 1 has nothing left, layer 2 has no attention
 
 

@@ -56,6 +56,7 @@ def cfg(**kw) -> HealConfig:
     return HealConfig(**{**base, **kw})
 
 
+@pytest.mark.heal
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_distillation_loss_falls(method):
     teacher, student = teacher_student()
@@ -104,6 +105,7 @@ def test_fused_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, kl_
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
 
 
+@pytest.mark.heal
 def test_ce_term_and_frozen_embeddings():
     teacher, student = teacher_student()
     emb = student.model.embed_tokens.weight.clone()
@@ -129,6 +131,7 @@ def plain_kl(teacher, student, ids) -> float:
 @pytest.mark.parametrize("arch,tie,train_embeddings", [("llama", True, False), ("llama", False, False),
                                                         ("qwen2", True, False), ("qwen2", False, False),
                                                         ("qwen2", False, True), ("gemma3", True, False)])
+@pytest.mark.heal
 def test_noisy_student_comes_back_to_its_teacher(tmp_path, arch, tie, train_embeddings):
     """Issue 24: the loop must pull a student that is its teacher plus noise back toward it, for tied and untied
     heads, with and without q/k/v biases, and the exported folder, reloaded by plain transformers, must be that
@@ -169,6 +172,7 @@ def test_noisy_student_comes_back_to_its_teacher(tmp_path, arch, tie, train_embe
         assert torch.equal(healed.lm_head.weight, head) != train_embeddings
 
 
+@pytest.mark.heal
 def test_intermediate_state_loss():
     """hidden_weight: each layer's residual stream matched to the teacher's; by hand, and it teaches."""
     from rtk.heal.loss import LayerOutputs, hidden_loss
@@ -222,6 +226,7 @@ def test_merged_lora_equals_unmerged_adapter():
     assert torch.allclose(got, unmerged, atol=1e-5, rtol=1e-5), (got - unmerged).abs().max()
 
 
+@pytest.mark.heal
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resume_equals_uninterrupted(tmp_path, method):
     extra = {"lora": {"rank": 4, "dropout": 0.1}} if method == "lora" else {}
@@ -245,6 +250,7 @@ def test_resume_equals_uninterrupted(tmp_path, method):
         distill(copy.deepcopy(student), teacher, tiny_blocks(), c, state, "other", progress=False)
 
 
+@pytest.mark.heal
 def test_gradient_checkpointing_gives_the_same_gradients():
     teacher, student = teacher_student()
     ids = tiny_blocks(2, 16)
@@ -312,6 +318,7 @@ def tensors(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.heal
 def test_rtk_heal_writes_a_smaller_verified_servable_folder(tmp_path, pruned_out, heal_text):
     conf = write_yaml(tmp_path / "heal.yaml", heal_keys(heal_text))
     out = tmp_path / "healed"
@@ -360,6 +367,7 @@ def test_rtk_heal_writes_a_smaller_verified_servable_folder(tmp_path, pruned_out
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.heal
 def test_rtk_heal_lora_and_resume_through_the_cli(tmp_path, pruned_out, heal_text):
     conf = write_yaml(tmp_path / "heal.yaml", heal_keys(heal_text, method="lora", lr=1e-2, eval_every=0,
                                                       lora={"rank": 2, "dropout": 0.1}))
@@ -426,6 +434,7 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, pruned_out, heal_text, ti
     assert _bad(tmp_path, pruned_out, "--config", bad_yaml) == f"Error: {bad_yaml}: heal: metod: unknown key"
 
 
+@pytest.mark.heal
 def test_prune_with_heal_section(tmp_path, tiny_folder, heal_text):
     r = {"model": str(tiny_folder), "scoring": {"batch_size": 2},
          "data": {"calibration": {"source": "wikitext2", "split": "valid", "samples": 2, "seq_len": 32},
@@ -468,6 +477,7 @@ def test_ablate_heal_takes_the_recipes_heal_section_and_heal_tokens_over_its_tok
         assert (got[-1].tokens, got[-1].lr, got[-1].micro_batch) == (tokens, 2e-4, 2)
 
 
+@pytest.mark.heal
 def test_ablate_heal_heals_every_model_once_with_one_budget(tmp_path, tiny_folder, heal_text, monkeypatch):
     import rtk.heal.run as heal_run
 

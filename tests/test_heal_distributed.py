@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from rtk.cli import main
 from rtk.errors import RtkError
 
+pytestmark = pytest.mark.heal
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 

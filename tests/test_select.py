@@ -103,6 +103,7 @@ def _select_recipe(tmp_path, tiny_dir, **over):  # noqa: F811
     return recipe(tmp_path, tiny_dir, search__target={"params_removed": 0.015}, select=SELECT, **over)
 
 
+@pytest.mark.heal
 def test_select_heals_finalists_on_held_out_text_and_keeps_the_best(tmp_path, tiny_dir, monkeypatch):  # noqa: F811
     import rtk.heal.run as heal_run
     from rtk.model.load import load_tokenizer

@@ -15,7 +15,7 @@ import torch
 from rtk.bench.endpoint import greedy, prompt_logprobs
 from test_vllm_serving import hf_greedy, hf_prompt_logprobs  # transformers' references, as for the pruned folder
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.heal]
 
 PROMPTS = [
     "The tower is 324 metres tall, about the same height as an 81-storey building,",
