@@ -94,9 +94,10 @@ def test_vllm_bench_serve_in_process(streaming_server, tiny_folder, tmp_path):
     assert res["completed"] == 4 and res["failed"] == 0 and res["total_output_tokens"] == 12
     assert res["max_concurrency"] == 2 and _Streaming.served == 1 + 1 + 4  # ready check, warm-up, prompts
     s = vllm_serve.summary(res)
-    # 3 chunks 20 ms apart: TTFT >= 20 ms, ITL and TPOT about 20 ms, E2EL about 60 ms
-    assert 15 < s["median_ttft_ms"] < s["median_e2el_ms"] and 15 < s["median_itl_ms"] < 200
-    assert 0 < s["median_tpot_ms"] < 200 and s["p99_e2el_ms"] >= s["median_e2el_ms"]
+    # 3 chunks, each sent 20 ms after the last: TTFT >= 20 ms and E2EL >= 60 ms whatever the load; the gaps
+    # (ITL, TPOT) read about 20 ms, but shorter on a busy machine, where a late chunk and the next arrive together
+    assert 15 < s["median_ttft_ms"] < s["median_e2el_ms"] and s["median_e2el_ms"] > 55
+    assert 0 < s["median_itl_ms"] < 200 and 0 < s["median_tpot_ms"] < 200 and s["p99_e2el_ms"] >= s["median_e2el_ms"]
     saved = json.loads((tmp_path / "r" / "c2.json").read_text())  # vLLM's own JSON, per-request samples kept
     assert saved["completed"] == 4 and len(saved["ttfts"]) == 4 and saved["num_prompts"] == 4
     smp = vllm_serve.samples_ms(res)

@@ -328,7 +328,7 @@ def test_cli_usage_errors(tmp_path):
     r = run_cli("export", dense, "-o", tmp_path / "out", "--dtype", "int8")
     assert r.exit_code == 2
     assert last_line(r) == "Error: Invalid value for '--dtype': 'int8' is not one of " \
-                                        "'bfloat16', 'float16', 'float32'."
+                           "'float32', 'bfloat16', 'float16'."  # rtk.settings.DTYPE_NAMES, in its order
     r = run_cli("export", dense, "-o", tmp_path / "out", "--format", "gguf")
     assert r.exit_code == 2
     assert last_line(r) == ("Error: Invalid value for '--format': unknown format 'gguf'; "
