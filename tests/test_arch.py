@@ -89,6 +89,14 @@ def test_a_nemotron_nas_config_rtk_did_not_make_is_read_as_decilm():
     config = RtkDeciConfig()
     assert check_supported(config, "model") == NATIVE == config.model_type and family_of(config) is DECILM
     assert rtk_config_from_hf(config) is config
+    for flag in ("qk_norm", "sandwich_norms"):  # what Llama's layers cannot honour: named, never served wrong
+        asking = RtkDeciConfig(**{flag: True})
+        with pytest.raises(RtkError) as e:
+            family_of(asking)
+        assert str(e.value) == (f"config: a nemotron-nas config with {flag} must name its family in "
+                                f"rtk_base_model_type (one of {', '.join(FAMILIES)}; got None)")
+        asking.rtk_base_model_type = "qwen3" if flag == "qk_norm" else "gemma3_text"
+        assert family_of(asking) is FAMILIES[asking.rtk_base_model_type]
 
 
 def test_deci_lm_names_have_one_home():

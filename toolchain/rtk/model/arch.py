@@ -140,9 +140,21 @@ DECILM = Family(None)  # a nemotron-nas config rtk did not make: Llama's layers
 SUPPORTED = ", ".join(sorted(FAMILIES)) + f", {NATIVE} (rtk-pruned)"
 
 
+FAMILY_FLAGS = ("qk_norm", "sandwich_norms")  # rtk config flags that Llama's layers (DECILM) cannot honour
+
+
 def family_of(config) -> Family:
-    """The family of an rtk config (its rtk_base_model_type), DECILM for a nemotron-nas config rtk did not make."""
-    return FAMILIES.get(getattr(config, "rtk_base_model_type", None), DECILM)
+    """The family of an rtk config (its rtk_base_model_type), DECILM for a nemotron-nas config rtk did not make.
+    Such a config that asks for what only a family's modules do (q/k norms, sandwich norms) is one line: read as
+    Llama's layers, it would load and serve wrong numbers."""
+    base = getattr(config, "rtk_base_model_type", None)
+    if base in FAMILIES:
+        return FAMILIES[base]
+    asks = [flag for flag in FAMILY_FLAGS if getattr(config, flag, False)]
+    if asks:
+        raise RtkError(f"config: a {NATIVE} config with {' and '.join(asks)} must name its family in "
+                       f"rtk_base_model_type (one of {', '.join(FAMILIES)}; got {base!r})")
+    return DECILM
 
 
 def check_supported(hf_config, where: str) -> str:
