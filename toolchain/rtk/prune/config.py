@@ -83,6 +83,9 @@ class Target(Strict):
         return f"{k}={v}" + (f" ({self.count})" if self.count != "all" else "")
 
 
+CANDIDATE_FAMILIES = ("sublayers", "blocks")  # what a search may remove: sublayers, or whole layers
+
+
 class SearchConfig(Strict):
     method: Literal["progressive", "one-shot", "global"] = Field(
         "progressive", description="progressive (re-score after each removal), one-shot (rank once), global (the "
@@ -90,7 +93,7 @@ class SearchConfig(Strict):
     normalize: Literal["params", "none", "cost"] = "params"
     target: Target = Target(params_removed=0.2)
     protect: list[str] = Field(default_factory=lambda: ["attn.0"])
-    candidates: Literal["sublayers", "blocks"] = Field(
+    candidates: Literal[CANDIDATE_FAMILIES] = Field(
         "sublayers", description="'blocks' removes whole layers (attn+mlp together)"
     )
     criterion: Literal[SEARCHED] = Field(
@@ -204,7 +207,7 @@ class ScoringConfig(Strict):
         return self
 
 
-FAMILIES = ("sublayers", "blocks", "spans")
+FAMILIES = (*CANDIDATE_FAMILIES, "spans")  # select's: a search's candidates, or one run of consecutive layers
 
 
 class SelectConfig(Strict):
@@ -216,7 +219,7 @@ class SelectConfig(Strict):
     (calibration PPL, the paper's RI), kl (KL divergence from the original model's next-token distribution), bi
     (block influence, 1 - cos of the residual stream around the piece, ShortGPT; one pass, no removal)."""
 
-    families: list[Literal["sublayers", "blocks", "spans"]] = Field(default_factory=lambda: list(FAMILIES))
+    families: list[Literal[FAMILIES]] = Field(default_factory=lambda: list(FAMILIES))
     criteria: list[Literal[tuple(CRITERIA)]] = Field(default_factory=lambda: ["ppl", "bi"])
     finalists: int = Field(4, description="plans healed and judged: one per family first (its best before "
                            "healing), then the next best overall")

@@ -13,16 +13,15 @@ from rtk.errors import RtkError
 from rtk.model.params import counted_params, total_params
 from rtk.model.speed import SpeedModel, speed_model
 from rtk.model.sublayer import sublayer_name
-from rtk.prune.config import Recipe
+from rtk.prune.config import CANDIDATE_FAMILIES, Recipe
 from rtk.prune.criteria import CRITERIA
 from rtk.prune.scoring import Loaded, candidates, existing_names, load_for_scoring
 from rtk.prune.search import Candidate, StopRule, check_reachable
 
-FAMILIES = ("sublayers", "blocks")  # what a search may remove: sublayers, or whole layers
-
-
 @dataclass
 class Setup:
+    """What a search starts from (built by `prepare`); its criteria's scorers are made on first use."""
+
     recipe: Recipe  # device and dtype resolved
     loaded: Loaded
     calib: object  # the calibration blocks (token ids) and their record
@@ -35,8 +34,8 @@ class Setup:
     params_counted: int  # what a params_removed target is a fraction of (search.target.count)
     pool: object = None  # Ray workers (scoring.workers > 1)
     progress: bool = True
-    # name -> scorer (wrap(name, built)) / one-pass scores, kept once made; wrap and rank let rtk ablate persist
-    # them
+    # criterion -> its scorer, wrap(name, built), kept once made; rank(name, pieces, compute) gives one-pass scores:
+    # rtk ablate's wrap and rank persist them in its state folder
     wrap: Callable[[str, object], object] = lambda name, scorer: scorer
     rank: Callable[[str, dict, Callable[[], dict]], dict] = lambda name, pieces, compute: compute()
     scorers: dict = field(default_factory=dict)
@@ -108,7 +107,7 @@ def prepare(recipe: Recipe, progress: bool = True, echo: Callable[[str], None] =
         evalb, eval_info = token_blocks(loaded.tokenizer, recipe.data.evaluation, "data.evaluation")
         speed = speed_model(model.config, recipe.cost)
         cost_fn = speed.cost_fn()
-        cands = {f: candidates(model, f, recipe.search.protect, cost_fn) for f in FAMILIES}
+        cands = {f: candidates(model, f, recipe.search.protect, cost_fn) for f in CANDIDATE_FAMILIES}
         setup = Setup(recipe, loaded, calib, calib_info, evalb, eval_info, speed, cands, total_params(model),
                       counted_params(model, recipe.search.target.count), progress=progress, **hooks)
         if reach:
