@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rtk.prune.criteria import block_influence
-from rtk.ablate.variants import (RUN_ORDER, VARIANTS, CachedScorer, parse_targets, prefix_for,
-                        run_all, select_variants)
+from rtk.prune.scoring.influence import piece_influence
+from rtk.ablate.variants import (RUN_ORDER, VARIANTS, CachedScorer, Variant, parse_targets, prefix_for, run_all,
+                                select_variants)
 from rtk.prune.search import ranked_removal
 from rtk.model.cost import Hardware, ideal_speedup, model_cost, sublayer_cost, sublayer_cost_fn, sublayer_kernels
 from rtk.errors import RtkError
@@ -69,6 +69,16 @@ def make_cands(n_layers: int = 6):
 PPL_VARIANTS = [v for v in VARIANTS if v.rank == "ppl"]
 
 
+class Shared:
+    """What run_all reads of rtk.prune.prepare.Setup: the candidates and the scorer of each criterion."""
+
+    def __init__(self, cands, scorer):
+        self.cands, self.scorers = cands, {"ppl": scorer}
+
+    def scorer(self, name):
+        return self.scorers[name]
+
+
 # ---------------------------------------------------------------- variant expansion, targets
 
 def test_variant_expansion():
@@ -83,6 +93,8 @@ def test_variant_expansion():
     assert kl == {"blocks-kl": ("blocks", "progressive", "none"),
                   "params-progressive-kl": ("sublayers", "progressive", "params")}
     assert [v.name for v in select_variants("params-progressive, blocks-bi")] == ["blocks-bi", "params-progressive"]
+    with pytest.raises(ValueError, match="rank 'nope' is not a criterion"):  # variants name criteria of the table
+        Variant("x", "blocks", "one-shot", "none", "nope", "x")
     with pytest.raises(RtkError, match=r"--variants: unknown variant\(s\) nope; known: params-progressive"):
         select_variants("params-progressive,nope")
     assert parse_targets("0.3,0.1,0.2,0.1") == [0.1, 0.2, 0.3]
@@ -98,7 +110,7 @@ def test_shared_work_gives_same_orders_with_fewer_evaluations():
     targets = [0.1, 0.2, 0.3]
     shared_inner = Scripted()
     shared = CachedScorer(shared_inner)
-    states = run_all(PPL_VARIANTS, shared, cands, total, targets)
+    states = run_all(PPL_VARIANTS, Shared(cands, shared), total, targets)
 
     # each variant alone, with its own uncached scorer, decides exactly the same
     separate_asked = 0
@@ -192,7 +204,8 @@ def test_block_influence_matches_hand_computed_cosines():
         hf(ids)
     for h in handles:
         h.remove()
-    got = block_influence(model, ids, batch_size=2)
+    layers = {f"layer.{i}": [Candidate(f"layer.{i}", i, "layer", 1)] for i in range(3)}
+    got = piece_influence(model, ids, layers, batch_size=2)
     assert set(got) == {"layer.0", "layer.1", "layer.2"}
     for i, (a, b) in captured.items():
         a, b = a.double().reshape(-1, a.shape[-1]), b.double().reshape(-1, b.shape[-1])
@@ -345,7 +358,8 @@ def test_kl_variants_search_by_kl_and_report_calibration_ppl(tmp_path, tiny_fold
     from rtk.model.load import load_model
     from rtk.model.ppl import teacher_logprobs
     from rtk.prune.config import load_recipe
-    from rtk.prune.scoring import candidates, make_scorer
+    from rtk.model.layers import InMemory
+    from rtk.prune.scoring import Loaded, candidates, scorer_for
 
     rec, out = _recipe(tmp_path, tiny_folder), tmp_path / "abl"
     r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(out), "--targets", "0.02",
@@ -358,8 +372,9 @@ def test_kl_variants_search_by_kl_and_report_calibration_ppl(tmp_path, tiny_fold
     model, tok, _ = load_model(str(tiny_folder))
     calib, _ = token_blocks(tok, recipe.data.calibration, "c")
     ref = teacher_logprobs(model, calib, recipe.scoring.batch_size)
-    kl = make_scorer(model, calib, recipe.scoring, progress=False, teacher_logprobs=ref)
-    ppl = make_scorer(model, calib, recipe.scoring, progress=False)
+    loaded = Loaded(model, tok, "", InMemory(model), "none")
+    kl = scorer_for(recipe, loaded, calib, False, teacher_logprobs=ref)
+    ppl = scorer_for(recipe, loaded, calib, False)
     total = res["params_counted"]["total"]
     for name, kind, normalize in (("blocks-kl", "blocks", "none"), ("params-progressive-kl", "sublayers", "params")):
         cs = candidates(model, kind, ["attn.0"])
@@ -399,3 +414,33 @@ def test_shipped_ablation_recipe_is_valid():
 
     r = load_recipe(REPO / "recipes" / "smollm2-ablation.yaml")
     assert r.data.calibration.split != r.data.evaluation.split and r.cost.batch == 16
+
+
+def test_cost_variants_normalize_by_the_recipes_measured_profile(tmp_path, tiny_folder):
+    """ablate's cost-* variants share rtk prune's setup: with a cost.profile, the cost-oneshot plan is the one-shot
+    ranking by RI / the profile's share of the step time (not the roofline's cost), and here that changes it."""
+    from rtk.cli import main
+    from rtk.model.load import load_model
+    from rtk.model.speed import SpeedProfile, shape_id
+
+    model, _, _ = load_model(str(tiny_folder))
+    share = {"attn": 0.2, "mlp": 1e-4}  # the roofline's attention costs ~3x an MLP here; this profile, 2000x
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(SpeedProfile("e", "m", "w", "tok/s", shape_id(model.config), share).to_json()))
+    rec = _recipe(tmp_path, tiny_folder)
+    args = ["--targets", "0.005", "--variants", "cost-oneshot", "--quiet"]
+    assert CliRunner().invoke(main, ["ablate", str(rec), "-o", str(tmp_path / "roof"), *args]).exit_code == 0
+    rec.write_text(rec.read_text().replace("cost: {batch: 4, context: 256}",
+                                           f"cost: {{batch: 4, context: 256, profile: {prof}}}"))
+    r = CliRunner().invoke(main, ["ablate", str(rec), "-o", str(tmp_path / "prof"), *args])
+    assert r.exit_code == 0, r.output
+    res = {d: json.loads((tmp_path / d / "ablation.json").read_text()) for d in ("roof", "prof")}
+    assert res["prof"]["cost_model"]["normalize_cost"]["model"] == "measured profile"
+    assert res["roof"]["cost_model"]["normalize_cost"]["model"] == "roofline"
+    step0 = json.loads((tmp_path / "prof" / "state" / "search-cost-oneshot.json").read_text())["steps"][0]["scores"]
+    ranked = sorted(step0, key=lambda n: step0[n]["ri"] / share[n.split(".")[0]])
+    for name, s in step0.items():  # every NRI is RI per the profile's share
+        assert s["nri"] == pytest.approx(s["ri"] / share[name.split(".")[0]])
+    order = res["prof"]["variants"]["cost-oneshot"]["order"]
+    assert order == ranked[: len(order)]
+    assert order != res["roof"]["variants"]["cost-oneshot"]["order"]

@@ -101,7 +101,8 @@ def test_kl_criterion_removes_what_a_kl_search_removes(tmp_path, tiny_dir):
     from rtk.model.load import load_model
     from rtk.model.ppl import teacher_logprobs
     from rtk.prune.config import load_recipe
-    from rtk.prune.scoring import candidates, make_scorer
+    from rtk.model.layers import InMemory
+    from rtk.prune.scoring import Loaded, candidates, scorer_for
     from rtk.prune.search import StopRule, run_search
 
     out = tmp_path / "out"
@@ -112,8 +113,9 @@ def test_kl_criterion_removes_what_a_kl_search_removes(tmp_path, tiny_dir):
     r = load_recipe(rec)
     model, tok, _ = load_model(str(tiny_dir))
     calib, _ = token_blocks(tok, r.data.calibration, "c")
-    kl = make_scorer(model, calib, r.scoring, progress=False, teacher_logprobs=teacher_logprobs(model, calib, 2))
-    ppl = make_scorer(model, calib, r.scoring, progress=False)
+    loaded = Loaded(model, tok, "", InMemory(model), "none")
+    kl = scorer_for(r, loaded, calib, False, teacher_logprobs=teacher_logprobs(model, calib, 2))
+    ppl = scorer_for(r, loaded, calib, False)
     cands = candidates(model, "sublayers", ["attn.0"])
     want = run_search(kl, cands, StopRule(plan["params_total"], sublayers=3), "progressive", "params")
     assert [e["name"] for e in plan["removed"]] == [e["name"] for e in want["removed"]]

@@ -13,7 +13,7 @@ from rtk.errors import RtkError
 from rtk.model.layers import InMemory
 from rtk.model.ppl import logits_kl, model_ppl, teacher_logprobs
 from rtk.prune.config import ScoringConfig
-from rtk.prune.scoring import Loaded, ModelScorer, candidates, make_scorer, scorer_for
+from rtk.prune.scoring import Loaded, ModelScorer, candidates, scorer_for
 from rtk.prune.scoring.layer_major import LayerMajorScorer
 
 REL = 1e-5
@@ -117,16 +117,15 @@ def test_without_teacher_the_ppl_path():
 
 
 @pytest.mark.parametrize("engine", ["per-candidate", "layer-major"])
-def test_make_scorer_and_scorer_for_pass_it_through(engine):
+def test_scorer_for_passes_it_through(engine):
     m, b = model(), blocks()
     t = teacher_logprobs(m, b)
     scoring = ScoringConfig(engine=engine, batch_size=2)
     recipe, loaded = SimpleNamespace(scoring=scoring), Loaded(m, None, "", InMemory(m), "none")
-    for s in (make_scorer(m, b, scoring, False, teacher_logprobs=t),
-              scorer_for(recipe, loaded, b, False, teacher_logprobs=t)):
-        assert s.criterion == "kl" and s.teacher is t
-        assert s.ppl(frozenset()) == pytest.approx(1.0, abs=1e-5)
-    assert make_scorer(m, b, scoring, False).criterion == scorer_for(recipe, loaded, b, False).criterion == "ppl"
+    s = scorer_for(recipe, loaded, b, False, teacher_logprobs=t)
+    assert s.criterion == "kl" and s.teacher is t
+    assert s.ppl(frozenset()) == pytest.approx(1.0, abs=1e-5)
+    assert scorer_for(recipe, loaded, b, False).criterion == "ppl"
     with pytest.raises(RtkError) as e:
         scorer_for(recipe, loaded, b, False, pool=object(), teacher_logprobs=t)
     assert e.value.message == "search criterion kl: not supported with scoring.workers > 1 (Ray); use one worker"

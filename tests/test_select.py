@@ -9,7 +9,7 @@ from conftest import tiny_rtk
 from test_prune_cli import _bad, recipe, run, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
 
 from rtk.data import DataSpec, token_blocks, token_spans
-from rtk.prune.criteria import block_influence, candidate_influence, span_influence
+from rtk.prune.scoring.influence import piece_influence
 from rtk.prune.search import Candidate, StopRule
 from rtk.prune.select import _order, span_plans
 
@@ -58,13 +58,41 @@ def test_influence_of_sublayers_layers_and_spans_by_hand():
             hs.append(h)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             hs.append(h)
-    got = candidate_influence(model, ids, ["attn.1", "mlp.2", "layer.3"], batch_size=2)
+    c = {n: Candidate(n, int(n.split(".")[1]), n.split(".")[0], 1)
+         for n in ("attn.1", "mlp.1", "mlp.2", "attn.3", "layer.1", "layer.2", "layer.3")}
+    pieces = {"attn.1": [c["attn.1"]], "mlp.2": [c["mlp.2"]], "layer.3": [c["layer.3"]],
+              "span.1-2": [c["layer.1"], c["layer.2"]], "mlp.1-attn.3": [c["mlp.1"], c["attn.3"]]}
+    got = piece_influence(model, ids, pieces, batch_size=2)
     assert got["attn.1"] == pytest.approx(_cos_dist(hs[2], hs[3]), abs=1e-5)
     assert got["mlp.2"] == pytest.approx(_cos_dist(hs[5], hs[6]), abs=1e-5)
     assert got["layer.3"] == pytest.approx(_cos_dist(hs[6], hs[8]), abs=1e-5)
-    spans = span_influence(model, ids, [0, 1, 2], 2, batch_size=2)
-    assert spans[1] == pytest.approx(_cos_dist(hs[2], hs[6]), abs=1e-5)
-    assert span_influence(model, ids, [2], 1)[2] == pytest.approx(block_influence(model, ids)["layer.2"], abs=1e-6)
+    assert got["span.1-2"] == pytest.approx(_cos_dist(hs[2], hs[6]), abs=1e-5)
+    assert got["mlp.1-attn.3"] == pytest.approx(_cos_dist(hs[3], hs[7]), abs=1e-5)
+    alone = piece_influence(model, ids, {"layer.2": [c["layer.2"]]})
+    assert piece_influence(model, ids, {"span.2-2": [c["layer.2"]]})["span.2-2"] == pytest.approx(alone["layer.2"])
+
+
+# ---------------------------------------------------------------- the criteria table
+
+def test_the_recipe_names_the_criteria_of_the_table():
+    """search.criterion and select.criteria accept the table's entries (searched ones for a search) and nothing
+    else; what the config refuses for a criterion comes from its entry."""
+    from typing import get_args
+
+    from rtk.errors import RtkError
+    from rtk.prune.config import SearchConfig, SelectConfig, parse_recipe
+    from rtk.prune.criteria import CRITERIA, SEARCHED
+
+    assert set(get_args(SelectConfig.model_fields["criteria"].annotation.__args__[0])) == set(CRITERIA)
+    assert get_args(SearchConfig.model_fields["criterion"].annotation) == SEARCHED == ("ppl", "kl")
+    base = {"model": "m", "search": {"criterion": "kl", "target": {"ppl_increase": 0.5}}}
+    with pytest.raises(RtkError, match="criterion: kl: a ppl_increase / ppl_max target is in calibration PPL"):
+        parse_recipe(base)
+    with pytest.raises(RtkError, match="search.criterion"):
+        parse_recipe({"model": "m", "search": {"criterion": "bi"}})  # ranked once: no search of its own
+    parse_recipe({"model": "m", "scoring": {"workers": 2}, "search": {"criterion": "ppl"}})
+    with pytest.raises(RtkError, match="search.criterion: kl is not supported with scoring.workers > 1"):
+        parse_recipe({"model": "m", "scoring": {"workers": 2}, "search": {"criterion": "kl"}})
 
 
 # ---------------------------------------------------------------- spans and finalist order

@@ -11,26 +11,24 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from rtk import __version__
 from rtk.ablate.variants import CachedScorer, Variant, ablation_fingerprint, clean_dir, plans, run_all, _key
-from rtk.prune.criteria import block_influence
-from rtk.model.cost import H200, ideal_speedup, sublayer_cost_fn
+from rtk.model.cost import H200, ideal_speedup
 from rtk.data import token_blocks
 from rtk.errors import RtkError
 from rtk.model.load import load_model
 from rtk.outdir import check_out, load_json, write_json_atomic
 from rtk.prune.config import Recipe
+from rtk.prune.prepare import prepare
 from rtk.model.rewrite import apply_plan
 from rtk.model.sublayer import expand, layer_of, model_order
-from rtk.prune.search import StopRule, check_reachable
-from rtk.model.params import counted_params, total_params
+from rtk.prune.search import check_reachable
+from rtk.model.params import total_params
 from rtk.model.ppl import model_ppl
-from rtk.prune.scoring import make_scorer, candidates, existing_names
-
 
 
 def _layers(names, kind: str) -> list[int]:
@@ -40,12 +38,11 @@ def _layers(names, kind: str) -> list[int]:
 class Evaluator:
     """Exports each distinct plan once (models/<variant>-<pct>) and measures it the same way."""
 
-    def __init__(self, model, tokenizer, evalb, recipe: Recipe, root: Path, cache: dict, save: Callable[[], None],
-                 echo: Callable[[str], None] = print, source: Optional[str] = None):
-        self.model, self.tok, self.evalb, self.recipe, self.source = model, tokenizer, evalb, recipe, source
-        self.root, self.cache, self.save, self.echo = root, cache, save, echo
-        self.total = total_params(model)
-        self.counted = counted_params(model, recipe.search.target.count)  # what the targets are fractions of
+    def __init__(self, setup, root: Path, cache: dict, save: Callable[[], None], echo: Callable[[str], None] = print):
+        self.model, self.tok, self.evalb, self.recipe = setup.model, setup.tokenizer, setup.evalb, setup.recipe
+        self.source, self.root, self.cache, self.save, self.echo = setup.loaded.path, root, cache, save, echo
+        self.total = setup.params_total
+        self.counted = setup.params_counted  # what the targets are fractions of
 
     def measure(self, removed: list[str], name: str) -> dict:
         key = _key(expand(removed))
@@ -212,7 +209,6 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     is already complete: the measurements are added to it). `heal` (rtk.heal.config.HealConfig): first heal every
     exported model with it (heal_models; also added to a complete OUT)."""
     from rtk.model.device import resolve_runtime
-    from rtk.records.ablation import write_outputs
 
     recipe = resolve_runtime(recipe)
     if recipe.scoring.offload != "none" or recipe.scoring.workers > 1:
@@ -224,123 +220,132 @@ def run_ablation(recipe: Recipe, out: Path, targets: list[float], variants: list
     if report_only and not partial.is_dir():
         raise RtkError(f"--report-only: {partial} does not exist (no unfinished ablation to report)")
     if complete:
-        done = json.loads((out / "ablation.json").read_text())
-        missing = [v.name for v in variants if v.name not in done["variants"]]
-        if missing:
-            raise RtkError(f"-o {out}: complete without variant(s) {', '.join(missing)}; choose another folder")
-        if bench is None and heal is None:
-            echo(f"rtk: {out} already holds this ablation")
-            return done
-        echo(f"rtk: {out} already holds this ablation; " + ("healing" if heal else "measuring") + " its models")
-        if heal is not None:
-            done = heal_models(done, out, recipe, heal, echo, progress)
-            write_outputs(done, out)
-        if bench is not None:
-            done = bench_models(done, out, bench, echo)
-        write_outputs(done, out)
-        return done
+        return _completed(out, recipe, variants, echo, bench, heal, progress)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    model, tokenizer, path = load_model(recipe.model, recipe.dtype, recipe.device)
-    bad = [p for p in recipe.search.protect if p not in existing_names(model)]
-    if bad:
-        raise RtkError(f"search.protect: {', '.join(bad)} does not exist in this model")
-    calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
-    evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
-    cost_fn = sublayer_cost_fn(model.config, recipe.cost)
-    cands = {k: candidates(model, k, recipe.search.protect, cost_fn) for k in ("sublayers", "blocks")}
-    n_total = total_params(model)
-    count = recipe.search.target.count  # the targets count all parameters or the non-embedding ones
-    n_counted = counted_params(model, count)
-    for v in variants:  # fail before any work when a target cannot be reached
-        check_reachable(cands[v.candidates], StopRule(params_total=n_counted, params_removed=max(targets),
-                                                      count=count))
+    sd = partial / "state"
+    setup = prepare(recipe, progress, echo, reach=False, wrap=lambda name, s: _cached(s, sd, name, echo),
+                    rank=lambda name, pieces, compute: _ranked(sd, name, pieces, compute))
+    try:
+        for v in variants:  # fail before any work when a target cannot be reached
+            check_reachable(setup.cands[v.candidates], setup.stop_rule(params_removed=max(targets)))
+        sd.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(sd / "meta.json", {"fingerprint": fp, "targets": targets})
+        (partial / "recipe.yaml").write_text(recipe.to_yaml())
+        setup.scorer("ppl")
+        res = _searched(setup, partial, fp, targets, variants, report_only, t_start, echo)
+    finally:
+        setup.close()
+    if report_only:
+        return res
+    res = _heal_and_bench(res, partial, recipe, heal, bench, echo, progress)
+    partial.rename(out)
+    return res
+
+
+def _heal_and_bench(res: dict, root: Path, recipe: Recipe, heal, bench, echo, progress: bool) -> dict:
+    """--heal, then --bench, on the models of ROOT (ablation.* rewritten after each)."""
+    from rtk.records.ablation import write_outputs
+
+    if heal is not None:
+        res = heal_models(res, root, recipe, heal, echo, progress)
+        write_outputs(res, root)
+    if bench is not None:
+        res = bench_models(res, root, bench, echo)
+        write_outputs(res, root)
+    return res
+
+
+def _completed(out: Path, recipe: Recipe, variants: list[Variant], echo, bench, heal, progress: bool) -> dict:
+    """OUT already holds this ablation: returned, with its models healed / measured when asked."""
+    done = json.loads((out / "ablation.json").read_text())
+    missing = [v.name for v in variants if v.name not in done["variants"]]
+    if missing:
+        raise RtkError(f"-o {out}: complete without variant(s) {', '.join(missing)}; choose another folder")
+    if bench is None and heal is None:
+        echo(f"rtk: {out} already holds this ablation")
+        return done
+    echo(f"rtk: {out} already holds this ablation; " + ("healing" if heal else "measuring") + " its models")
+    return _heal_and_bench(done, out, recipe, heal, bench, echo, progress)
+
+
+def _cached(scorer, sd: Path, name: str, echo) -> CachedScorer:
+    """A criterion's scorer answering from its cache of values by removed set (state/scores-NAME.json)."""
+    path = sd / f"scores-{name}.json"
+    c = CachedScorer(scorer, load_json(path, {}))
+    c.on_new = lambda: write_json_atomic(path, c.cache)
+    if c.cache:
+        echo(f"rtk: resuming {sd.parent}: {len(c.cache)} {name} values already measured")
+    return c
+
+
+def _ranked(sd: Path, name: str, pieces: dict, compute) -> dict:
+    """A one-pass criterion's scores, measured once (state/rank-NAME.json)."""
+    got = load_json(sd / f"rank-{name}.json", None)
+    if got is None or set(got) != set(pieces):
+        got = compute()
+        write_json_atomic(sd / f"rank-{name}.json", got)
+    return got
+
+
+def _searched(setup, partial: Path, fp: str, targets: list[float], variants: list[Variant], report_only: bool,
+              t_start: float, echo) -> dict:
+    """Every variant searched (or, `report_only`, those saved so far), its plans evaluated, OUT.partial/ablation.*
+    written after each."""
+    from rtk.records.ablation import write_outputs
 
     sd = partial / "state"
-    sd.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sd / "meta.json", {"fingerprint": fp, "targets": targets})
-    (partial / "recipe.yaml").write_text(recipe.to_yaml())
-    inner = make_scorer(model, calib, recipe.scoring, progress)
-    scorer = CachedScorer(inner, load_json(sd / "scores.json", {}))
-    scorer.on_new = lambda: write_json_atomic(sd / "scores.json", scorer.cache)
-    if scorer.cache:
-        echo(f"rtk: resuming {partial}: {len(scorer.cache)} PPLs already measured")
     states = {v.name: load_json(sd / f"search-{v.name}.json", None) for v in variants}
     states = {k: s for k, s in states.items() if s is not None}
-
-    kl_scorer = []
-
-    def kl() -> CachedScorer:
-        """The KL criterion's scorer (rank "kl"), made on first use: the original model's log-probs on the
-        calibration blocks, and its own cache of exp(mean KL) by removed set (state/scores-kl.json)."""
-        if not kl_scorer:
-            from rtk.model.ppl import teacher_logprobs
-
-            ref = teacher_logprobs(model, calib, recipe.scoring.batch_size)
-            c = CachedScorer(make_scorer(model, calib, recipe.scoring, progress, teacher_logprobs=ref),
-                             load_json(sd / "scores-kl.json", {}))
-            c.on_new = lambda: write_json_atomic(sd / "scores-kl.json", c.cache)
-            kl_scorer.append(c)
-        return kl_scorer[0]
-
-    def bi() -> dict[str, float]:
-        got = load_json(sd / "block_influence.json", None)
-        if got is None:
-            got = block_influence(model, calib, recipe.scoring.batch_size)
-            write_json_atomic(sd / "block_influence.json", got)
-        return got
-
     evals = load_json(sd / "evals.json", {})
-    ev = Evaluator(model, tokenizer, evalb, recipe, partial, evals, lambda: write_json_atomic(sd / "evals.json", evals),
-                   echo, source=path)
+    ev = Evaluator(setup, partial, evals, lambda: write_json_atomic(sd / "evals.json", evals), echo)
     dense = ev.measure([], "dense")
     done: list[Variant] = []
 
     def result() -> dict:
-        rows = plans(states, done, targets, n_counted)
-        for r in rows:
-            r.update(ev.measure(r["removed"], f"{r['variant']}-{round(r['target'] * 100)}"))
-        res = {
-            "rtk_version": __version__, "fingerprint": fp, "model": recipe.model, "model_path": path,
-            "recipe": recipe.model_dump(mode="json"), "targets": targets, "params_total": n_total,
-            "params_counted": {"count": count, "total": n_counted},
-            "variants": {v.name: {"label": v.label, "candidates": v.candidates, "method": v.method,
-                                  "normalize": v.normalize, "rank": v.rank,
-                                  "order": [e["name"] for e in states[v.name]["removed"]]} for v in done},
-            "dense": {**dense, "calib_ppl": scorer.ppl(frozenset())},
-            "rows": rows, "calibration": calib_info, "eval": eval_info,
-            "cost_model": {"hardware": H200.name, "batch": recipe.cost.batch, "context": recipe.cost.context},
-            "scoring": {"ppl_evaluations": inner.evaluations, "cache_hits": scorer.hits,
-                        "cache_misses": scorer.misses, "seconds": round(inner.seconds, 1),
-                        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                        "dtype": recipe.dtype, "device": recipe.device},
-            **({"scoring_kl": {"kl_evaluations": kl_scorer[0].inner.evaluations, "cache_hits": kl_scorer[0].hits,
-                               "cache_misses": kl_scorer[0].misses, "seconds": round(kl_scorer[0].inner.seconds, 1)}}
-               if kl_scorer else {}),
-            "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
-            "block_influence": load_json(sd / "block_influence.json", None),
-        }
-        return attach_bench(attach_heal(res, partial), partial)  # heal first: bench adds to the healed rows
-
-    def after_variant(v: Variant, st: dict) -> None:
-        done.append(v)
-        write_outputs(result(), partial)
+        return _result(setup, fp, targets, states, done, ev, dense, partial, t_start)
 
     if report_only:
         done.extend(v for v in variants if v.name in states)
-        res = result()
-        write_outputs(res, partial)
-        return res
-    run_all(variants, scorer, cands, n_counted, targets, states,
-            save=lambda n, s: write_json_atomic(sd / f"search-{n}.json", s), log=lambda s: echo(f"rtk: {s}"),
-            bi=bi, after_variant=after_variant, kl=kl)
+    else:
+        def after_variant(v: Variant, st: dict) -> None:
+            done.append(v)
+            write_outputs(result(), partial)
+
+        run_all(variants, setup, setup.params_counted, targets, states,
+                save=lambda n, s: write_json_atomic(sd / f"search-{n}.json", s), log=lambda s: echo(f"rtk: {s}"),
+                after_variant=after_variant)
     res = result()
     write_outputs(res, partial)
-    if heal is not None:
-        res = heal_models(res, partial, recipe, heal, echo, progress)
-        write_outputs(res, partial)
-    if bench is not None:
-        res = bench_models(res, partial, bench, echo)
-        write_outputs(res, partial)
-    partial.rename(out)
     return res
+
+
+def _result(setup, fp: str, targets: list[float], states: dict, done: list[Variant], ev: "Evaluator", dense: dict,
+            partial: Path, t_start: float) -> dict:
+    """ablation.json of the variants done so far."""
+    recipe = setup.recipe
+    rows = plans(states, done, targets, setup.params_counted)
+    for r in rows:
+        r.update(ev.measure(r["removed"], f"{r['variant']}-{round(r['target'] * 100)}"))
+    ppl = setup.scorer("ppl")
+    res = {
+        "rtk_version": __version__, "fingerprint": fp, "model": recipe.model, "model_path": setup.loaded.path,
+        "recipe": recipe.model_dump(mode="json"), "targets": targets, "params_total": setup.params_total,
+        "params_counted": {"count": recipe.search.target.count, "total": setup.params_counted},
+        "variants": {v.name: {"label": v.label, "candidates": v.candidates, "method": v.method,
+                              "normalize": v.normalize, "rank": v.rank,
+                              "order": [e["name"] for e in states[v.name]["removed"]]} for v in done},
+        "dense": {**dense, "calib_ppl": ppl.ppl(frozenset())},
+        "rows": rows, "calibration": setup.calib_info, "eval": setup.eval_info,
+        "cost_model": {"hardware": H200.name, "batch": recipe.cost.batch, "context": recipe.cost.context,
+                       "normalize_cost": setup.speed.describe()},
+        "scoring": {"ppl_evaluations": ppl.inner.evaluations, "cache_hits": ppl.hits, "cache_misses": ppl.misses,
+                    "seconds": round(ppl.inner.seconds, 1), "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine(), "dtype": recipe.dtype,
+                    "device": recipe.device},
+        **{f"scoring_{n}": {f"{n}_evaluations": s.inner.evaluations, "cache_hits": s.hits, "cache_misses": s.misses,
+                            "seconds": round(s.inner.seconds, 1)} for n, s in setup.scorers.items() if n != "ppl"},
+        "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+        "block_influence": load_json(partial / "state" / "rank-bi.json", None),
+    }
+    return attach_bench(attach_heal(res, partial), partial)  # heal first: bench adds to the healed rows

@@ -1,9 +1,10 @@
 """`rtk ablate`: the method, its ablations and whole-layer baselines, from one base model, at the same
 parameter targets, with shared work done once.
 
-Variants (a table, not forks of the code): ``normalize: params | none | cost`` x ``search:
-progressive | one-shot`` over sublayers, greedy whole-layer removal by PPL, and one-shot whole-layer
-removal by block influence (ShortGPT). Sharing:
+Variants (a table, not forks of the code; each names a candidate family, a search method, a normalization and a
+criterion of rtk.prune.criteria): ``normalize: params | none | cost`` x ``search: progressive | one-shot`` over
+sublayers, greedy whole-layer removal by PPL, one-shot whole-layer removal by block influence (ShortGPT), and the
+method and greedy whole-layer removal by KL. Sharing (rtk.prune.prepare's setup, its scorers cached):
 
 - one scorer cache keyed by the *set of removed sublayers* serves every variant: the dense model's
   step-0 PPLs are computed once and are both every progressive search's first step and every
@@ -17,7 +18,6 @@ made); a rerun of the same command resumes; OUT appears only when complete.
 """
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +27,8 @@ from typing import Callable, Optional
 from rtk.errors import RtkError
 from rtk.outdir import fingerprint
 from rtk.prune.config import Recipe
-from rtk.prune.search import Candidate, StopRule, kl_state_in_calibration_ppl, ranked_removal, run_search
+from rtk.prune.criteria import CRITERIA, removal_order
+from rtk.prune.search import Candidate, StopRule
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,12 @@ class Variant:
     candidates: str  # "sublayers" | "blocks"
     method: str  # "progressive" | "one-shot"
     normalize: str  # "params" | "none" | "cost"
-    rank: str  # "ppl": (N)RI from measured PPL; "kl": the same from exp(mean KL to the original); "bi": block influence
+    rank: str  # the criterion (an entry of rtk.prune.criteria.CRITERIA): ppl, kl or bi
     label: str
+
+    def __post_init__(self):
+        if self.rank not in CRITERIA:
+            raise ValueError(f"variant {self.name}: rank '{self.rank}' is not a criterion ({', '.join(CRITERIA)})")
 
 
 VARIANTS = [
@@ -49,8 +54,8 @@ VARIANTS = [
     Variant("cost-oneshot", "sublayers", "one-shot", "cost", "ppl", "RI/serving cost, one-shot"),
     Variant("blocks-ppl", "blocks", "progressive", "none", "ppl", "whole layers, greedy by PPL"),
     Variant("blocks-bi", "blocks", "one-shot", "none", "bi", "whole layers, one-shot by block influence"),
-    # the KL criterion (rtk.prune.select's): RI measured as exp(mean KL) from the original model's next-token
-    # distributions on the calibration blocks instead of their PPL
+    # the KL criterion: RI measured as exp(mean KL) from the original model's next-token distributions on the
+    # calibration blocks instead of their PPL
     Variant("params-progressive-kl", "sublayers", "progressive", "params", "kl", "RI/params by KL, progressive"),
     Variant("blocks-kl", "blocks", "progressive", "none", "kl", "whole layers, greedy by KL"),
 ]
@@ -141,45 +146,23 @@ def ablation_fingerprint(recipe: Recipe, targets: list[float]) -> str:
     return fingerprint(d)
 
 
-def run_variant_search(v: Variant, scorer, cands: dict[str, list[Candidate]], stop: StopRule,
-                       state: Optional[dict], save: Callable[[dict], None], log: Callable[[str], None],
-                       bi: Callable[[], dict[str, float]], kl: Callable[[], object] = lambda: None) -> dict:
-    """One variant's removal order to the largest target (resumes from `state`). `kl()`: the (cached) KL scorer
-    for rank "kl"; its removals' ppl_after are calibration PPL like every variant's (exp(mean KL) beside them
-    as kl_exp_after)."""
-    cs = cands[v.candidates]
-    if v.rank == "bi":
-        if state and state.get("done"):
-            return state
-        state = ranked_removal(bi(), cs, stop, scorer, scorer.ppl(frozenset()))
-        save(state)
-        return state
-    if v.rank == "kl":
-        if state and state.get("done"):
-            return state
-        state = kl_state_in_calibration_ppl(run_search(kl(), cs, stop, v.method, v.normalize, state=state,
-                                                       save=save, log=log), scorer)
-        save(state)
-        return state
-    return run_search(scorer, cs, stop, v.method, v.normalize, state=state, save=save, log=log)
-
-
-def run_all(variants: list[Variant], scorer, cands: dict[str, list[Candidate]], params_total: int,
-            targets: list[float], states: Optional[dict] = None, save: Callable[[str, dict], None] = lambda n, s: None,
-            log: Callable[[str], None] = lambda s: None, bi: Callable[[], dict[str, float]] = dict,
-            after_variant: Callable[[Variant, dict], None] = lambda v, s: None,
-            kl: Callable[[], object] = lambda: None) -> dict[str, dict]:
-    """Search every variant once to max(targets) with one shared (cached) scorer; fills and returns
-    `states` (variant name -> search state; states given are resumed)."""
+def run_all(variants: list[Variant], setup, params_total: int, targets: list[float],
+            states: Optional[dict] = None, save: Callable[[str, dict], None] = lambda n, s: None,
+            log: Callable[[str], None] = lambda s: None,
+            after_variant: Callable[[Variant, dict], None] = lambda v, s: None) -> dict[str, dict]:
+    """Search every variant once to max(targets) with the shared (cached) scorers of `setup`
+    (rtk.prune.prepare.Setup: scorer(criterion), ranking(criterion, pieces), cands); fills and returns `states`
+    (variant name -> search state, in calibration PPL; states given are resumed)."""
     states = {} if states is None else states
     stop = StopRule(params_total=params_total, params_removed=max(targets))
     if any(v.rank == "ppl" and v.candidates == "sublayers" for v in variants):
-        scorer.score(frozenset(), cands["sublayers"])  # step 0: shared by every sublayer variant
+        setup.scorer("ppl").score(frozenset(), setup.cands["sublayers"])  # step 0: shared by every sublayer variant
     for v in variants:
         t0 = time.perf_counter()
         log(f"{v.name}: {v.label}")
-        st = run_variant_search(v, scorer, cands, stop, states.get(v.name), lambda s, n=v.name: save(n, s),
-                                lambda s, n=v.name: log(f"{n}: {s}"), bi, kl)
+        st = removal_order(v.rank, setup, setup.cands[v.candidates], stop, v.method, v.normalize,
+                           state=states.get(v.name), save=lambda s, n=v.name: save(n, s),
+                           log=lambda s, n=v.name: log(f"{n}: {s}"))
         states[v.name] = st
         save(v.name, st)
         log(f"{v.name}: done, {len(st['removed'])} removed ({time.perf_counter() - t0:.0f} s)")
@@ -203,10 +186,6 @@ def plans(states: dict[str, dict], variants: list[Variant], targets: list[float]
                          "calib_ppl": pre[-1]["ppl_after"] if pre else st["ppl_base"],
                          "calib_ppl_base": st["ppl_base"], "search_finished": bool(st.get("done"))})
     return rows
-
-
-def is_finite(x) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 def clean_dir(path: Path) -> None:

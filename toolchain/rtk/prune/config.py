@@ -15,12 +15,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from rtk.data import DataConfig, DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.heal.config import HEAL_TEXT_RULE, HealConfig, evaluation_clash
+from rtk.model.sublayer import is_name
 from rtk.outdir import fingerprint
 from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, DEVICES, Dtype, Strict, format_errors
-
-
-
-COUNTS = ("all", "non_embedding")  # what a params_removed target is a fraction of
+from rtk.prune.criteria import CRITERIA, SEARCHED
 
 
 class Target(Strict):
@@ -85,6 +83,9 @@ class Target(Strict):
         return f"{k}={v}" + (f" ({self.count})" if self.count != "all" else "")
 
 
+CANDIDATE_FAMILIES = ("sublayers", "blocks")  # what a search may remove: sublayers, or whole layers
+
+
 class SearchConfig(Strict):
     method: Literal["progressive", "one-shot", "global"] = Field(
         "progressive", description="progressive (re-score after each removal), one-shot (rank once), global (the "
@@ -92,12 +93,12 @@ class SearchConfig(Strict):
     normalize: Literal["params", "none", "cost"] = "params"
     target: Target = Target(params_removed=0.2)
     protect: list[str] = Field(default_factory=lambda: ["attn.0"])
-    candidates: Literal["sublayers", "blocks"] = Field(
+    candidates: Literal[CANDIDATE_FAMILIES] = Field(
         "sublayers", description="'blocks' removes whole layers (attn+mlp together)"
     )
-    criterion: Literal["ppl", "kl"] = Field(
-        "ppl", description="what a removal's relative impact is measured on: ppl (calibration perplexity, the "
-        "paper's) or kl (exp of the mean KL divergence from the original model's next-token distributions on the "
+    criterion: Literal[SEARCHED] = Field(
+        "ppl", description="what a removal's relative impact is measured on (a criterion of rtk.prune.criteria "
+        "searched with a scorer): ppl (calibration perplexity, the paper's) or kl (exp of the mean KL divergence from the original model's next-token distributions on the "
         "calibration blocks); plan.json's ppl_after stays calibration PPL either way")
     rescoring: Literal["full", "lazy"] = Field(
         "full", description="progressive: full re-scores every candidate each step (the paper's); lazy re-scores "
@@ -107,8 +108,7 @@ class SearchConfig(Strict):
     @classmethod
     def _names(cls, v):
         for name in v:
-            kind, _, idx = name.partition(".")
-            if kind not in ("attn", "mlp", "layer") or not idx.isdigit():
+            if not is_name(name):
                 raise ValueError(f"'{name}' is not a sublayer name like 'attn.0', 'mlp.12' or 'layer.3'")
         return v
 
@@ -116,9 +116,11 @@ class SearchConfig(Strict):
     def _lazy_is_progressive(self):
         if self.rescoring == "lazy" and self.method != "progressive":
             raise ValueError("rescoring: lazy applies to method: progressive (one-shot scores once)")
-        if self.criterion == "kl" and (self.target.ppl_increase is not None or self.target.ppl_max is not None):
-            raise ValueError("criterion: kl: a ppl_increase / ppl_max target is in calibration PPL, which a KL search "
-                             "does not measure at each step; give params_removed, sublayers or speedup")
+        ppl_target = self.target.ppl_increase is not None or self.target.ppl_max is not None
+        if ppl_target and not CRITERIA[self.criterion].measures_ppl:
+            raise ValueError(f"criterion: {self.criterion}: a ppl_increase / ppl_max target is in calibration PPL, "
+                             f"which a {self.criterion.upper()} search does not measure at each step; give "
+                             "params_removed, sublayers or speedup")
         if self.method == "global" and self.target.params_removed is None:
             raise ValueError("method: global supports target params_removed (a budget that adds up over sublayers)")
         return self
@@ -205,8 +207,7 @@ class ScoringConfig(Strict):
         return self
 
 
-FAMILIES = ("sublayers", "blocks", "spans")
-CRITERIA = ("ppl", "kl", "bi")
+FAMILIES = (*CANDIDATE_FAMILIES, "spans")  # select's: a search's candidates, or one run of consecutive layers
 
 
 class SelectConfig(Strict):
@@ -218,8 +219,8 @@ class SelectConfig(Strict):
     (calibration PPL, the paper's RI), kl (KL divergence from the original model's next-token distribution), bi
     (block influence, 1 - cos of the residual stream around the piece, ShortGPT; one pass, no removal)."""
 
-    families: list[Literal["sublayers", "blocks", "spans"]] = Field(default_factory=lambda: list(FAMILIES))
-    criteria: list[Literal["ppl", "kl", "bi"]] = Field(default_factory=lambda: ["ppl", "bi"])
+    families: list[Literal[FAMILIES]] = Field(default_factory=lambda: list(FAMILIES))
+    criteria: list[Literal[tuple(CRITERIA)]] = Field(default_factory=lambda: ["ppl", "bi"])
     finalists: int = Field(4, description="plans healed and judged: one per family first (its best before "
                            "healing), then the next best overall")
     heal: HealConfig = Field(default_factory=lambda: HealConfig(tokens=8192),
@@ -274,9 +275,10 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _kl_workers(self):
-        if self.search.criterion == "kl" and self.scoring.workers > 1:
-            raise ValueError("search.criterion: kl is not supported with scoring.workers > 1 (Ray); use one worker")
+    def _criterion_workers(self):
+        if not CRITERIA[self.search.criterion].ray and self.scoring.workers > 1:
+            raise ValueError(f"search.criterion: {self.search.criterion} is not supported with scoring.workers > 1 "
+                             "(Ray); use one worker")
         return self
 
     @model_validator(mode="after")
@@ -299,8 +301,10 @@ class Recipe(Strict):
         if self.search.criterion != "ppl":
             raise ValueError("search.criterion: select: names its criteria in select.criteria; leave search.criterion "
                              "at ppl")
-        if "kl" in sel.criteria and self.scoring.workers > 1:
-            raise ValueError("select.criteria: kl is not supported with scoring.workers > 1 (Ray); use one worker")
+        alone = [c for c in sel.criteria if not CRITERIA[c].ray]
+        if alone and self.scoring.workers > 1:
+            raise ValueError(f"select.criteria: {', '.join(alone)} is not supported with scoring.workers > 1 (Ray); "
+                             "use one worker")
         return self
 
     def fingerprint(self) -> str:

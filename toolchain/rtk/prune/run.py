@@ -15,18 +15,17 @@ from typing import Callable
 import torch
 
 from rtk import __version__
-from rtk.data import token_blocks
 from rtk.errors import RtkError
 from rtk.outdir import check_out, write_json_atomic
-from rtk.plan import PLAN_FILE, read_plan, write_plan
+from rtk.plan import PLAN_FILE, Plan, read_plan, write_plan
 from rtk.records.names import model_name
 from rtk.prune.config import Recipe
+from rtk.prune.criteria import describe, removal_order
+from rtk.prune.prepare import Setup, prepare
 from rtk.model.rewrite import apply_plan
-from rtk.model.speed import speed_model
 from rtk.model.sublayer import Sublayer, expand, model_order, owner_modules
-from rtk.model.params import counted_params, param_count, total_params
-from rtk.prune.scoring import candidates, existing_names, load_for_scoring, scorer_for
-from rtk.prune.search import StopRule, check_reachable, kl_state_in_calibration_ppl, run_search
+from rtk.model.params import param_count
+from rtk.prune.scoring import scorer_for
 
 STATE = "search_state.json"
 
@@ -54,17 +53,6 @@ def _measure_line(info: dict, recipe: Recipe, name: str) -> str:
             f"on {recipe.device}")
 
 
-def _check_lengths(model, recipe: Recipe) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    specs = [("data.calibration", recipe.data.calibration), ("data.evaluation", recipe.data.evaluation)]
-    if recipe.select is not None:
-        specs.append(("select.judge", recipe.select.judge))
-    for field, spec in specs:
-        if limit and spec.seq_len > limit:
-            raise RtkError(f"{field}.seq_len: {spec.seq_len} is longer than the model's "
-                           f"max_position_embeddings ({limit})")
-
-
 def _check_one_process(recipe: Recipe) -> None:
     """rtk prune is one process (its scoring spreads over Ray workers, not torchrun): under torchrun with several
     processes, one line that says how to heal on them instead."""
@@ -80,6 +68,8 @@ def _check_one_process(recipe: Recipe) -> None:
 
 def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[str], None] = print,
               max_steps: int | None = None) -> dict:
+    """setup -> search (or select:) -> evaluate -> rewrite -> heal -> export -> records, in OUT.partial, renamed
+    to OUT when complete."""
     from rtk.model.device import resolve_runtime
 
     _check_one_process(recipe)
@@ -87,187 +77,163 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
     out = Path(out)
     partial, complete = _check_out(out, recipe)
     if complete:
-        done = read_plan(out / PLAN_FILE)
-        if done.get("heal_fingerprint") != _heal_fingerprint(recipe):
-            raise RtkError(f"-o {out}: holds this recipe's plan " + ("healed differently" if done.get("heal")
-                           else "without healing") + f"; choose another folder (or heal it: rtk heal {out} -o NEW)")
-        echo(f"rtk: {out} already holds this recipe's result")
-        return done
+        return _finished(out, recipe, echo)
     if recipe.heal is not None and recipe.scoring.offload == "disk":
         raise RtkError("heal: trains the whole model in memory; scoring.offload: disk never holds it (prune "
                        "without heal:, then rtk heal OUT -o NEW where the model fits)")
     torch.manual_seed(0)
     t_start = time.perf_counter()
-    sc = recipe.scoring
-    pool = None
-    # with Ray workers the actors score on their devices; the driver's copy (for candidates and the export)
-    # stays on the CPU, or on disk with offload: disk
-    loaded = load_for_scoring(recipe, device="cpu" if sc.workers > 1 else None)
+    setup = prepare(recipe, progress, echo)
     try:
-        model, tokenizer, path = loaded.model, loaded.tokenizer, loaded.path
-        names = existing_names(model)
-        bad = [p for p in recipe.search.protect if p not in names]
-        if bad:
-            raise RtkError(f"search.protect: {', '.join(bad)} does not exist in this model "
-                           f"({len(model.model.layers)} layers: attn.0..attn.{len(model.model.layers) - 1}, "
-                           f"mlp.0..mlp.{len(model.model.layers) - 1})")
-        _check_lengths(model, recipe)
-        calib, calib_info = token_blocks(tokenizer, recipe.data.calibration, "data.calibration")
-        evalb, eval_info = token_blocks(tokenizer, recipe.data.evaluation, "data.evaluation")
-        heal_pool = None
-        if recipe.heal is not None:  # read (and checked) before the search
-            from rtk.heal.run import heal_blocks
-
-            heal_pool = heal_blocks(tokenizer, recipe.heal.data, recipe.heal.tokens, seed=recipe.heal.seed)
-        speed = speed_model(model.config, recipe.cost)
-        cost_fn = speed.cost_fn() if recipe.search.normalize == "cost" else None
-        cands = candidates(model, recipe.search.candidates, recipe.search.protect, cost_fn)
-        n_total = total_params(model)
-        target = recipe.search.target
-        n_counted = counted_params(model, target.count)
-        stop = StopRule(params_total=n_counted, speed=speed.speedup, count=target.count, **target.rules())
-        check_reachable(cands, stop, speed.describe()["model"])
-        if sc.workers > 1:
-            from rtk.prune.scoring.workers import WorkerPool
-
-            pool = WorkerPool(recipe, sc.workers, sc.ray_address, echo)
-        scorer = scorer_for(recipe, loaded, calib, progress, pool, "calibration")  # checks the memory budget
-
-        partial.mkdir(parents=True, exist_ok=True)
-        state_path = partial / STATE
-        saved = json.loads(state_path.read_text()) if state_path.is_file() else None
-        if recipe.select is not None:  # its state lives in select/; this file marks the folder as this recipe's
-            write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": None, "select": "select/"})
-            saved = None
-        if saved:
-            echo(f"rtk: resuming {partial} at step {len(saved['state']['steps'])} "
-                 f"({len(saved['state']['removed'])} removed)")
-        (partial / "recipe.yaml").write_text(recipe.to_yaml())
-        steps_at_start = len(saved["state"]["removed"]) if saved else 0
-
-        def save(state):
-            write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state}, indent=2)
-            if max_steps is not None and not state["done"] and len(state["removed"]) - steps_at_start >= max_steps:
-                raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
-                                   f"state in {partial}; rerun the same command to continue")
-
-        selection = None
-        if recipe.select is not None:
-            state, selection = _select(recipe, loaded, calib, scorer, speed, stop, cost_fn, partial, pool, progress,
-                                       echo)
-        else:
-            searcher = _kl_scorer(recipe, loaded, calib, progress, pool) if recipe.search.criterion == "kl" else scorer
-            state = run_search(searcher, cands, stop, recipe.search.method, recipe.search.normalize,
-                               state=saved["state"] if saved else None, save=save, log=lambda s: echo(f"rtk: {s}"),
-                               rescoring=recipe.search.rescoring)
-            if recipe.search.criterion == "kl":
-                state = kl_state_in_calibration_ppl(state, scorer)
-        removed_names = [e["name"] for e in state["removed"]]
-        removed_set = frozenset(expand(removed_names))
-
-        # the pruned model's PPL is the original's with the removed sublayers skipped (skip == absent: tested;
-        # the export below verifies the written folder against exactly that)
-        eval_scorer = scorer_for(recipe, loaded, evalb, False, pool, "evaluation", ppl_only=True)
-        eval_base = eval_scorer.ppl(frozenset())
-        eval_final = eval_scorer.ppl(removed_set)
-        name = model_name(recipe.model)
-        n_after = n_total - sum(param_count(_owner(model, n)) for n in removed_set)
-        plan = {
-            "rtk_version": __version__,
-            "model": recipe.model,
-            "model_path": path,
-            "recipe": recipe.model_dump(mode="json"),
-            "recipe_fingerprint": recipe.fingerprint(),
-            "params_total": n_total,
-            "params_after": n_after,
-            "params_removed": n_total - n_after,
-            "params_removed_fraction": (n_total - n_after) / n_total,
-            "params_counted": {"count": target.count, "total": n_counted,
-                               "removed_fraction": (n_total - n_after) / n_counted},
-            "ppl_base": state["ppl_base"],
-            "ppl_final": state["ppl_current"],
-            "calibration": {**calib_info, "measured": _measure_line(calib_info, recipe, name)},
-            "eval": {**eval_info, "ppl_base": eval_base, "ppl_final": eval_final,
-                     "measured": _measure_line(eval_info, recipe, name)},
-            "removed": [{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after", "kl_exp_after")
-                         if k in e} for e in state["removed"]],
-            "removed_sublayers": model_order(removed_set),
-            "steps": state["steps"],
-            "scoring": _scoring_record(recipe, scorer, loaded),
-            "speed": {**speed.describe(), "target": recipe.search.target.speedup,
-                      "predicted_speedup": speed.speedup(removed_set)},
-            "wall_seconds": round(time.perf_counter() - t_start, 1),
-        }
-        if selection is not None:
-            plan["selection"] = selection
-        model_dir = partial / "model"
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        recipe_yaml = (partial / "recipe.yaml").read_text()
-        if loaded.in_memory:
-            from rtk.export.safetensors import export_model
-
-            model = model.to("cpu") if loaded.offload == "cpu" else model
-            pruned = apply_plan(model, removed_names)
-            final, original = pruned, model
-            if recipe.heal is not None:
-                from rtk.heal.run import heal_model, student_copy
-
-                final, plan["heal"] = heal_model(student_copy(pruned), model, tokenizer, recipe.heal, evalb,
-                                                 eval_info, partial / "heal", _heal_fingerprint(recipe),
-                                                 ppl_before=eval_final, progress=progress, echo=echo, pool=heal_pool)
-                plan["heal"]["teacher"] = {"model": recipe.model, "path": path, "ppl": eval_base}
-                plan["heal_fingerprint"] = _heal_fingerprint(recipe)
-                plan["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-                original = None  # the healed weights differ from the original's: verified against the healed model
-            exported = export_model(final, tokenizer, model_dir, original=original, plan=plan,
-                                    recipe_yaml=recipe_yaml, source=path)
-        else:
-            from rtk.export.streamed import export_streamed
-
-            exported = export_streamed(path, model.config, removed_names, tokenizer, model_dir,
-                                       dtype=recipe.dtype, device=str(loaded.source.device), plan=plan,
-                                       recipe_yaml=recipe_yaml)
-        if exported["vllm_plugin"]:
-            echo(f"rtk: note: the model is {exported['vllm']}")
-        write_plan(partial / PLAN_FILE, plan)
-        from rtk.records.prune import write_report
-
-        write_report(plan, partial)
-        shutil.rmtree(partial / "heal", ignore_errors=True)  # checkpoints: the healed model is written
+        heal_pool = _heal_pool(setup)  # read (and checked) before the search
+        setup.scorer("ppl")  # checks the memory budget
+        state, selection = _search_or_select(setup, partial, echo, max_steps)
+        plan = _plan(setup, state, _evaluate(setup, state), selection, t_start)
+        plan = _rewrite_heal_export(setup, plan, partial, heal_pool, t_start, echo)
+        _records(plan, partial, recipe)
     finally:
-        if pool is not None:
-            pool.close()
-        loaded.close()
+        setup.close()
     partial.rename(out)
     return plan
 
 
-def _kl_scorer(recipe: Recipe, loaded, calib, progress: bool, pool):
-    """The KL criterion's scorer over the calibration blocks: exp(mean KL) from the original model's log-probs."""
-    from rtk.model.ppl import teacher_logprobs
+def _finished(out: Path, recipe: Recipe, echo) -> dict:
+    """OUT already holds this recipe's plan: returned, unless it was healed otherwise than the recipe says."""
+    done = read_plan(out / PLAN_FILE)
+    if done.get("heal_fingerprint") != _heal_fingerprint(recipe):
+        raise RtkError(f"-o {out}: holds this recipe's plan " + ("healed differently" if done.get("heal")
+                       else "without healing") + f"; choose another folder (or heal it: rtk heal {out} -o NEW)")
+    echo(f"rtk: {out} already holds this recipe's result")
+    return done
 
-    return scorer_for(recipe, loaded, calib, progress, pool, "calibration-kl",
-                      teacher_logprobs=teacher_logprobs(loaded.model, calib, recipe.scoring.batch_size))
+
+def _heal_pool(setup: Setup):
+    """heal:'s training blocks (None without healing)."""
+    h = setup.recipe.heal
+    if h is None:
+        return None
+    from rtk.heal.run import heal_blocks
+
+    return heal_blocks(setup.tokenizer, h.data, h.tokens, seed=h.seed)
 
 
-def _select(recipe: Recipe, loaded, calib, scorer, speed, stop, cost_fn, partial: Path, pool, progress: bool,
-            echo) -> tuple[dict, dict]:
-    """recipe select:: the winner's search state (calibration PPLs in ppl_base / ppl_current) and the record."""
-    from rtk.prune.select import judge_blocks, select_plan
+def _search_or_select(setup: Setup, partial: Path, echo, max_steps: int | None) -> tuple[dict, dict | None]:
+    """The search state in calibration PPL (saved in OUT.partial after every step, resumed from it) and, with
+    select:, the selection record."""
+    recipe = setup.recipe
+    partial.mkdir(parents=True, exist_ok=True)
+    state_path = partial / STATE
+    saved = json.loads(state_path.read_text()) if state_path.is_file() else None
+    (partial / "recipe.yaml").write_text(recipe.to_yaml())
+    if recipe.select is not None:  # its state lives in select/; this file marks the folder as this recipe's
+        from rtk.prune.select import select_plan
 
-    model, sel = loaded.model, recipe.select
-    scorers = {"ppl": scorer}
-    if "kl" in sel.criteria:
-        scorers["kl"] = _kl_scorer(recipe, loaded, calib, progress, pool)
-    jb, jinfo, jspans = judge_blocks(loaded.tokenizer, recipe)
-    jscorer = scorer_for(recipe, loaded, jb, False, pool, "judge", ppl_only=True)
-    fams = {f: candidates(model, f, recipe.search.protect, cost_fn) for f in ("sublayers", "blocks")}
-    state, record = select_plan(recipe, model, loaded.tokenizer, calib, scorers, fams, stop, speed,
-                                (jb, jinfo, jspans, jscorer), partial, progress, echo,
-                                f"{recipe.fingerprint()}-{sel.heal.fingerprint()}")
-    gone = frozenset(expand(e["name"] for e in state["removed"]))
-    return {**state, "ppl_base": scorer.ppl(frozenset()), "ppl_current": scorer.ppl(gone)}, record
+        write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": None, "select": "select/"})
+        return select_plan(setup, partial, echo, f"{recipe.fingerprint()}-{recipe.select.heal.fingerprint()}")
+    if saved:
+        echo(f"rtk: resuming {partial} at step {len(saved['state']['steps'])} "
+             f"({len(saved['state']['removed'])} removed)")
+    steps_at_start = len(saved["state"]["removed"]) if saved else 0
+
+    def save(state):
+        write_json_atomic(state_path, {"fingerprint": recipe.fingerprint(), "state": state}, indent=2)
+        if max_steps is not None and not state["done"] and len(state["removed"]) - steps_at_start >= max_steps:
+            raise SearchPaused(f"rtk: paused after {max_steps} step(s) with {len(state['removed'])} removed; "
+                               f"state in {partial}; rerun the same command to continue")
+
+    s = recipe.search
+    state = removal_order(s.criterion, setup, setup.cands[s.candidates], setup.stop_rule(), s.method, s.normalize,
+                          state=saved["state"] if saved else None, save=save, log=lambda m: echo(f"rtk: {m}"),
+                          rescoring=s.rescoring)
+    return state, None
+
+
+def _evaluate(setup: Setup, state: dict) -> dict:
+    """The evaluation text's PPL of the original and of the pruned model: the original's with the removed sublayers
+    skipped (skip == absent: tested; the export verifies the written folder against exactly that)."""
+    eval_scorer = scorer_for(setup.recipe, setup.loaded, setup.evalb, False, setup.pool, "evaluation", ppl_only=True)
+    removed = frozenset(expand(e["name"] for e in state["removed"]))
+    return {**setup.eval_info, "ppl_base": eval_scorer.ppl(frozenset()), "ppl_final": eval_scorer.ppl(removed)}
+
+
+def _plan(setup: Setup, state: dict, ev: dict, selection: dict | None, t_start: float) -> dict:
+    """plan.json (rtk.plan.Plan) of a finished search."""
+    recipe, model = setup.recipe, setup.model
+    removed_set = frozenset(expand(e["name"] for e in state["removed"]))
+    name = model_name(recipe.model)
+    n_total, n_counted = setup.params_total, setup.params_counted
+    n_after = n_total - sum(param_count(_owner(model, n)) for n in removed_set)
+    plan = Plan(
+        rtk_version=__version__, model=recipe.model, model_path=setup.loaded.path,
+        recipe=recipe.model_dump(mode="json"), recipe_fingerprint=recipe.fingerprint(),
+        params_total=n_total, params_after=n_after, params_removed=n_total - n_after,
+        params_removed_fraction=(n_total - n_after) / n_total,
+        params_counted={"count": recipe.search.target.count, "total": n_counted,
+                        "removed_fraction": (n_total - n_after) / n_counted},
+        ppl_base=state["ppl_base"], ppl_final=state["ppl_current"],
+        calibration={**setup.calib_info, "measured": _measure_line(setup.calib_info, recipe, name)},
+        eval={**ev, "measured": _measure_line(setup.eval_info, recipe, name)},
+        removed=[{k: e[k] for k in ("name", "layer", "kind", "params", "ri", "nri", "ppl_after", "kl_exp_after")
+                  if k in e} for e in state["removed"]],
+        removed_sublayers=model_order(removed_set), steps=state["steps"],
+        scoring=_scoring_record(recipe, setup.scorer("ppl"), setup.loaded),
+        speed={**setup.speed.describe(), "target": recipe.search.target.speedup,
+               "predicted_speedup": setup.speed.speedup(removed_set)},
+        wall_seconds=round(time.perf_counter() - t_start, 1),
+        **({"selection": selection} if selection is not None else {}))
+    return plan.model_dump(exclude_unset=True)
+
+
+def _rewrite_heal_export(setup: Setup, plan: dict, partial: Path, heal_pool, t_start: float, echo) -> dict:
+    """OUT.partial/model: the pruned model rewritten (with heal:, healed: plan gets `heal`), exported and verified;
+    a model scored from disk is streamed from its files."""
+    recipe, loaded = setup.recipe, setup.loaded
+    model_dir = partial / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    recipe_yaml = (partial / "recipe.yaml").read_text()
+    removed = [e["name"] for e in plan["removed"]]
+    if not loaded.in_memory:
+        from rtk.export.streamed import export_streamed
+
+        exported = export_streamed(loaded.path, setup.model.config, removed, setup.tokenizer, model_dir,
+                                   dtype=recipe.dtype, device=str(loaded.source.device), plan=plan,
+                                   recipe_yaml=recipe_yaml)
+    else:
+        from rtk.export.safetensors import export_model
+
+        model = setup.model.to("cpu") if loaded.offload == "cpu" else setup.model
+        final, original = apply_plan(model, removed), model
+        if recipe.heal is not None:
+            final, plan = _heal(setup, final, model, plan, partial, heal_pool, t_start, echo)
+            original = None  # the healed weights differ from the original's: verified against the healed model
+        exported = export_model(final, setup.tokenizer, model_dir, original=original, plan=plan,
+                                recipe_yaml=recipe_yaml, source=loaded.path)
+    if exported["vllm_plugin"]:
+        echo(f"rtk: note: the model is {exported['vllm']}")
+    return plan
+
+
+def _heal(setup: Setup, pruned, model, plan: dict, partial: Path, heal_pool, t_start: float, echo):
+    """heal:: the pruned model distilled from the original; the plan with its `heal` record."""
+    from rtk.heal.run import heal_model, student_copy
+
+    recipe, ev = setup.recipe, plan["eval"]
+    healed, rec = heal_model(student_copy(pruned), model, setup.tokenizer, recipe.heal, setup.evalb, setup.eval_info,
+                             partial / "heal", _heal_fingerprint(recipe), ppl_before=ev["ppl_final"],
+                             progress=setup.progress, echo=echo, pool=heal_pool)
+    rec["teacher"] = {"model": recipe.model, "path": setup.loaded.path, "ppl": ev["ppl_base"]}
+    return healed, {**plan, "heal": rec, "heal_fingerprint": _heal_fingerprint(recipe),
+                    "wall_seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def _records(plan: dict, partial: Path, recipe: Recipe) -> None:
+    """OUT.partial/{plan.json, report.md and its plots}; the healing checkpoints go (the healed model is written)."""
+    from rtk.records.prune import write_report
+
+    write_plan(partial / PLAN_FILE, plan)
+    write_report(plan, partial, describe(recipe.search.criterion))
+    shutil.rmtree(partial / "heal", ignore_errors=True)
 
 
 def _owner(model, name: str):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
 from rtk.errors import RtkError
+from rtk.model.sublayer import Sublayer
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,8 @@ class Candidate:
 
     @property
     def parts(self) -> tuple[str, ...]:
-        """The sublayers this candidate removes."""
-        if self.kind == "layer":
-            return (f"attn.{self.layer}", f"mlp.{self.layer}")
-        return (self.name,)
+        """The sublayers this candidate removes (its Sublayer's)."""
+        return Sublayer(self.layer, self.kind).parts
 
 
 class Scorer(Protocol):
@@ -307,25 +306,3 @@ def cover_knapsack(weights: list[float], costs: list[float], need: float, max_st
             take.append(rest[k])
             at = history[k][at]
     return take
-
-
-def kl_removals_in_calibration_ppl(removed: list[dict], scorer) -> None:
-    """A KL search's removals (in place): each ppl_after becomes the calibration PPL `scorer` measures for the set
-    removed so far (what every plan.json holds), the search's own exp(mean KL) kept beside it as kl_exp_after."""
-    from rtk.model.sublayer import expand
-
-    gone = frozenset()
-    for e in removed:
-        gone = gone | frozenset(expand([e["name"]]))
-        e["kl_exp_after"], e["ppl_after"] = e["ppl_after"], scorer.ppl(gone)
-
-
-def kl_state_in_calibration_ppl(state: dict, scorer) -> dict:
-    """A copy of a KL search's state in calibration PPL: its removals (kl_removals_in_calibration_ppl) and
-    ppl_base / ppl_current, the exp(mean KL) values kept as kl_exp_base / kl_exp_current."""
-    state = {**state, "removed": [dict(e) for e in state["removed"]]}
-    kl_removals_in_calibration_ppl(state["removed"], scorer)
-    state["kl_exp_base"], state["kl_exp_current"] = state["ppl_base"], state["ppl_current"]
-    state["ppl_base"] = scorer.ppl(frozenset())
-    state["ppl_current"] = state["removed"][-1]["ppl_after"] if state["removed"] else state["ppl_base"]
-    return state

@@ -2,10 +2,9 @@
 compared healed.
 
 1. Propose: one plan per family x criterion, each reaching search.target (params_removed or speedup):
-   - sublayers / blocks with ppl or kl: the recipe's search (progressive by default) over those candidates,
-     scored by calibration PPL or by KL from the original model (rtk.prune.scoring, `teacher_logprobs`);
-   - sublayers / blocks with bi: removal in ascending block influence (normalized as search.normalize says),
-     one-shot, from one pass of the dense model (rtk.prune.criteria);
+   - sublayers / blocks: the criterion's removal order over those candidates (rtk.prune.criteria): with ppl or
+     kl the recipe's search (progressive by default), with bi removal in ascending block influence (normalized
+     as search.normalize says), one-shot, from one pass of the dense model;
    - spans: every run of consecutive layers that reaches the target, the one with the lowest criterion.
 2. Judge before healing: every distinct plan's PPL on the judge blocks, held-out calibration text (the judge text
    minus the search's calibration blocks; the recipe refuses the evaluation text).
@@ -24,12 +23,10 @@ from typing import Callable, Optional
 
 from rtk.data import cut_blocks, same_text, token_spans
 from rtk.errors import RtkError
-from rtk.model.params import total_params
 from rtk.model.sublayer import expand, model_order
 from rtk.outdir import write_json_atomic
-from rtk.prune.criteria import boundary_influence, candidate_influence
-from rtk.prune.search import (Candidate, StopRule, kl_removals_in_calibration_ppl, normalized, ranked_removal,
-                              run_search)
+from rtk.prune.criteria import CRITERIA, removal_order
+from rtk.prune.search import Candidate, StopRule
 
 STATE = "state.json"
 
@@ -86,43 +83,33 @@ def _entries(run: list[Candidate], scorer, score: float) -> list[dict]:
     return out
 
 
-def propose(name: str, *, model, calib, scorers: dict, cands: dict, stop: StopRule, recipe,
-            state: Optional[dict], save: Callable[[dict], None], log: Callable[[str], None]) -> dict:
-    """One proposal's search state (resumed from `state`), in run_search's form: ppl_base / ppl_current in its
-    criterion's units (PPL, or exp(mean KL) for kl), removed, steps."""
+def _span(crit: str, setup, stop: StopRule) -> dict:
+    """The spans family's plan: of every run of layers that reaches the target, the lowest by `crit`."""
+    runs = span_plans(setup.cands["blocks"], stop)
+    scores = CRITERIA[crit].piece_scores(setup, runs)
+    best = min(scores, key=lambda k: (scores[k], runs[k][0].layer))
+    ppl = setup.scorer("ppl")
+    removed = _entries(runs[best], ppl, scores[best])
+    return {"method": "span", "ppl_base": ppl.ppl(frozenset()), "ppl_current": removed[-1]["ppl_after"],
+            "removed": removed, "steps": [{"step": 0, "criterion": crit,
+                                           "scores": {k: {crit: v} for k, v in scores.items()}, "chosen": best}],
+            "done": True, "criterion": crit}
+
+
+def propose(name: str, setup, stop: StopRule, state: Optional[dict], save: Callable[[dict], None],
+            log: Callable[[str], None]) -> dict:
+    """One proposal's search state (resumed from `state`), in run_search's form, in calibration PPL: ppl_base /
+    ppl_current, removed, steps."""
     family, crit = name.split("-")
-    s = recipe.search
-    if state and state.get("done"):
-        return state
+    s = setup.recipe.search
     if family == "spans":
-        runs = span_plans(cands["blocks"], stop)
-        if crit == "bi":
-            got = boundary_influence(model, calib, [(2 * r[0].layer, 2 * (r[-1].layer + 1)) for r in runs.values()],
-                                     recipe.scoring.batch_size)
-            scores = {k: got[(2 * r[0].layer, 2 * (r[-1].layer + 1))] for k, r in runs.items()}
-        else:
-            scores = {k: scorers[crit].ppl(frozenset(p for c in r for p in c.parts)) for k, r in runs.items()}
-        best = min(scores, key=lambda k: (scores[k], runs[k][0].layer))
-        removed = _entries(runs[best], scorers["ppl"], scores[best])
-        state = {"method": "span", "ppl_base": scorers["ppl"].ppl(frozenset()),
-                 "ppl_current": removed[-1]["ppl_after"], "removed": removed,
-                 "steps": [{"step": 0, "criterion": crit, "scores": {k: {crit: v} for k, v in scores.items()},
-                            "chosen": best}], "done": True}
-    elif crit == "bi":
-        cs = cands[family]
-        bi = candidate_influence(model, calib, [c.name for c in cs], recipe.scoring.batch_size)
-        ranking = {c.name: normalized(bi[c.name], c, s.normalize) for c in cs}
-        state = ranked_removal(ranking, cs, stop, scorers["ppl"], scorers["ppl"].ppl(frozenset()))
-        state["steps"] = [{"step": 0, "criterion": "bi", "scores": {c.name: {"bi": bi[c.name],
-                                                                            "nri": ranking[c.name]} for c in cs}}]
-    else:
-        state = run_search(scorers[crit], cands[family], stop, s.method, s.normalize, state=state, save=save,
-                           log=lambda m: log(f"{name}: {m}"), rescoring=s.rescoring)
-        if crit == "kl":  # ppl_after stays calibration PPL in every plan.json; the search's own value beside it
-            kl_removals_in_calibration_ppl(state["removed"], scorers["ppl"])
-    state["criterion"] = crit
-    save(state)
-    return state
+        if state and state.get("done"):
+            return state
+        state = _span(crit, setup, stop)
+        save(state)
+        return state
+    return removal_order(crit, setup, setup.cands[family], stop, s.method, s.normalize, state=state, save=save,
+                         log=lambda m: log(f"{name}: {m}"), rescoring=s.rescoring)
 
 
 def _order(proposals: list[dict]) -> list[dict]:
@@ -136,75 +123,87 @@ def _order(proposals: list[dict]) -> list[dict]:
     return firsts + [p for p in ranked if p not in firsts]
 
 
-def select_plan(recipe, model, tokenizer, calib, scorers: dict, cands: dict, stop: StopRule, speed, judge,
-                partial: Path, progress: bool, echo: Callable[[str], None], heal_fp: str) -> tuple[dict, dict]:
-    """(the winner's search state, the `selection` record). `judge` = (blocks, info, spans, judge scorer)."""
-    from rtk.heal.run import heal_model, student_copy
-    from rtk.model.rewrite import apply_plan
+class _Saved:
+    """OUT.partial/select/state.json: every proposal's search state, every judgement, every healing."""
 
-    sel = recipe.select
-    root = partial / "select"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / STATE
-    saved = json.loads(path.read_text()) if path.is_file() else {"proposals": {}, "judged": {}, "healed": {}}
+    def __init__(self, root: Path):
+        self.path = root / STATE
+        self.data = (json.loads(self.path.read_text()) if self.path.is_file()
+                     else {"proposals": {}, "judged": {}, "healed": {}})
 
-    def persist():
-        write_json_atomic(path, saved, indent=1)
+    def put(self, part: str, key: str, value) -> None:
+        self.data[part][key] = value
+        write_json_atomic(self.path, self.data, indent=1)
 
-    jblocks, jinfo, jspans, jscorer = judge
-    n_total = total_params(model)
+
+def _proposals(setup, saved: _Saved, jscorer, echo) -> list[dict]:
+    """Every family x criterion's plan, judged before healing."""
+    stop, ppl = setup.stop_rule(), setup.scorer("ppl")
     proposals = []
-    for name in proposal_names(sel):
+    for name in proposal_names(setup.recipe.select):
         fam, crit = name.split("-")
         echo(f"rtk: select: proposing {name}")
-
-        def save(st, name=name):
-            saved["proposals"][name] = st
-            persist()
-
-        st = propose(name, model=model, calib=calib, scorers=scorers, cands=cands, stop=stop, recipe=recipe,
-                     state=saved["proposals"].get(name), save=save, log=echo)
+        st = propose(name, setup, stop, saved.data["proposals"].get(name),
+                     lambda st, name=name: saved.put("proposals", name, st), echo)
         parts = model_order(expand(e["name"] for e in st["removed"]))
         key = ",".join(parts)
-        if key not in saved["judged"]:
-            saved["judged"][key] = {"judge": jscorer.ppl(frozenset(parts)),
-                                    "calibration": scorers["ppl"].ppl(frozenset(parts))}
-            persist()
-        removed_params = sum(e["params"] for e in st["removed"])
+        if key not in saved.data["judged"]:
+            saved.put("judged", key, {"judge": jscorer.ppl(frozenset(parts)), "calibration": ppl.ppl(frozenset(parts))})
+        judged = saved.data["judged"][key]
         proposals.append({"name": name, "family": fam, "criterion": crit, "method": st["method"],
                           "removed": [e["name"] for e in st["removed"]], "removed_sublayers": parts,
-                          "params_removed_fraction": removed_params / n_total,
-                          "predicted_speedup": speed.speedup(parts),
-                          "calibration_ppl": saved["judged"][key]["calibration"],
-                          "judge_ppl_before": saved["judged"][key]["judge"], "_key": key, "_state": st})
-    distinct, seen = [], {}
+                          "params_removed_fraction": sum(e["params"] for e in st["removed"]) / setup.params_total,
+                          "predicted_speedup": setup.speed.speedup(parts), "calibration_ppl": judged["calibration"],
+                          "judge_ppl_before": judged["judge"], "_key": key, "_state": st})
+    seen = {}
     for p in proposals:
         if p["_key"] in seen:
             p["same_as"] = seen[p["_key"]]
         else:
             seen[p["_key"]] = p["name"]
-            distinct.append(p)
-    finalists = _order(distinct)[: sel.finalists]
-    pool = finalist_pool(tokenizer, recipe, jspans)
+    return proposals
+
+
+def _heal_finalists(setup, finalists: list[dict], saved: _Saved, judge: tuple, pool, root: Path, heal_fp: str,
+                    echo) -> None:
+    """Each finalist healed briefly and judged again (its record updated; healings already saved are reused)."""
+    from rtk.heal.run import heal_model, student_copy
+    from rtk.model.rewrite import apply_plan
+
+    jblocks, jinfo = judge
     for k, p in enumerate(finalists, 1):
-        if p["_key"] not in saved["healed"]:
+        if p["_key"] not in saved.data["healed"]:
             echo(f"rtk: select: healing finalist {k}/{len(finalists)}: {p['name']} "
                  f"(judge PPL before {p['judge_ppl_before']:.3f})")
-            student = student_copy(apply_plan(model, p["removed"]))
-            _, rec = heal_model(student, model, tokenizer, sel.heal, jblocks, jinfo, root / f"heal-{p['name']}",
-                                f"{heal_fp}-{p['_key']}", ppl_before=p["judge_ppl_before"], progress=progress,
-                                echo=echo, pool=pool)
+            student = student_copy(apply_plan(setup.model, p["removed"]))
+            _, rec = heal_model(student, setup.model, setup.tokenizer, setup.recipe.select.heal, jblocks, jinfo,
+                                root / f"heal-{p['name']}", f"{heal_fp}-{p['_key']}", ppl_before=p["judge_ppl_before"],
+                                progress=setup.progress, echo=echo, pool=pool)
             del student
-            saved["healed"][p["_key"]] = {"judge_ppl_after": rec["eval"]["ppl_after"],
-                                          "loss_first": rec["loss_first"], "loss_last": rec["loss_last"],
-                                          "train_seconds": rec["train_seconds"], "tokens": rec["tokens"]}
-            persist()
-        p.update(saved["healed"][p["_key"]])
+            saved.put("healed", p["_key"], {"judge_ppl_after": rec["eval"]["ppl_after"],
+                                            "loss_first": rec["loss_first"], "loss_last": rec["loss_last"],
+                                            "train_seconds": rec["train_seconds"], "tokens": rec["tokens"]})
+        p.update(saved.data["healed"][p["_key"]])
         p["finalist"] = k
+
+
+def select_plan(setup, partial: Path, echo: Callable[[str], None], heal_fp: str) -> tuple[dict, dict]:
+    """(the winner's search state, calibration PPLs in ppl_base / ppl_current; the `selection` record)."""
+    from rtk.prune.scoring import scorer_for
+
+    sel = setup.recipe.select
+    root = partial / "select"
+    root.mkdir(parents=True, exist_ok=True)
+    saved = _Saved(root)
+    jblocks, jinfo, jspans = judge_blocks(setup.tokenizer, setup.recipe)
+    jscorer = scorer_for(setup.recipe, setup.loaded, jblocks, False, setup.pool, "judge", ppl_only=True)
+    proposals = _proposals(setup, saved, jscorer, echo)
+    finalists = _order([p for p in proposals if "same_as" not in p])[: sel.finalists]
+    pool = finalist_pool(setup.tokenizer, setup.recipe, jspans)
+    _heal_finalists(setup, finalists, saved, (jblocks, jinfo), pool, root, heal_fp, echo)
     winner = min(finalists, key=lambda p: (p["judge_ppl_after"], p["finalist"]))
     echo(f"rtk: select: {winner['name']} wins: judge PPL {winner['judge_ppl_before']:.3f} -> "
          f"{winner['judge_ppl_after']:.3f} after healing, predicted {winner['predicted_speedup']:.3f}x")
-    state = winner["_state"]
     record = {
         "winner": winner["name"],
         "rule": "lowest judge PPL after the brief healing, among the finalists (each family's best before healing "
@@ -215,4 +214,6 @@ def select_plan(recipe, model, tokenizer, calib, scorers: dict, cands: dict, sto
         "finalists": sel.finalists,
         "proposals": [{k: v for k, v in p.items() if not k.startswith("_")} for p in proposals],
     }
-    return state, record
+    ppl, state = setup.scorer("ppl"), winner["_state"]
+    gone = frozenset(expand(e["name"] for e in state["removed"]))
+    return {**state, "ppl_base": ppl.ppl(frozenset()), "ppl_current": ppl.ppl(gone)}, record

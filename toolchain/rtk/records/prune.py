@@ -71,7 +71,9 @@ def target_text(target: dict) -> str:
                      if v is not None and not (k == "count" and v == "all")) or "none"
 
 
-def write_report(plan: dict, out: Path) -> None:
+def write_report(plan: dict, out: Path, criterion: str) -> None:
+    """OUT/report.md and its plots; `criterion`: the search's criterion as its table says it
+    (rtk.prune.criteria.describe)."""
     out = Path(out)
     step0 = (plan.get("steps") or [{}])[0].get("scores", {})
     heat = _heatmap(plan, out) if step0 and all("ri" in v for v in step0.values()) else None
@@ -86,7 +88,7 @@ def write_report(plan: dict, out: Path) -> None:
         f"({plan['params_removed_fraction']:.1%} of all removed; {counted_text(plan)})",
         f"- Removed: {len(plan['removed'])} candidates ({n_attn} attention, {n_mlp} MLP sublayers)",
         f"- Search: {plan['recipe']['search']['method']}, normalize={plan['recipe']['search']['normalize']}, "
-        f"criterion {_criterion(plan['recipe']['search'])}, target {target_text(plan['recipe']['search']['target'])}, "
+        f"criterion {criterion}, target {target_text(plan['recipe']['search']['target'])}, "
         f"protect {', '.join(plan['recipe']['search']['protect']) or 'nothing'}",
         *([_speed_line(plan["speed"])] if plan.get("speed") else []),
         *(selection_lines(plan["selection"], out) if plan.get("selection") else []),
@@ -185,9 +187,3 @@ def _engine_line(sc: dict) -> str:
     if sc.get("workers", 1) > 1:
         parts.append(f"{sc['workers']} Ray workers")
     return "; ".join(parts)
-
-
-def _criterion(search: dict) -> str:
-    if search.get("criterion", "ppl") == "kl":
-        return "kl (RI from exp(mean KL) to the original on the calibration blocks; the PPLs here are calibration PPL)"
-    return "ppl (RI from calibration PPL)"

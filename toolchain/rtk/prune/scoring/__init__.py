@@ -4,8 +4,11 @@ the unpruned model's `teacher_logprobs`, exp(mean KL) from its next-token distri
 - `candidates`: what a search may remove, and parameter counts;
 - `per_candidate`: one candidate after another over the model in memory (activation reuse);
 - `layer_major`: one pass over the layers per step, all candidates' activation streams batched per layer;
-- `offload`: where the layers' weights come from (in memory, host memory, the safetensors files);
-- `workers`: Ray actors, each with its own replica or offloaded streamer, sharing the candidates.
+- `workers`: Ray actors, each with its own replica or offloaded streamer, sharing the candidates;
+- `influence`: block influence, one pass of the dense model (the bi criterion of rtk.prune.criteria).
+
+Where the layers' weights come from (in memory, host memory, the safetensors files: `scoring.offload`) is
+rtk.model.layers' (InMemory, CpuOffload, DiskOffload).
 
 `load_for_scoring` and `scorer_for` turn a recipe's `device`, `dtype` and `scoring:` into these.
 """
@@ -84,15 +87,4 @@ def scorer_for(recipe, loaded: Loaded, blocks, progress: bool = True, pool=None,
                             teacher_logprobs)
 
 
-def make_scorer(model, blocks, scoring, progress: bool = True, teacher_logprobs=None):
-    """A scorer over a model already in memory (rtk ablate and tests)."""
-    if scoring.engine == "per-candidate":
-        return ModelScorer(model, blocks, scoring.batch_size, scoring.reuse_activations, progress, teacher_logprobs)
-    from rtk.prune.scoring.layer_major import LayerMajorScorer
-    from rtk.model.layers import InMemory
-
-    return LayerMajorScorer(InMemory(model), blocks, scoring.batch_size, scoring.memory_bytes, scoring.streams,
-                            progress, teacher_logprobs=teacher_logprobs)
-
-
-__all__ = ["Loaded", "ModelScorer", "candidates", "existing_names", "load_for_scoring", "make_scorer", "scorer_for"]
+__all__ = ["Loaded", "ModelScorer", "candidates", "existing_names", "load_for_scoring", "scorer_for"]

@@ -29,6 +29,7 @@ from rtk.model.ppl import logits_kl, logits_nll, ppl_of
 from rtk.errors import RtkError
 from rtk.prune.search import Candidate
 from rtk.model.layers import LayerSource
+from rtk.model.sublayer import sublayer_name
 
 
 def _size(n: float) -> str:
@@ -177,8 +178,9 @@ class LayerMajorScorer:
     def _layer(self, run, j: int, x: torch.Tensor, lo: int, hi: int, removed, new: dict, alloc, slots=None) -> None:
         """Layer j over rows [lo, hi) of x, forking the new candidates of layer j from the base rows."""
         n = self.n
-        attn = f"attn.{j}" not in removed and self._has(j, "attn")
-        mlp = f"mlp.{j}" not in removed and self._has(j, "mlp")
+        a_name, m_name, l_name = (sublayer_name(k, j) for k in ("attn", "mlp", "layer"))
+        attn = a_name not in removed and self._has(j, "attn")
+        mlp = m_name not in removed and self._has(j, "mlp")
 
         def fork(name: str) -> int:
             slot = alloc()
@@ -187,13 +189,13 @@ class LayerMajorScorer:
             return slot
 
         self.layer_passes += (hi - lo) // n + len(new)
-        a_fork = fork(f"attn.{j}") if f"attn.{j}" in new else None  # first: it gets the MLP below
-        if f"layer.{j}" in new:
-            fork(f"layer.{j}")
+        a_fork = fork(a_name) if a_name in new else None  # first: it gets the MLP below
+        if l_name in new:
+            fork(l_name)
         if attn:
             self._apply(run, x, lo, hi, skip_attn=False, skip_mlp=True)
-        if f"mlp.{j}" in new:
-            fork(f"mlp.{j}")
+        if m_name in new:
+            fork(m_name)
         if mlp:
             end = hi if a_fork is None else (a_fork + 1) * n
             self._apply(run, x, lo, end, skip_attn=True, skip_mlp=False)
