@@ -3,7 +3,7 @@ many optimizer steps a token budget buys."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 

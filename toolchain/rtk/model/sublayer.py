@@ -63,6 +63,10 @@ class Sublayer:
         return tuple(s.name for s in self.split())
 
 
+def is_name(name) -> bool:
+    return NAME.fullmatch(str(name)) is not None
+
+
 def layer_of(name: str) -> int:
     return Sublayer.parse(name).layer
 
