@@ -42,14 +42,13 @@ def _unwrap(exc: Exception) -> Exception:
 class _Worker:
     """Runs inside a Ray actor: opens the model as the recipe says and scores the token blocks it is given."""
 
-    def __init__(self, recipe_json: dict, device: str, threads: Optional[int]):
+    def __init__(self, recipe, device: str, threads: Optional[int]):
+        """recipe: the driver's Recipe, pickled by Ray (its class travels by reference, so this module need not
+        import the recipe's)."""
         import torch
-
-        from rtk.prune.config import Recipe
 
         if threads:
             torch.set_num_threads(threads)
-        recipe = Recipe.model_validate(recipe_json)
         self.recipe = recipe.model_copy(update={"device": device,
                                                 "scoring": recipe.scoring.model_copy(update={"workers": 1,
                                                                                               "ray_address": None})})
@@ -107,7 +106,7 @@ class WorkerPool:
         actor = ray.remote(**opts)(_Worker)
         device = "cuda:0" if cuda else "cpu"  # an actor sees only its own GPU
         t0 = time.perf_counter()
-        self.actors = [actor.remote(recipe.model_dump(mode="json"), device, per_cpu) for _ in range(n)]
+        self.actors = [actor.remote(recipe, device, per_cpu) for _ in range(n)]
         hosts = self.get([a.ready.remote() for a in self.actors])
         echo(f"rtk: {n} Ray workers ready in {time.perf_counter() - t0:.0f}s on {', '.join(sorted(set(hosts)))}"
              f" ({'1 GPU' if cuda else f'{per_cpu} CPU'} each)")
