@@ -53,11 +53,18 @@ endif
 demo: install
 	BIN=$(BIN) bash bench/demo.sh
 
+# make test: the tests that start a vLLM server (marker vllm) run alone, after the others; the others run on
+# TEST_WORKERS pytest-xdist workers (2: this project's CI machines have 2 cores). Exit status 5 is pytest's "no
+# test selected", which PYTEST_ARGS naming only one kind of test gives the other run.
+TEST_WORKERS ?= 2
+XDIST        := -n $(TEST_WORKERS) --dist loadgroup
 test: install
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra $(XDIST) -m "not vllm" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -ra -m vllm $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not e2e and not vllm and not registry and not onnx and not heal" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra $(XDIST) -m "not e2e and not vllm and not registry and not onnx and not heal" \
+	  $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # Rewrite deploy/*.yml|yaml and the command blocks of deploy/README.md from `rtk deploy vllm`
 # (tests/test_deploy.py checks they match).

@@ -49,10 +49,15 @@ def vllm_serves_here() -> str | None:
     return None
 
 
-# What a test must be marked for when it runs it in this process: rtk's torch.onnx export and its distillation
-# loop. The guards are set before any test module imports rtk, so every caller holds the guarded function; a
-# test (or a fixture it is the first to need) that runs one unmarked fails and names the marker.
-HEAVY_WORK = {"onnx": ("rtk.export.onnx", "export_graph"), "heal": ("rtk.heal.trainer", "distill")}
+# What a test must be marked for when it runs it in this process: rtk's torch.onnx export, its distillation
+# loop, and starting a vLLM server (make test runs the vllm-marked tests alone, after the others). The guards are
+# set before any test module imports rtk, so every caller holds the guarded function; a test (or a fixture it is
+# the first to need) that runs one unmarked fails and names the marker.
+HEAVY_WORK = {"onnx": ("rtk.export.onnx", "export_graph"), "heal": ("rtk.heal.trainer", "distill"),
+              "vllm": ("rtk.serve.server", "VLLMServer.__enter__")}
+# a guard that holds only for some calls: a VLLMServer running a stand-in command (tests of the start/stop logic)
+# starts no vLLM
+GUARDED_WHEN = {"vllm": lambda server, *a, **kw: any("vllm" in str(word) for word in server.command)}
 _RUNNING: list = [None]  # the test item being set up or run
 
 
@@ -60,17 +65,21 @@ def _guard(marker: str, module: str, name: str) -> None:
     import functools
     import importlib
 
-    mod = importlib.import_module(module)
-    fn = getattr(mod, name)
+    owner = importlib.import_module(module)
+    *path, name = name.split(".")
+    for part in path:  # a method: Class.method
+        owner = getattr(owner, part)
+    fn = getattr(owner, name)
 
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
         item = _RUNNING[0]
-        if item is not None and not item.get_closest_marker(marker):
+        applies = GUARDED_WHEN.get(marker, lambda *a, **kw: True)(*args, **kwargs)
+        if item is not None and applies and not item.get_closest_marker(marker):
             pytest.fail(f"{item.nodeid} runs {module}.{name}: mark it @pytest.mark.{marker}", pytrace=False)
         return fn(*args, **kwargs)
 
-    setattr(mod, name, guarded)
+    setattr(owner, name, guarded)
 
 
 for _marker, (_module, _name) in HEAVY_WORK.items():

@@ -310,60 +310,45 @@ def test_deploy_files_and_readme_are_generated(smollm2_pruned_dir, tmp_path, mon
 
 # ---- real vLLM (CPU build) -------------------------------------------------------------------------------
 
-def _venv_env() -> dict:
-    """`python` on PATH is the interpreter running the tests (the venv with vLLM)."""
-    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
 @pytest.mark.e2e
 @pytest.mark.vllm
-def test_readme_cpu_command_serves_the_pruned_model(smollm2_pruned_dir, tmp_path):
-    """Start vLLM with the README's CPU command (model and port swapped), run verbatim by bash."""
-    from rtk.serve.server import VLLMServer, free_port
+def test_readme_cpu_command_serves_the_pruned_model_until_ctrl_c(smollm2_pruned_dir):
+    """deploy/README's CPU command (model and port swapped) is what `rtk deploy vllm ... --run` starts, argument
+    for argument; that server answers (/health, /v1/models, a completion, deploy/smoke.sh), and Ctrl-C stops it
+    and frees the port."""
+    from rtk.serve.server import free_port, port_in_use
 
     (args,) = [a for a, _ in readme_blocks() if "--device" in a and a[a.index("--device") + 1] == "cpu"]
     port = free_port()
-    r = rtk(*[str(smollm2_pruned_dir) if a == EXAMPLE else a for a in args], "--port", port)
+    args = [str(smollm2_pruned_dir) if a == EXAMPLE else a for a in args] + ["--port", str(port)]
+    r = rtk(*args)
     assert r.exit_code == 0, r.output
     env, argv = command_argv(r.stdout)
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1"} and argv[0] == "python", r.stdout
     name = argv[argv.index("--served-model-name") + 1]
     max_len = int(argv[argv.index("--max-model-len") + 1])
     assert name == smollm2_pruned_dir.parent.name and max_len == 2048
-    cmd = ["bash", "-c", r.stdout]  # verbatim; bash execs the last simple command
-    with VLLMServer(smollm2_pruned_dir, port=port, command=cmd, env=_venv_env(),
-                    log_path=tmp_path / "vllm.log") as server:
-        assert requests.get(server.url + "/health", timeout=5).status_code == 200
-        (model,) = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
-        assert model["id"] == name and model["max_model_len"] == max_len
-        resp = requests.post(server.url + "/v1/completions", timeout=120, json={
-            "model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}).json()
-        assert resp["usage"]["completion_tokens"] == 8 and resp["choices"][0]["text"].strip()
-        smoke = subprocess.run(["bash", str(DEPLOY / "smoke.sh"), server.url], capture_output=True, text=True,
-                               timeout=180)
-        assert smoke.returncode == 0, smoke.stderr
-        lines = smoke.stdout.splitlines()
-        assert lines[:2] == ["health: ok", f"model: {name} (max_model_len {max_len})"]
-        assert lines[2].startswith('completion: "The capital of France is')
-    bad = subprocess.run(["bash", str(DEPLOY / "smoke.sh"), server.url], capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.endswith(f"smoke: {server.url}/health failed\n")
-
-
-@pytest.mark.e2e
-@pytest.mark.vllm
-def test_run_serves_until_ctrl_c(smollm2_pruned_dir):
-    from rtk.serve.server import free_port, port_in_use
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from rtk.cli import run; run()", "deploy", "vllm",
-                             str(smollm2_pruned_dir), "--run", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **_venv_env()})
+    proc = subprocess.Popen([sys.executable, "-c", "from rtk.cli import run; run()", *args, "--run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
-        url = f"http://127.0.0.1:{port}"
-        assert lines[0].startswith("rtk: starting vLLM: ") and "--dtype float32" in lines[0], lines
-        assert lines[1] == f"rtk: serving '{smollm2_pruned_dir.parent.name}' at {url}/v1 (Ctrl-C stops it)\n", lines
+        assert lines[0].startswith("rtk: starting vLLM: "), lines
+        started = shlex.split(lines[0][len("rtk: starting vLLM: "):lines[0].rindex(" (log: ")])
+        assert started == [sys.executable, *argv[1:]]  # the README's command, run by this interpreter
+        assert lines[1] == f"rtk: serving '{name}' at {url}/v1 (Ctrl-C stops it)\n", lines
         assert requests.get(url + "/health", timeout=5).status_code == 200
+        (model,) = requests.get(url + "/v1/models", timeout=10).json()["data"]
+        assert model["id"] == name and model["max_model_len"] == max_len
+        resp = requests.post(url + "/v1/completions", timeout=120, json={
+            "model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}).json()
+        assert resp["usage"]["completion_tokens"] == 8 and resp["choices"][0]["text"].strip()
+        smoke = subprocess.run(["bash", str(DEPLOY / "smoke.sh"), url], capture_output=True, text=True,
+                               timeout=180)
+        assert smoke.returncode == 0, smoke.stderr
+        out = smoke.stdout.splitlines()
+        assert out[:2] == ["health: ok", f"model: {name} (max_model_len {max_len})"]
+        assert out[2].startswith('completion: "The capital of France is')
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     finally:
@@ -371,6 +356,8 @@ def test_run_serves_until_ctrl_c(smollm2_pruned_dir):
             proc.kill()
     assert proc.returncode == 0 and rest == "rtk: vLLM stopped\n"
     assert not port_in_use(port)
+    bad = subprocess.run(["bash", str(DEPLOY / "smoke.sh"), url], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.endswith(f"smoke: {url}/health failed\n")
 
 
 CHILD_HOLDS_PORT = r"""

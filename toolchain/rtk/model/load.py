@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,12 @@ def embedded_gguf(name: str) -> Path:
     if e.assembled:
         out = cache_dir() / e.gguf
         try:
-            return Path(importlib.import_module(e.module).assemble(out))  # checks the sha256 of what it writes
+            with cache_lock(out):  # the package writes in place: assemble beside it, then rename
+                if not out.is_file():
+                    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+                    importlib.import_module(e.module).assemble(tmp, overwrite=True)  # checks the sha256
+                    tmp.rename(out)
+                return Path(importlib.import_module(e.module).assemble(out))  # checks the sha256 of the file
         except Exception as exc:  # a chunk package missing, a checksum mismatch
             raise RtkError(f"model: embedded:{name}: {e.package} cannot assemble {out} "
                            f"({type(exc).__name__}: {exc})") from None
@@ -78,6 +84,22 @@ def gguf_to_folder(gguf: Path) -> Path:
     out = cache_dir() / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
+    with cache_lock(out):  # another process may be writing it: wait, then use its folder
+        if not (out / "config.json").is_file():
+            _dequantize(gguf, out)
+    return out
+
+
+def cache_lock(path: Path):
+    """A lock beside a cache entry, so that processes started together (pytest workers, parallel runs) make it
+    once."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{path}.lock")
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"rtk: dequantizing {gguf.name} once (cached in {out})", flush=True)
@@ -102,7 +124,6 @@ def gguf_to_folder(gguf: Path) -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def resolve(spec: str) -> str:
