@@ -77,3 +77,18 @@ def ppl_diff(nll_a: Sequence[float], nll_b: Sequence[float], tokens: Sequence[in
     ppl = lambda nll: np.exp(np.minimum(nll[idx].sum(axis=1) / t[idx].sum(axis=1), 700.0))  # noqa: E731
     point = math.exp(min(na.sum() / t.sum(), 700.0)) - math.exp(min(nb.sum() / t.sum(), 700.0))
     return _record(point, ppl(na) - ppl(nb), False, len(t))
+
+
+def doc_diff(a: Mapping[str, dict], b: Mapping[str, dict], metric: str, tasks: Sequence[str] | None = None) -> dict:
+    """score_diff of two models' per-document records ({task: {doc_id: [...], <metric>: [...]}}, as
+    rtk.bench.accuracy.harness.per_document reads them), documents matched by doc_id; `tasks`: those to average
+    (default: every task whose records have `metric` for both models)."""
+    names = [t for t in (tasks if tasks is not None else sorted(a)) if metric in a[t] and metric in b.get(t, {})]
+    if not names:
+        raise ValueError(f"no task has per-document {metric} for both models")
+    xs, ys = {}, {}
+    for t in names:
+        if a[t]["doc_id"] != b[t]["doc_id"]:
+            raise ValueError(f"task {t}: the two models were scored on different documents")
+        xs[t], ys[t] = a[t][metric], b[t][metric]
+    return score_diff(xs, ys)

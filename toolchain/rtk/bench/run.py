@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from rtk import pip_install
+from rtk import paired, pip_install
 from rtk.bench.config import BenchConfig
 from rtk.errors import RtkError
 from rtk.settings import DTYPE_BYTES
@@ -23,7 +23,7 @@ from rtk.bench import cost
 from rtk.model.load import rtk_config_of
 from rtk.bench.endpoint import served_model
 from rtk.bench.measure import measure_quality, measure_speed
-from rtk.bench.metrics import ratios
+from rtk.bench.metrics import paired_quality, ratios
 from rtk.bench.pool import Backends
 
 def _versions() -> dict:
@@ -183,6 +183,10 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     finally:
         pool.close()
     result["ratios"] = ratios(result, cfg)
+    if cfg.quality:
+        result["paired"] = {m["label"]: paired_quality(m["quality"], result["models"][0]["quality"])
+                            for m in result["models"][1:]}
+        result["paired_rule"] = paired.RULE
     ideal = {}
     for j in range(1, len(models)):
         if shapes[0] is not None and shapes[j] is not None:
