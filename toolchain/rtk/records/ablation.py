@@ -115,6 +115,7 @@ def markdown(res: dict) -> str:
     lines = _summary_lines(res, healed)
     lines += healed_section(res)
     lines += measured_section(res, w)
+    lines += paired_section(res)
     return "\n".join(lines + _winner_lines(res, w) + _variant_lines(res, w, healed))
 
 
@@ -322,6 +323,35 @@ def measured_section(res: dict, w: dict) -> list[str]:
                         for x in wls)
         lines.append(f"| {r['variant']} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
                      f"{_acc(zero_shot_avg(r))} |{cells} {r['decode_speedup_ideal_b1']:.3f} |")
+    return lines
+
+
+def _interval(p: dict | None) -> str:
+    """A paired difference (rtk.paired) as '+d [low, high] verdict', '-' where none was computed."""
+    if not p:
+        return "- | -"
+    return f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] | {p['verdict']}"
+
+
+def paired_section(res: dict) -> list[str]:
+    """Every variant against the dense model on the same blocks and documents: eval PPL and zero-shot average
+    (and, after --heal, the healed model's zero-shot), each difference with its paired 95% interval and the
+    verdict read from it."""
+    rows = [r for r in res["rows"] if r.get("eval_vs_dense") or r.get("bench", {}).get("zero_shot_vs_dense")]
+    if not rows:
+        return []
+    healed = any((r.get("healed") or {}).get("bench", {}).get("zero_shot_vs_dense") for r in rows)
+    lines = ["", "## Against the dense model (paired)", "",
+             f"Differences variant - dense on the same eval blocks and the same documents; {res.get('paired_rule') or 'paired bootstrap 95% interval'}. "
+             "Lower PPL is better, higher accuracy is better.", "",
+             "| variant | target | eval PPL diff [95%] | verdict | zero-shot avg diff [95%] | verdict |"
+             + (" healed zero-shot diff [95%] | verdict |" if healed else ""),
+             "|---|---:|---|---|---|---|" + ("---|---|" if healed else "")]
+    for r in rows:
+        h = (r.get("healed") or {}).get("bench", {}).get("zero_shot_vs_dense")
+        lines.append(f"| {r['variant']} | {r['target']:.0%} | {_interval(r.get('eval_vs_dense'))} | "
+                     f"{_interval(r.get('bench', {}).get('zero_shot_vs_dense'))} |"
+                     + (f" {_interval(h)} |" if healed else ""))
     return lines
 
 
