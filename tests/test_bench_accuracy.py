@@ -50,6 +50,10 @@ def test_conversion_to_hub_fields_counts_and_records():
     hs = _convert("hellaswag")
     assert len(hs) == 10042 and hs[0]["label"] == "3" and len(hs[0]["endings"]) == 4
     wg = _convert("winogrande")
+    # TaskSpec.docs, what select.judge's limits are checked against before any work, are the files' counts
+    assert {n: s.docs for n, s in T.TASKS.items()} == {
+        "piqa": len(piqa), "arc_easy": len(arc), "arc_challenge": 1172, "boolq": len(boolq), "hellaswag": len(hs),
+        "winogrande": len(wg)}
     assert len(wg) == 1267 and wg[0] == {
         "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
         "option1": "Sarah", "option2": "Maria", "answer": "2"}
