@@ -203,6 +203,29 @@ def test_results_and_printed_table_are_read(tmp_path):
         harness.parse_results(f, ts2)
 
 
+def test_bench_never_reports_on_the_documents_that_chose_the_model(tmp_path, tiny_folder):
+    """A candidate that select: chose by judging PIQA's last 200 documents (its plan.json) is refused a report that
+    reads them, in one line before any work; stopping before them is accepted (the check passes)."""
+    import shutil
+
+    from rtk.bench.run import check_judged_documents
+    from rtk.cli import main
+
+    cand = tmp_path / "cand"
+    shutil.copytree(tiny_folder, cand)
+    judge = {"kind": "tasks", "tasks": {"piqa": {"judge_documents": [1638, 1837], "of": 1838}}}
+    (cand / "plan.json").write_text(json.dumps({"removed_sublayers": [], "selection": {"judge": judge}}))
+    for limit, shown in (["--limit", "1700"], "1700"), ([], "none (all documents)"):
+        r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_folder), "--candidate", str(cand), "-o",
+                                      str(tmp_path / "b"), "--tasks", "piqa,boolq", "--skip", "speed", *limit])
+        assert r.exit_code == 1 and r.output == (
+            f"Error: --limit {shown}: {cand} was chosen by judging piqa documents 1638-1837 (its plan.json); the "
+            "documents that judge never report: --limit 1638 or less\n")
+        assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    check_judged_documents(cand, ["piqa"], 1638)
+    check_judged_documents(cand, ["boolq"], None)  # not judged on BoolQ: all of it may report
+
+
 def test_lm_eval_missing_is_one_clear_error(monkeypatch, tmp_path, tiny_folder):
     import importlib.util
 

@@ -137,7 +137,26 @@ def check_inputs(cfg: BenchConfig):
     from rtk.bench.accuracy.tasks import prepare
 
     harness.check_installed()
+    for m in cfg.candidates:
+        check_judged_documents(Path(m), cfg.tasks, cfg.limit)
     return prepare(cfg.tasks)
+
+
+def check_judged_documents(folder: Path, tasks: list[str], limit: Optional[int]) -> None:
+    """A model that `select:` chose by judging task documents (plan.json beside its weights: selection.judge) is
+    never reported on those documents: --limit must stop before them."""
+    import json
+
+    try:
+        judge = json.loads((folder / "plan.json").read_text())["selection"]["judge"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for t, rec in (judge.get("tasks") or {}).items() if judge.get("kind") == "tasks" else ():
+        first, last = rec["judge_documents"]
+        if t in tasks and (limit is None or limit > first):
+            raise RtkError(f"--limit {limit or 'none (all documents)'}: {folder} was chosen by judging {t} "
+                           f"documents {first}-{last} (its plan.json); the documents that judge never report: "
+                           f"--limit {first} or less")
 
 
 def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = print, taskset=None) -> dict:
