@@ -166,8 +166,15 @@ def test_select_heals_finalists_on_held_out_text_and_keeps_the_best(tmp_path, ti
     fins = [p for p in props.values() if p.get("finalist")]
     assert sorted(p["finalist"] for p in fins) == [1, 2]
     assert len({p["family"] for p in fins}) == 2  # the best of two families, not two plans of one
-    win = min(fins, key=lambda p: p["judge_ppl_after"])
-    assert sel["winner"] == win["name"] and plan["removed_sublayers"] == win["removed_sublayers"]
+    best = min(fins, key=lambda p: p["judge_ppl_after"])
+    d = sel["decision"]  # the best wins unless its lead is inside the paired interval: then the fastest tied one
+    assert d["best_on_judge"] == best["name"] and set(d["leads"]) == {p["name"] for p in fins} - {best["name"]}
+    tied = [props[n] for n in d["tied"]]
+    assert d["tie"] == (len(tied) > 1) and all((d["leads"][p["name"]]["verdict"] == "better") == (p not in tied)
+                                                for p in fins if p is not best)
+    win = max(tied, key=lambda p: p["predicted_speedup"]) if d["tie"] else best
+    assert all(len(p["judge_block_nll"]) == 3 for p in fins)
+    assert sel["winner"] == d["winner"] == win["name"] and plan["removed_sublayers"] == win["removed_sublayers"]
     assert plan["ppl_final"] == pytest.approx(win["calibration_ppl"])
     for p in props.values():  # every plan reaches the target; spans are one run of layers
         if p["family"] == "spans":
