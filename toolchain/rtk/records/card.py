@@ -216,8 +216,9 @@ def bench_sections(res: dict, label: str, folder: str) -> dict[str, list[str]]:
         w0, w1 = q0["wikitext2"], q1["wikitext2"]
         diff, word = interval_text(paired.get("wikitext2.ppl"))
         parts["evaluation"] += ["", f"WikiText-2 PPL in the same run ({res['config']['backend']} backend): base "
-                                f"{w0['ppl']:.3f}, this model {w1['ppl']:.3f}; difference {diff} (95% interval "
-                                f"over the blocks): {word}."]
+                                f"{w0['ppl']:.3f}, this model {w1['ppl']:.3f}"
+                                + (f"; difference {diff} (95% interval over the blocks): {word}." if paired.get(
+                                    "wikitext2.ppl") else ".")]
     if cand.get("speed") and res["serving"]:
         parts["performance"] += [how_served(res), "", "| metric | base | this model | speedup [min, max over rounds] |",
                                  "|---|---:|---:|---|", *speed_rows(res, label), "",
