@@ -171,6 +171,14 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
         assert f"| {row['variant']} | {row['target']:.0%} | {ev['diff']:+.3f} [{ev['low']:+.3f}, {ev['high']:+.3f}] | " \
                f"{ev['verdict']} | {vs['diff']:+.3f} [" in md
     assert "## Against the dense model (paired)" in md
+    # each winner's lead over the runner-up, paired, beside the winner's name
+    for kind in ("ppl", "zero_shot"):
+        for t, lead in res["leads"][kind].items():
+            rows = [r for r in res["rows"] if r["target"] == float(t)]
+            assert {lead["best"], lead["runner_up"]} <= {r["variant"] for r in rows} and len(rows) > 1
+            assert f"**{lead['best']}** (over {lead['runner_up']}: {lead['diff']:+.3f} [" in md
+    best = min((r for r in res["rows"] if r["target"] == 0.03), key=lambda r: r["eval_ppl"])
+    assert res["leads"]["ppl"]["0.03"]["best"] == best["variant"] and res["leads"]["ppl"]["0.03"]["diff"] <= 0
     assert (out / "measured_speedup_vs_ppl.png").stat().st_size > 0
     # the same command again measures nothing; other settings are refused
     n = len(FakeServed.opened)

@@ -318,3 +318,4 @@ def test_finalists_judged_by_lm_eval_on_the_judge_documents(tmp_path, tiny_dir):
     assert got["judge_score"] == sum(got["judge_per_doc"]["piqa"]["acc"]) / 2
     assert '--samples {"rtk_piqa":[1836,1837]}' in got["judge_command"].replace("'", "")
     assert not (tmp_path / "judge-blocks-bi").exists() and "2 chosen docs" in said[0]
+    assert said[0].startswith("rtk: select:   lm_eval (hf)") and (tmp_path.parent / got["judge_results_file"]).is_file()

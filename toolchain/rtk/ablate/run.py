@@ -91,9 +91,39 @@ def vs_dense(rec: dict, dense: dict) -> Optional[dict]:
         raise RtkError(f"--bench: {exc}") from None
 
 
+def _zero_shot(rec: Optional[dict]) -> Optional[dict]:
+    zs = (rec or {}).get("bench", {}).get("zero_shot", {})
+    return zs if zs.get("per_doc") else None
+
+
+def leads(res: dict) -> dict:
+    """Per target, the best variant against the runner-up on the same blocks or documents (rtk.paired): lowest eval
+    PPL ("ppl"), best zero-shot average ("zero_shot"), best zero-shot after healing ("healed_zero_shot")."""
+    tokens = res["eval"]["seq_len"] - 1
+    kinds = {"ppl": (lambda r: r.get("eval_block_nll"), lambda r: -r["eval_ppl"],
+                     lambda a, b: paired.ppl_diff(a, b, [tokens] * len(a))),
+             "zero_shot": (lambda r: _zero_shot(r), lambda r: _zero_shot(r)["avg_acc"],
+                           lambda a, b: paired.doc_diff(a["per_doc"], b["per_doc"], "acc")),
+             "healed_zero_shot": (lambda r: _zero_shot(r.get("healed")), lambda r: _zero_shot(r["healed"])["avg_acc"],
+                                  lambda a, b: paired.doc_diff(a["per_doc"], b["per_doc"], "acc"))}
+    out = {}
+    for kind, (get, score, compare) in kinds.items():
+        for t in res["targets"]:
+            rows = sorted((r for r in res["rows"] if r["target"] == t and get(r)), key=lambda r: -score(r))
+            if len(rows) > 1:
+                try:
+                    lead = compare(get(rows[0]), get(rows[1]))
+                except ValueError as exc:
+                    raise RtkError(f"--bench: {exc}") from None
+                out.setdefault(kind, {})[str(t)] = {"best": rows[0]["variant"], "runner_up": rows[1]["variant"],
+                                                    **lead}
+    return out
+
+
 def attach_bench(res: dict, root: Path) -> dict:
     """Put the measurements saved in ROOT/state/bench.json (if any) on the dense record and the rows, each
-    folder's zero-shot with its paired difference to the dense model's (zero_shot_vs_dense)."""
+    folder's zero-shot with its paired difference to the dense model's (zero_shot_vs_dense); then each winner's
+    lead over its runner-up (leads)."""
     saved = load_json(Path(root) / "state" / "bench.json", None)
     if saved:
         got = saved["models"]
@@ -105,6 +135,7 @@ def attach_bench(res: dict, root: Path) -> dict:
                 r["bench"] = {**got[r["model_dir"]], "zero_shot_vs_dense": vs_dense(got[r["model_dir"]], dense)}
         res["bench_config"] = saved["config"]
         res["paired_rule"] = paired.RULE
+    res["leads"] = leads(res)
     return res
 
 

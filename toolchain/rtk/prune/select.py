@@ -175,7 +175,8 @@ def _proposals(setup, saved: _Saved, jscorer, echo) -> list[dict]:
 def judge_on_tasks(healed, setup, name: str, root: Path, echo) -> dict:
     """A healed finalist's lm-eval scores on the judge documents: saved to OUT.partial/select/judge-NAME and run
     as rtk bench's in-process backends run it (rtk.bench.accuracy.harness, lm-eval's `hf` model on the folder),
-    on the last `limit` documents of each task (--samples)."""
+    on the last `limit` documents of each task (--samples). lm-eval's results and per-document samples stay in
+    OUT/select/lm_eval/judge-NAME/ (judge_results_file, relative to OUT)."""
     import shutil
 
     from rtk.bench.accuracy import harness
@@ -190,12 +191,13 @@ def judge_on_tasks(healed, setup, name: str, root: Path, echo) -> dict:
     taskset = prepare_tasks(j.tasks)
     spec = harness.hf_run(str(folder), taskset, None, dtype=recipe.dtype, device=recipe.device)
     spec.samples = {taskset.lm_eval_name(t): list(judge_documents(t, j.limit)) for t in j.tasks}
-    run = harness.run(spec, root, f"judge-{name}", echo)
+    run = harness.run(spec, root, f"judge-{name}", lambda m: echo(m.replace("rtk bench:", "rtk: select:", 1)))
     shutil.rmtree(folder)  # the healed weights are not kept: the checkpoint in heal-NAME/ is
     per = {t: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "n")} for t, r in run["tasks"].items()}
     score = sum(r[j.metric] for r in per.values()) / len(per)
     return {"judge_score": score, "judge_tasks": per, "judge_per_doc": run["per_doc"],
-            "judge_command": run["command"], "judge_seconds": run["seconds"]}
+            "judge_command": run["command"], "judge_seconds": run["seconds"],
+            "judge_results_file": str(Path(run["results_file"]).relative_to(root.parent))}  # lm-eval's samples beside
 
 
 def check_judge(sel) -> None:

@@ -161,16 +161,30 @@ def _summary_lines(res: dict, healed: bool) -> list[str]:
     return lines
 
 
+def lead_text(res: dict, kind: str, target, best: str | None) -> str:
+    """' (over RUNNER-UP: +d [low, high], verdict)': a winner's lead on the same blocks / documents, where known."""
+    p = res.get("leads", {}).get(kind, {}).get(str(target))
+    if not p or p["best"] != best:
+        return ""
+    return f" (over {p['runner_up']}: {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['verdict']})"
+
+
 def _winner_lines(res: dict, w: dict) -> list[str]:
-    """## Winners per target: eval PPL, ideal and measured speed, zero-shot, the Pareto sets."""
+    """## Winners per target: eval PPL, ideal and measured speed, zero-shot (each lead with its paired interval
+    over the runner-up, where known), the Pareto sets."""
     lines = ["", "## Winners", ""]
+    if res.get("leads"):
+        lines += ["A lead in brackets is the winner minus the runner-up on the same blocks or documents, with its "
+                  "paired 95% interval: only \"better\" says the lead is real.", ""]
     for t in res["targets"]:
         if str(t) in w["ppl"]:
-            lines.append(f"- {t:.0%} removed: lowest eval PPL **{w['ppl'][str(t)]}**; highest ideal decode speedup "
+            lines.append(f"- {t:.0%} removed: lowest eval PPL **{w['ppl'][str(t)]}**"
+                         f"{lead_text(res, 'ppl', t, w['ppl'][str(t)])}; highest ideal decode speedup "
                          f"**{w['speed'][str(t)]}**.")
     for t, v in w.get("measured_speed", {}).items():
+        zs = w.get("zero_shot", {}).get(t)
         lines.append(f"- {float(t):.0%} removed: highest measured speedup (vLLM, {MEASURED} workload, tokens/s) "
-                     f"**{v}**; best zero-shot average **{w.get('zero_shot', {}).get(t, '-')}**.")
+                     f"**{v}**; best zero-shot average **{zs or '-'}**{lead_text(res, 'zero_shot', t, zs)}.")
     for wl, eq in [(MEASURED, w.get("equal_measured_speed", {})), *w.get("equal_measured_speed_other", {}).items()]:
         for sp, e in eq.items():
             ppls = ", ".join(f"{k} {x:.1f}" for k, x in sorted(e["ppl"].items(), key=lambda kv: kv[1]))
@@ -275,7 +289,8 @@ def healed_section(res: dict) -> list[str]:
         zw = best_zs.get(t)
         lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**, "
                      f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
-                     + (f"; best zero-shot after healing **{zw}**." if zw else "."))
+                     + (f"; best zero-shot after healing **{zw}**{lead_text(res, 'healed_zero_shot', t, zw)}."
+                        if zw else "."))
     return lines
 
 
