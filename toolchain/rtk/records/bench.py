@@ -182,7 +182,7 @@ def _quality_lines(res: dict) -> list[str]:
         lines += [ACCURACY_HEAD[0].format(name=m["label"]), ACCURACY_HEAD[1],
                   *accuracy_rows(q0, m["quality"], paired.get(m["label"])), ""]
     lines += ["Each model's numbers as lm-eval printed them, and the command that reproduces them "
-              "(`--output_path` left out):", ""]
+              "(`--output_path` and `--log_samples`, which write the files, left out):", ""]
     for m in models:
         le = m["quality"]["lm_eval"]
         lines += [f"**{m['label']}** ({le['seconds']} s; raw results `{le['results_file']}`):", "", "```bash",
