@@ -267,6 +267,11 @@ def test_heal_then_bench_measures_the_healed_models_zero_shot_without_serving_th
     assert abl["winners"]["healed_zero_shot"] == {"0.03": best}
     md = (out / "ablation.md").read_text()
     assert "zero-shot avg pruned | after healing |" in md and f"best zero-shot after healing **{best}**" in md
+    if len(abl["rows"]) > 1:  # each lead after healing beside its winner, with its paired interval
+        hz, hp = abl["leads"]["healed_zero_shot"]["0.03"], abl["leads"]["healed_ppl"]["0.03"]
+        assert hz["best"] == best and f"**{best}** (over {hz['runner_up']}: {hz['diff']:+.3f} [" in md
+        assert hp["best"] == min(abl["rows"], key=lambda row: row["healed"]["eval_ppl"])["variant"]
+        assert hp["n"] == 2 and f"after **{hp['best']}** (over {hp['runner_up']}: " in md
     n, m = len(FakeServed.opened), len(evaluated)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0 and (len(FakeServed.opened), len(evaluated)) == (n, m), res.output

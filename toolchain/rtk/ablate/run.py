@@ -98,10 +98,13 @@ def _zero_shot(rec: Optional[dict]) -> Optional[dict]:
 
 def leads(res: dict) -> dict:
     """Per target, the best variant against the runner-up on the same blocks or documents (rtk.paired): lowest eval
-    PPL ("ppl"), best zero-shot average ("zero_shot"), best zero-shot after healing ("healed_zero_shot")."""
+    PPL ("ppl"), after healing ("healed_ppl"), best zero-shot average ("zero_shot"), best zero-shot after healing
+    ("healed_zero_shot")."""
     tokens = res["eval"]["seq_len"] - 1
-    kinds = {"ppl": (lambda r: r.get("eval_block_nll"), lambda r: -r["eval_ppl"],
-                     lambda a, b: paired.ppl_diff(a, b, [tokens] * len(a))),
+    ppl = lambda a, b: paired.ppl_diff(a, b, [tokens] * len(a))  # noqa: E731
+    kinds = {"ppl": (lambda r: r.get("eval_block_nll"), lambda r: -r["eval_ppl"], ppl),
+             "healed_ppl": (lambda r: (r.get("healed") or {}).get("eval_block_nll"), lambda r: -r["healed"]["eval_ppl"],
+                            ppl),
              "zero_shot": (lambda r: _zero_shot(r), lambda r: _zero_shot(r)["avg_acc"],
                            lambda a, b: paired.doc_diff(a["per_doc"], b["per_doc"], "acc")),
              "healed_zero_shot": (lambda r: _zero_shot(r.get("healed")), lambda r: _zero_shot(r["healed"])["avg_acc"],
@@ -240,7 +243,8 @@ def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str]
                 "eval_ppl_before": rec["eval"]["ppl_before"], "loss_first": rec["loss_first"],
                 "loss_last": rec["loss_last"], "tokens": rec["tokens"], "train_seconds": rec["train_seconds"],
                 "tokens_per_second": rec["tokens_per_second"], "wall_seconds": rec["wall_seconds"],
-                "loss_curve": [[s["tokens"], s["loss"]] for s in hist["steps"]]}
+                "loss_curve": [[s["tokens"], s["loss"]] for s in hist["steps"]],
+                "eval_block_nll": model_block_nll(healed, evalb, recipe.scoring.batch_size)}
             write_json_atomic(path, saved)
             clean_dir(state_dir)
     return attach_heal(res, root)

@@ -287,8 +287,9 @@ def healed_section(res: dict) -> list[str]:
     for t, rk in ranks.items():
         same = "the same order" if rk["before"] == rk["after"] else "a different order"
         zw = best_zs.get(t)
-        lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**, "
-                     f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
+        lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**"
+                     f"{lead_text(res, 'ppl', t, rk['before'][0])}, after **{rk['after'][0]}**"
+                     f"{lead_text(res, 'healed_ppl', t, rk['after'][0])}; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
                      + (f"; best zero-shot after healing **{zw}**{lead_text(res, 'healed_zero_shot', t, zw)}."
                         if zw else "."))
     return lines
