@@ -290,7 +290,8 @@ class SelectConfig(Strict):
     """Selection judged after healing (rtk.prune.select): one plan per candidate family x criterion, each reaching
     search.target; the `finalists` most promising are healed briefly (`heal`) and judged by their PPL on held-out
     calibration text (`judge`: blocks that neither the search's calibration nor this healing touched, never the
-    evaluation text); the best after healing is the output. Families: sublayers (attention / MLP branches),
+    evaluation text), or by lm-eval on the user's tasks (`judge: {tasks, limit}`, TaskJudge); the best after healing
+    is the output unless its lead is inside the paired interval (then the fastest tied finalist). Families: sublayers (attention / MLP branches),
     blocks (whole layers), spans (one run of consecutive layers, Minitron's depth pruning). Criteria: ppl
     (calibration PPL, the paper's RI), kl (KL divergence from the original model's next-token distribution), bi
     (block influence, 1 - cos of the residual stream around the piece, ShortGPT; one pass, no removal)."""
