@@ -46,9 +46,11 @@ def fake_lm_eval(spec, work, label, echo=print):
     from the folder's parameter count, n = the limit, for the tasks asked."""
     p = model_params(rtk_config_of(spec.model_args["pretrained"]))
     assert spec.model == "hf" and spec.tasks.lm_eval_names == ("rtk_piqa", "rtk_arc_easy")
+    docs = {t: {"doc_id": list(range(spec.limit)), "acc": [float((p + i) % 3 == 0) for i in range(spec.limit)]}
+            for t in spec.tasks.names}
     return {"command": spec.command(), "tasks": {t: {"acc": p % 97 / 97, "acc_stderr": 0.1, "acc_norm": 0.5,
                                                      "acc_norm_stderr": 0.1, "n": spec.limit}
-                                                 for t in spec.tasks.names}}
+                                                 for t in spec.tasks.names}, "per_doc": docs}
 
 
 def test_speedups_are_per_round_ratios():
@@ -161,6 +163,22 @@ def test_cli_ablate_bench_measures_every_model_once_and_resumes(tmp_path, tiny_f
     md = (out / "ablation.md").read_text()
     assert "## Measured (rtk ablate --bench)" in md and "short tok/s x" in md and "kv-heavy TTFT x" in md
     assert "highest measured speedup" in md
+    # each variant against the dense model on the same documents and blocks: an interval and its verdict
+    for row in res["rows"]:
+        vs, ev = row["bench"]["zero_shot_vs_dense"], row["eval_vs_dense"]
+        assert vs["n"] == {"arc_easy": 3, "piqa": 3} and vs["low"] <= vs["diff"] <= vs["high"]
+        assert ev["n"] == len(row["eval_block_nll"]) and ev["verdict"] in ("better", "worse", "no difference shown")
+        assert f"| {row['variant']} | {row['target']:.0%} | {ev['diff']:+.3f} [{ev['low']:+.3f}, {ev['high']:+.3f}] | " \
+               f"{ev['verdict']} | {vs['diff']:+.3f} [" in md
+    assert "## Against the dense model (paired)" in md
+    # each winner's lead over the runner-up, paired, beside the winner's name
+    for kind in ("ppl", "zero_shot"):
+        for t, lead in res["leads"][kind].items():
+            rows = [r for r in res["rows"] if r["target"] == float(t)]
+            assert {lead["best"], lead["runner_up"]} <= {r["variant"] for r in rows} and len(rows) > 1
+            assert f"**{lead['best']}** (over {lead['runner_up']}: {lead['diff']:+.3f} [" in md
+    best = min((r for r in res["rows"] if r["target"] == 0.03), key=lambda r: r["eval_ppl"])
+    assert res["leads"]["ppl"]["0.03"]["best"] == best["variant"] and res["leads"]["ppl"]["0.03"]["diff"] <= 0
     assert (out / "measured_speedup_vs_ppl.png").stat().st_size > 0
     # the same command again measures nothing; other settings are refused
     n = len(FakeServed.opened)
@@ -249,6 +267,11 @@ def test_heal_then_bench_measures_the_healed_models_zero_shot_without_serving_th
     assert abl["winners"]["healed_zero_shot"] == {"0.03": best}
     md = (out / "ablation.md").read_text()
     assert "zero-shot avg pruned | after healing |" in md and f"best zero-shot after healing **{best}**" in md
+    if len(abl["rows"]) > 1:  # each lead after healing beside its winner, with its paired interval
+        hz, hp = abl["leads"]["healed_zero_shot"]["0.03"], abl["leads"]["healed_ppl"]["0.03"]
+        assert hz["best"] == best and f"**{best}** (over {hz['runner_up']}: {hz['diff']:+.3f} [" in md
+        assert hp["best"] == min(abl["rows"], key=lambda row: row["healed"]["eval_ppl"])["variant"]
+        assert hp["n"] == 2 and f"after **{hp['best']}** (over {hp['runner_up']}: " in md
     n, m = len(FakeServed.opened), len(evaluated)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0 and (len(FakeServed.opened), len(evaluated)) == (n, m), res.output

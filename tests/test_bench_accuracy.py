@@ -50,6 +50,10 @@ def test_conversion_to_hub_fields_counts_and_records():
     hs = _convert("hellaswag")
     assert len(hs) == 10042 and hs[0]["label"] == "3" and len(hs[0]["endings"]) == 4
     wg = _convert("winogrande")
+    # TaskSpec.docs, what select.judge's limits are checked against before any work, are the files' counts
+    assert {n: s.docs for n, s in T.TASKS.items()} == {
+        "piqa": len(piqa), "arc_easy": len(arc), "arc_challenge": 1172, "boolq": len(boolq), "hellaswag": len(hs),
+        "winogrande": len(wg)}
     assert len(wg) == 1267 and wg[0] == {
         "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
         "option1": "Sarah", "option2": "Maria", "answer": "2"}
@@ -181,6 +185,13 @@ def test_results_and_printed_table_are_read(tmp_path):
         "rtk_boolq": {"acc,none": 0.4, "acc_stderr,none": 0.1}},
         "n-samples": {"rtk_piqa": {"effective": 20}, "rtk_boolq": {"effective": 20}}, "versions": {"rtk_piqa": 1.0}}))
     got = harness.parse_results(f, ts)
+    samples = [{"doc_id": 1, "acc": 0.0, "acc_norm": 1.0}, {"doc_id": 0, "acc": 1.0, "acc_norm": 1.0}]
+    for t in ("rtk_piqa", "rtk_boolq"):
+        (tmp_path / f"samples_{t}_x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    assert harness.per_document(f, ts)["piqa"] == {"doc_id": [0, 1], "acc": [1.0, 0.0], "acc_norm": [1.0, 1.0],
+                                                   "file": "samples_rtk_piqa_x.jsonl"}
+    with pytest.raises(RtkError, match="no per-document results samples_rtk_arc_easy_x.jsonl"):
+        harness.per_document(f, T.TaskSet(("arc_easy",), ("rtk_arc_easy",), None, {}))
     assert got["piqa"] == {"acc": 0.6, "acc_stderr": 0.11, "acc_norm": 0.55, "acc_norm_stderr": 0.12, "n": 20,
                            "lm_eval_task": "rtk_piqa", "version": 1.0}
     assert "acc_norm" not in got["boolq"]
@@ -190,6 +201,29 @@ def test_results_and_printed_table_are_read(tmp_path):
     ts2 = T.TaskSet(("arc_easy",), ("rtk_arc_easy",), None, {})
     with pytest.raises(RtkError, match="has no results for task rtk_arc_easy"):
         harness.parse_results(f, ts2)
+
+
+def test_bench_never_reports_on_the_documents_that_chose_the_model(tmp_path, tiny_folder):
+    """A candidate that select: chose by judging PIQA's last 200 documents (its plan.json) is refused a report that
+    reads them, in one line before any work; stopping before them is accepted (the check passes)."""
+    import shutil
+
+    from rtk.bench.run import check_judged_documents
+    from rtk.cli import main
+
+    cand = tmp_path / "cand"
+    shutil.copytree(tiny_folder, cand)
+    judge = {"kind": "tasks", "tasks": {"piqa": {"judge_documents": [1638, 1837], "of": 1838}}}
+    (cand / "plan.json").write_text(json.dumps({"removed_sublayers": [], "selection": {"judge": judge}}))
+    for limit, shown in (["--limit", "1700"], "1700"), ([], "none (all documents)"):
+        r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_folder), "--candidate", str(cand), "-o",
+                                      str(tmp_path / "b"), "--tasks", "piqa,boolq", "--skip", "speed", *limit])
+        assert r.exit_code == 1 and r.output == (
+            f"Error: --limit {shown}: {cand} was chosen by judging piqa documents 1638-1837 (its plan.json); the "
+            "documents that judge never report: --limit 1638 or less\n")
+        assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    check_judged_documents(cand, ["piqa"], 1638)
+    check_judged_documents(cand, ["boolq"], None)  # not judged on BoolQ: all of it may report
 
 
 def test_lm_eval_missing_is_one_clear_error(monkeypatch, tmp_path, tiny_folder):
@@ -260,6 +294,15 @@ def test_bench_torch_backend_runs_lm_eval_on_a_tiny_model(tmp_path, tiny_folder)
     md = (tmp_path / "b" / "bench.md").read_text()
     assert q0["lm_eval"]["command"] in md and "|rtk_piqa" in md.replace(" ", "")
     assert "piqa.acc_norm" in res["ratios"]["candidate1"] and "boolq.acc_norm" not in res["ratios"]["candidate1"]
+    # per-document scores kept (lm-eval's samples file beside its results), paired to the baseline's
+    per = q0["per_doc"]["piqa"]
+    assert per["doc_id"] == [0, 1, 2] and len(per["acc"]) == len(per["acc_norm"]) == 3
+    assert (tmp_path / "b" / q0["lm_eval"]["results_file"]).with_name(per["file"]).is_file()
+    p = res["paired"]["candidate1"]
+    assert set(p) == {"wikitext2.ppl", "piqa.acc", "piqa.acc_norm", "boolq.acc", "mean.acc"}
+    assert all(v["diff"] == v["low"] == v["high"] == 0 and v["verdict"] == "no difference shown" for v in p.values())
+    assert len(q0["wikitext2"]["block_nll"]) == 1 and q0["wikitext2"]["block_tokens"] == [15]
+    assert "| mean of 2 tasks | acc | | | | +0.000 [+0.000, +0.000] | **no difference shown** |" in md
 
 
 def test_lm_eval_subprocess_is_stopped_on_interrupt(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_rtk
 RTK = REPO / "toolchain" / "rtk"
 # Each stage and the floor it stands on: a module may import its own floor or lower ones only.
 FLOORS = {
-    "errors": 0, "settings": 0, "outdir": 0,
+    "errors": 0, "settings": 0, "outdir": 0, "paired": 0,
     "data": 1,
     "model": 2,
     "records": 3, "plan": 3, "vllm_plugin": 3,

@@ -72,6 +72,24 @@ def _bench_result(tmp_path, base_dir, cand_dir):
     return res
 
 
+def test_card_says_no_difference_shown_where_the_paired_interval_does(tmp_path):
+    """The candidate is right on a subset of the documents the baseline is right on (PIQA 14 of its 16, BoolQ 12 of
+    its 14): recovery 87.5% / 85.7%, yet 20 documents of a task cannot tell them apart, and the card says so."""
+    from rtk.bench.metrics import paired_quality
+
+    res = _bench_result(tmp_path, tmp_path / "base", tmp_path / "cand")
+    right = lambda k: [1.0] * k + [0.0] * (20 - k)  # noqa: E731
+    for m, (p, b) in zip(res["models"], ((16, 14), (14, 12))):
+        m["quality"]["per_doc"] = {"piqa": {"doc_id": list(range(20)), "acc": right(p), "acc_norm": right(12)},
+                                   "boolq": {"doc_id": list(range(20)), "acc": right(b)}}
+    res["paired"] = {"candidate1": paired_quality(res["models"][1]["quality"], res["models"][0]["quality"])}
+    ev = "\n".join(C.bench_sections(res, "candidate1", str(tmp_path / "cand"))["evaluation"])
+    assert "| PIQA (n=20) | acc | 0.800 ± 0.100 | 0.700 ± 0.100 | 87.5% | -0.100 [-0.250, +0.000] | no difference shown |" in ev
+    assert "| PIQA (n=20) | acc_norm | 0.600 ± 0.100 | 0.600 ± 0.100 | 100.0% | +0.000 [+0.000, +0.000] | no difference shown |" in ev
+    # over both tasks (40 documents) the same drop is outside the interval: the mean says worse
+    assert "| mean of 2 tasks | acc | | | | -0.100 [-0.200, -0.025] | **worse** |" in ev
+
+
 def test_bench_fills_evaluation_and_performance(tmp_path):
     base_dir, cand_dir = tmp_path / "base", tmp_path / "runs" / "model"
     res = _bench_result(tmp_path, base_dir, cand_dir)

@@ -1,5 +1,6 @@
-"""Selection judged after healing (recipe `select:`): proposals from families x criteria, held-out judge text,
-finalists healed briefly, the best after healing kept; block influence of sublayers, layers and spans."""
+"""Selection judged after healing (recipe `select:`): proposals from families x criteria, held-out judge text or
+the user's lm-eval tasks, finalists healed briefly, the best after healing kept unless its lead is inside the paired
+interval (then the fastest tied finalist); block influence of sublayers, layers and spans."""
 import json
 
 import pytest
@@ -165,8 +166,15 @@ def test_select_heals_finalists_on_held_out_text_and_keeps_the_best(tmp_path, ti
     fins = [p for p in props.values() if p.get("finalist")]
     assert sorted(p["finalist"] for p in fins) == [1, 2]
     assert len({p["family"] for p in fins}) == 2  # the best of two families, not two plans of one
-    win = min(fins, key=lambda p: p["judge_ppl_after"])
-    assert sel["winner"] == win["name"] and plan["removed_sublayers"] == win["removed_sublayers"]
+    best = min(fins, key=lambda p: p["judge_ppl_after"])
+    d = sel["decision"]  # the best wins unless its lead is inside the paired interval: then the fastest tied one
+    assert d["best_on_judge"] == best["name"] and set(d["leads"]) == {p["name"] for p in fins} - {best["name"]}
+    tied = [props[n] for n in d["tied"]]
+    assert d["tie"] == (len(tied) > 1) and all((d["leads"][p["name"]]["verdict"] == "better") == (p not in tied)
+                                                for p in fins if p is not best)
+    win = max(tied, key=lambda p: p["predicted_speedup"]) if d["tie"] else best
+    assert all(len(p["judge_block_nll"]) == 3 for p in fins)
+    assert sel["winner"] == d["winner"] == win["name"] and plan["removed_sublayers"] == win["removed_sublayers"]
     assert plan["ppl_final"] == pytest.approx(win["calibration_ppl"])
     for p in props.values():  # every plan reaches the target; spans are one run of layers
         if p["family"] == "spans":
@@ -207,3 +215,107 @@ def test_select_bad_inputs_one_clear_line(tmp_path, tiny_dir):  # noqa: F811
     assert "select.criteria.0: Input should be 'ppl', 'kl' or 'bi'" in msg
     for m in (msg,):
         assert "\n" not in m
+
+
+# ---------------------------------------------------------------- the judge on the user's task, and ties
+
+def _finalist(name, k, speed, **judged):
+    return {"name": name, "finalist": k, "predicted_speedup": speed, **judged}
+
+
+def _docs(*scores):
+    return {"piqa": {"doc_id": list(range(len(scores))), "acc": list(map(float, scores))}}
+
+
+def test_a_tie_is_decided_by_speed_and_the_report_says_so(tmp_path):
+    """Scripted judgements: A is best on the judge, its lead over B is inside the paired interval (a tie) and over
+    C outside it; B is faster than A, so B wins, and the record and report name the tie. Without the tie (A far
+    ahead of everyone) the best wins, however fast the others are."""
+    from rtk.prune.select import decide
+    from rtk.records.prune import decision_lines
+
+    n = 60
+    a = _finalist("sublayers-ppl", 1, 1.20, judge_score=31 / n, judge_per_doc=_docs(*[1] * 31, *[0] * 29))
+    b = _finalist("blocks-kl", 2, 1.30, judge_score=29 / n, judge_per_doc=_docs(*[1] * 29, *[0] * 31))
+    c = _finalist("spans-bi", 3, 1.40, judge_score=2 / n, judge_per_doc=_docs(*[1] * 2, *[0] * 58))
+    d = decide([a, b, c], metric="acc")
+    assert d["best_on_judge"] == "sublayers-ppl" and d["tie"] and d["tied"] == ["sublayers-ppl", "blocks-kl"]
+    assert d["winner"] == "blocks-kl"  # the faster of the tied two; spans-bi is faster still, but clearly worse
+    assert d["leads"]["blocks-kl"]["verdict"] == "no difference shown" and d["leads"]["spans-bi"]["verdict"] == "better"
+    text = "\n".join(decision_lines({"decision": d}))
+    assert ("**A tie**: sublayers-ppl is best on the judge, but its lead over blocks-kl is inside the paired 95% "
+            "interval (no difference shown); of the tied finalists (sublayers-ppl, blocks-kl) the fastest, "
+            "**blocks-kl**, wins.") in text
+    assert "| blocks-kl | +0.0333 [" in text and "| no difference shown | yes |" in text
+
+    far = _finalist("blocks-kl", 2, 1.30, judge_score=0.0, judge_per_doc=_docs(*[0] * n))
+    d = decide([a, far], metric="acc")
+    assert (d["winner"], d["tie"], d["tied"]) == ("sublayers-ppl", False, ["sublayers-ppl"])
+    assert "No tie: sublayers-ppl's lead over every other finalist is outside" in "\n".join(decision_lines({"decision": d}))
+
+    # the PPL judge: per-block NLLs, intervals over the blocks
+    base = [40.0, 55.0, 38.0, 61.0, 47.0, 52.0]
+    p1 = _finalist("sublayers-ppl", 1, 1.1, judge_ppl_after=0, judge_block_nll=base)
+    p2 = _finalist("blocks-bi", 2, 1.5, judge_ppl_after=1, judge_block_nll=[x + 0.05 * (-1) ** i for i, x in enumerate(base)])
+    p3 = _finalist("spans-ppl", 3, 1.6, judge_ppl_after=2, judge_block_nll=[x + 8 for x in base])
+    d = decide([p1, p2, p3], block_tokens=[15] * 6)
+    assert d["tied"] == ["sublayers-ppl", "blocks-bi"] and d["winner"] == "blocks-bi"
+    assert d["leads"]["spans-ppl"]["verdict"] == "better" and d["leads"]["spans-ppl"]["higher_is_better"] is False
+
+
+def test_judge_documents_never_report():
+    """The judge takes each task's last `limit` documents; whatever may report (`report`, rtk bench --limit: the
+    first N) stops before them, and a recipe whose reporting documents reach them is refused."""
+    from rtk.bench.accuracy.tasks import TASKS
+    from rtk.prune.config import TaskJudge, judge_documents
+    from rtk.prune.select import task_judge_record
+
+    for task, spec in TASKS.items():
+        for limit in (1, 200, spec.docs // 2):
+            judge = set(judge_documents(task, limit))
+            assert len(judge) == limit and max(judge) == spec.docs - 1
+            rec = task_judge_record(TaskJudge(tasks=[task], limit=limit))["tasks"][task]
+            lo, hi = rec["reporting_documents"]
+            assert not judge & set(range(lo, hi + 1)) and hi + 1 == spec.docs - limit
+            assert rec["judge_documents"] == [spec.docs - limit, spec.docs - 1]
+            reported = TaskJudge(tasks=[task], limit=limit, report=spec.docs - limit)  # the most that may report
+            assert not judge & set(range(reported.report))
+    with pytest.raises(ValueError, match="they overlap"):
+        TaskJudge(tasks=["piqa", "winogrande"], limit=200, report=1100)  # fits PIQA (1838), not WinoGrande (1267)
+
+
+@pytest.mark.parametrize("judge,msg", [
+    ({"tasks": ["piqa", "mmlu"], "limit": 20},
+     "select.judge.tasks: unknown task 'mmlu'; known: piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande"),
+    ({"tasks": ["arc_challenge"], "limit": 2000}, "select.judge.limit: 2000 is more than arc_challenge's 1172 documents"),
+    ({"tasks": ["piqa"], "limit": 200, "report": 1700},
+     "select.judge.report: the first 1700 documents of piqa report and its last 200 judge: they overlap (1838 "
+     "documents); the documents that judge never report"),
+])
+def test_task_judge_bad_inputs_one_clear_line(tmp_path, tiny_dir, judge, msg):  # noqa: F811
+    got = _bad(tmp_path, tiny_dir, search__target={"params_removed": 0.015}, select={**SELECT, "judge": judge})
+    assert got.endswith(msg) and "\n" not in got
+
+
+def test_finalists_judged_by_lm_eval_on_the_judge_documents(tmp_path, tiny_dir):  # noqa: F811
+    """A healed finalist saved to a folder and run by lm-eval (the path rtk bench runs) on the last documents of
+    the task only: lm-eval's per-document results name those documents; the folder is not kept."""
+    from types import SimpleNamespace
+
+    from rtk.model.load import load_model
+    from rtk.model.rewrite import apply_plan
+    from rtk.prune.config import parse_recipe
+    from rtk.prune.select import judge_on_tasks
+
+    model, tok, path = load_model(str(tiny_dir))
+    rec = parse_recipe({"model": str(tiny_dir), "select": {"judge": {"tasks": ["piqa"], "limit": 2}},
+                        "search": {"target": {"params_removed": 0.015}}})
+    setup = SimpleNamespace(recipe=rec.model_copy(update={"device": "cpu", "dtype": "float32"}), tokenizer=tok,
+                            loaded=SimpleNamespace(path=path))
+    said = []
+    got = judge_on_tasks(apply_plan(model, ["mlp.2"]), setup, "blocks-bi", tmp_path, said.append)
+    assert got["judge_per_doc"]["piqa"]["doc_id"] == [1836, 1837] and got["judge_tasks"]["piqa"]["n"] == 2
+    assert got["judge_score"] == sum(got["judge_per_doc"]["piqa"]["acc"]) / 2
+    assert '--samples {"rtk_piqa":[1836,1837]}' in got["judge_command"].replace("'", "")
+    assert not (tmp_path / "judge-blocks-bi").exists() and "2 chosen docs" in said[0]
+    assert said[0].startswith("rtk: select:   lm_eval (hf)") and (tmp_path.parent / got["judge_results_file"]).is_file()

@@ -29,10 +29,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+UNION_TAG = "~"  # a tagged union's branch names start with it; error paths leave them out (select.judge.limit)
+
+
 def format_errors(exc: ValidationError, where: str) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", UNION_TAG)))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -62,14 +62,15 @@ class AblationBenchConfig:
 
 
 def zero_shot(folder: str, tasks: list[str], limit: Optional[int], dtype: str, work: Path, label: str) -> dict:
-    """Per task lm-eval's acc / acc_norm (rtk.bench.accuracy.harness, `hf` model on the folder), averaged."""
+    """Per task lm-eval's acc / acc_norm (rtk.bench.accuracy.harness, `hf` model on the folder), averaged, and
+    the per-document scores (per_doc) that pair this folder with the dense one (rtk.paired)."""
     if not tasks:  # --bench-tasks none: served speed only, no lm-eval run
         return {**average({}, []), "lm_eval_command": None}
     from rtk.bench.accuracy import harness
     from rtk.bench.accuracy.tasks import prepare
 
     run = harness.run(harness.hf_run(folder, prepare(tasks), limit, dtype=dtype), work, label, echo=lambda s: None)
-    return {**average(run["tasks"], tasks), "lm_eval_command": run["command"]}
+    return {**average(run["tasks"], tasks), "per_doc": run["per_doc"], "lm_eval_command": run["command"]}
 
 
 def average(per: dict, tasks: list[str]) -> dict:

@@ -11,11 +11,11 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from rtk import __version__
+from rtk import __version__, paired
 from rtk.ablate.variants import CachedScorer, Variant, ablation_fingerprint, clean_dir, plans, run_all, _key
 from rtk.model.cost import H200, ideal_speedup
 from rtk.data import token_blocks
@@ -28,7 +28,7 @@ from rtk.model.rewrite import apply_plan
 from rtk.model.sublayer import expand, layer_of, model_order
 from rtk.prune.search import check_reachable
 from rtk.model.params import total_params
-from rtk.model.ppl import model_ppl
+from rtk.model.ppl import model_block_nll, model_ppl
 
 
 def _layers(names, kind: str) -> list[int]:
@@ -50,6 +50,7 @@ class Evaluator:
             return self.cache[key]
         pruned = apply_plan(self.model, removed) if removed else self.model
         ppl = model_ppl(pruned, self.evalb, self.recipe.scoring.batch_size)
+        block_nll = model_block_nll(pruned, self.evalb, self.recipe.scoring.batch_size)
         after = total_params(pruned)
         final = self.root / "models" / name
         if removed:  # exported as `rtk prune` exports: verified, servable by vLLM, atomic
@@ -65,7 +66,7 @@ class Evaluator:
         dec = ideal_speedup(cfg, removed, cc.batch, cc.context, "decode")
         rec = {
             "model_dir": str(final.relative_to(self.root)) if removed else "(dense: " + self.recipe.model + ")",
-            "eval_ppl": ppl, "params_after": after, "params_removed": self.total - after,
+            "eval_ppl": ppl, "eval_block_nll": block_nll, "params_after": after, "params_removed": self.total - after,
             "params_removed_fraction": (self.total - after) / self.counted,
             "attn_removed": _layers(removed, "attn"), "mlp_removed": _layers(removed, "mlp"),
             "decode_speedup_ideal": dec["speedup"], "kv_cache_ratio": dec["kv_cache_ratio"],
@@ -78,19 +79,66 @@ class Evaluator:
         return rec
 
 
+def vs_dense(rec: dict, dense: dict) -> Optional[dict]:
+    """A folder's zero-shot average minus the dense model's, on the same documents, with its paired 95%
+    interval and verdict (rtk.paired); None where either has no per-document scores."""
+    a, b = (x.get("zero_shot", {}).get("per_doc") for x in (rec, dense))
+    if not a or not b:
+        return None
+    try:
+        return paired.doc_diff(a, b, "acc")
+    except ValueError as exc:
+        raise RtkError(f"--bench: {exc}") from None
+
+
+def _zero_shot(rec: Optional[dict]) -> Optional[dict]:
+    zs = (rec or {}).get("bench", {}).get("zero_shot", {})
+    return zs if zs.get("per_doc") else None
+
+
+def leads(res: dict) -> dict:
+    """Per target, the best variant against the runner-up on the same blocks or documents (rtk.paired): lowest eval
+    PPL ("ppl"), after healing ("healed_ppl"), best zero-shot average ("zero_shot"), best zero-shot after healing
+    ("healed_zero_shot")."""
+    tokens = res["eval"]["seq_len"] - 1
+    ppl = lambda a, b: paired.ppl_diff(a, b, [tokens] * len(a))  # noqa: E731
+    kinds = {"ppl": (lambda r: r.get("eval_block_nll"), lambda r: -r["eval_ppl"], ppl),
+             "healed_ppl": (lambda r: (r.get("healed") or {}).get("eval_block_nll"), lambda r: -r["healed"]["eval_ppl"],
+                            ppl),
+             "zero_shot": (lambda r: _zero_shot(r), lambda r: _zero_shot(r)["avg_acc"],
+                           lambda a, b: paired.doc_diff(a["per_doc"], b["per_doc"], "acc")),
+             "healed_zero_shot": (lambda r: _zero_shot(r.get("healed")), lambda r: _zero_shot(r["healed"])["avg_acc"],
+                                  lambda a, b: paired.doc_diff(a["per_doc"], b["per_doc"], "acc"))}
+    out = {}
+    for kind, (get, score, compare) in kinds.items():
+        for t in res["targets"]:
+            rows = sorted((r for r in res["rows"] if r["target"] == t and get(r)), key=lambda r: -score(r))
+            if len(rows) > 1:
+                try:
+                    lead = compare(get(rows[0]), get(rows[1]))
+                except ValueError as exc:
+                    raise RtkError(f"--bench: {exc}") from None
+                out.setdefault(kind, {})[str(t)] = {"best": rows[0]["variant"], "runner_up": rows[1]["variant"],
+                                                    **lead}
+    return out
+
+
 def attach_bench(res: dict, root: Path) -> dict:
-    """Put the measurements saved in ROOT/state/bench.json (if any) on the dense record and the rows."""
+    """Put the measurements saved in ROOT/state/bench.json (if any) on the dense record and the rows, each
+    folder's zero-shot with its paired difference to the dense model's (zero_shot_vs_dense); then each winner's
+    lead over its runner-up (leads)."""
     saved = load_json(Path(root) / "state" / "bench.json", None)
     if saved:
         got = saved["models"]
+        dense = got.get("dense", {})
         if "dense" in got:
             res["dense"]["bench"] = got["dense"]
-        for r in res["rows"]:
+        for r in [*res["rows"], *(r["healed"] for r in res["rows"] if r.get("healed"))]:
             if r["model_dir"] in got:
-                r["bench"] = got[r["model_dir"]]
-            if r.get("healed") and r["healed"]["model_dir"] in got:
-                r["healed"]["bench"] = got[r["healed"]["model_dir"]]
+                r["bench"] = {**got[r["model_dir"]], "zero_shot_vs_dense": vs_dense(got[r["model_dir"]], dense)}
         res["bench_config"] = saved["config"]
+        res["paired_rule"] = paired.RULE
+    res["leads"] = leads(res)
     return res
 
 
@@ -195,7 +243,8 @@ def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str]
                 "eval_ppl_before": rec["eval"]["ppl_before"], "loss_first": rec["loss_first"],
                 "loss_last": rec["loss_last"], "tokens": rec["tokens"], "train_seconds": rec["train_seconds"],
                 "tokens_per_second": rec["tokens_per_second"], "wall_seconds": rec["wall_seconds"],
-                "loss_curve": [[s["tokens"], s["loss"]] for s in hist["steps"]]}
+                "loss_curve": [[s["tokens"], s["loss"]] for s in hist["steps"]],
+                "eval_block_nll": model_block_nll(healed, evalb, recipe.scoring.batch_size)}
             write_json_atomic(path, saved)
             clean_dir(state_dir)
     return attach_heal(res, root)
@@ -325,8 +374,11 @@ def _result(setup, fp: str, targets: list[float], states: dict, done: list[Varia
     """ablation.json of the variants done so far."""
     recipe = setup.recipe
     rows = plans(states, done, targets, setup.params_counted)
+    blocks = [setup.evalb.shape[1] - 1] * setup.evalb.shape[0]  # predicted tokens per eval block
     for r in rows:
         r.update(ev.measure(r["removed"], f"{r['variant']}-{round(r['target'] * 100)}"))
+        if "eval_block_nll" in r and "eval_block_nll" in dense:  # evaluations saved before they were kept: none
+            r["eval_vs_dense"] = paired.ppl_diff(r["eval_block_nll"], dense["eval_block_nll"], blocks)
     ppl = setup.scorer("ppl")
     res = {
         "rtk_version": __version__, "fingerprint": fp, "model": recipe.model, "model_path": setup.loaded.path,

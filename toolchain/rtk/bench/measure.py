@@ -33,6 +33,7 @@ def measure_quality(b, cfg: BenchConfig, echo, taskset=None, work: Optional[Path
 
         run = harness.run(lm_eval_spec(b, cfg, taskset), work, label, echo)
         out["tasks"] = run.pop("tasks")
+        out["per_doc"] = run.pop("per_doc")
         out["lm_eval"] = {**run, "results_file": str(Path(run["results_file"]).relative_to(work)),
                           "include_path": taskset.include_path, "sources": taskset.sources}
     return out

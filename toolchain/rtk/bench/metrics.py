@@ -1,11 +1,14 @@
-"""Arithmetic rtk keeps for itself: in-process speed summaries and candidate/baseline ratios computed
-round by round (served latencies are vLLM's benchmark's own numbers)."""
+"""Arithmetic rtk keeps for itself: in-process speed summaries, candidate/baseline ratios computed round by
+round (served latencies are vLLM's benchmark's own numbers), and the paired differences of quality on the same
+blocks and documents (rtk.paired)."""
 from __future__ import annotations
 
 import math
 import statistics
 from typing import Sequence
 
+from rtk import paired
+from rtk.errors import RtkError
 from rtk.records.bench import at_path, speed_keys
 
 
@@ -53,4 +56,24 @@ def ratios(result: dict, cfg) -> dict:
                 st = ratio_stats([at_path(x, key) for x in base["speed"]], [at_path(x, key) for x in cand["speed"]])
                 r[key] = {**st, "higher_is_better": hib}
         out[cand["label"]] = r
+    return out
+
+
+def paired_quality(q: dict, qb: dict) -> dict:
+    """A model against the baseline on the same blocks and documents (rtk.paired), each with its 95% interval and
+    verdict: WikiText-2 PPL over the blocks, each task's acc / acc_norm, and their mean over the tasks."""
+    out = {}
+    w, wb = q.get("wikitext2") or {}, qb.get("wikitext2") or {}
+    if "block_nll" in w and "block_nll" in wb and w["block_tokens"] == wb["block_tokens"]:
+        out["wikitext2.ppl"] = paired.ppl_diff(w["block_nll"], wb["block_nll"], w["block_tokens"])
+    pd, pb = q.get("per_doc") or {}, qb.get("per_doc") or {}
+    try:
+        for k in ("acc", "acc_norm"):
+            names = [t for t in pd if k in pd[t] and k in pb.get(t, {})]
+            for t in names:
+                out[f"{t}.{k}"] = paired.doc_diff(pd, pb, k, [t])
+            if len(names) > 1:
+                out[f"mean.{k}"] = {**paired.doc_diff(pd, pb, k, names), "tasks": names}
+    except ValueError as exc:
+        raise RtkError(f"paired comparison: {exc}") from None
     return out

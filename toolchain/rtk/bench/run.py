@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from rtk import pip_install
+from rtk import paired, pip_install
 from rtk.bench.config import BenchConfig
 from rtk.errors import RtkError
 from rtk.settings import DTYPE_BYTES
@@ -23,7 +23,7 @@ from rtk.bench import cost
 from rtk.model.load import rtk_config_of
 from rtk.bench.endpoint import served_model
 from rtk.bench.measure import measure_quality, measure_speed
-from rtk.bench.metrics import ratios
+from rtk.bench.metrics import paired_quality, ratios
 from rtk.bench.pool import Backends
 
 def _versions() -> dict:
@@ -137,7 +137,26 @@ def check_inputs(cfg: BenchConfig):
     from rtk.bench.accuracy.tasks import prepare
 
     harness.check_installed()
+    for m in cfg.candidates:
+        check_judged_documents(Path(m), cfg.tasks, cfg.limit)
     return prepare(cfg.tasks)
+
+
+def check_judged_documents(folder: Path, tasks: list[str], limit: Optional[int]) -> None:
+    """A model that `select:` chose by judging task documents (plan.json beside its weights: selection.judge) is
+    never reported on those documents: --limit must stop before them."""
+    import json
+
+    try:
+        judge = json.loads((folder / "plan.json").read_text())["selection"]["judge"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for t, rec in (judge.get("tasks") or {}).items() if judge.get("kind") == "tasks" else ():
+        first, last = rec["judge_documents"]
+        if t in tasks and (limit is None or limit > first):
+            raise RtkError(f"--limit {limit or 'none (all documents)'}: {folder} was chosen by judging {t} "
+                           f"documents {first}-{last} (its plan.json); the documents that judge never report: "
+                           f"--limit {first} or less")
 
 
 def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = print, taskset=None) -> dict:
@@ -183,6 +202,10 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     finally:
         pool.close()
     result["ratios"] = ratios(result, cfg)
+    if cfg.quality:
+        result["paired"] = {m["label"]: paired_quality(m["quality"], result["models"][0]["quality"])
+                            for m in result["models"][1:]}
+        result["paired_rule"] = paired.RULE
     ideal = {}
     for j in range(1, len(models)):
         if shapes[0] is not None and shapes[j] is not None:

@@ -29,12 +29,15 @@ def logits_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> float:
 
 
 def logprobs_ppl(per_sequence: Iterable[Sequence[float]]) -> dict:
-    """PPL from the log-probabilities of every predicted token (served and ONNX backends)."""
-    nll, n = 0.0, 0
+    """PPL from the log-probabilities of every predicted token (rtk bench's backends), with each sequence's summed
+    NLL and predicted tokens (block_nll, block_tokens: what a paired interval over the blocks resamples)."""
+    block_nll, block_tokens = [], []
     for lp in per_sequence:
-        nll -= sum(lp)
-        n += len(lp)
-    return {"ppl": ppl_of(nll, n), "nll_per_token": nll / n, "predicted_tokens": n}
+        block_nll.append(-float(sum(lp)))
+        block_tokens.append(len(lp))
+    nll, n = sum(block_nll), sum(block_tokens)
+    return {"ppl": ppl_of(nll, n), "nll_per_token": nll / n, "predicted_tokens": n, "block_nll": block_nll,
+            "block_tokens": block_tokens}
 
 
 def _full_logits(model, blocks: torch.Tensor, batch_size: int):
@@ -64,3 +67,13 @@ def teacher_logprobs(model, blocks: torch.Tensor, batch_size: int = 4) -> torch.
     [N, T-1, vocab]: the reference distributions of the scoring engines' KL criterion."""
     out = [F.log_softmax(logits.float(), dim=-1).cpu() for _, logits in _full_logits(model, blocks, batch_size)]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def model_block_nll(model, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """Each [T]-token block's summed next-token NLL (float32) under an rtk model, all its sublayers run: what a
+    paired PPL interval over the blocks resamples (each block predicts T - 1 tokens)."""
+    out = []
+    for ids, logits in _full_logits(model, blocks, batch_size):
+        out += [logits_nll(logits[i], ids[i, 1:]) for i in range(ids.shape[0])]
+    return out

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from rtk.bench.accuracy.tasks import TASKS
 from rtk.data import DataConfig, DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.heal.config import HEAL_TEXT_RULE, HealConfig, evaluation_clash
 from rtk.model.sublayer import is_name
 from rtk.outdir import fingerprint
-from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, DEVICES, Dtype, Strict, format_errors
+from rtk.settings import DEVICE_HELP, DEVICE_PATTERN, DEVICES, UNION_TAG, Dtype, Strict, format_errors
 from rtk.prune.criteria import CRITERIA, SEARCHED
 
 
@@ -210,11 +211,87 @@ class ScoringConfig(Strict):
 FAMILIES = (*CANDIDATE_FAMILIES, "spans")  # select's: a search's candidates, or one run of consecutive layers
 
 
+DEFAULT_JUDGE_TEXT = DataSpec(source="wikitext2", split="valid", samples=16, seq_len=256)
+
+
+def judge_documents(task: str, limit: int) -> range:
+    """The documents of `task` that judge select's finalists: its last `limit` (rtk bench --limit N reports on
+    the first N, so the two never meet while N <= the task's documents - limit)."""
+    docs = TASKS[task].docs
+    return range(docs - limit, docs)
+
+
+class TaskJudge(Strict):
+    """select's judge on the user's task: each healed finalist scored by lm-eval (its `hf` model on the finalist
+    saved to a folder, as rtk bench runs it) on the last `limit` documents of every task; `text` ranks the
+    proposals before healing (PPL, which picks the finalists)."""
+
+    tasks: list[str] = Field(description=f"lm-eval tasks rtk knows ({', '.join(TASKS)})")
+    limit: int = Field(description="documents of each task that judge: its last `limit`")
+    metric: Literal["acc", "acc_norm"] = Field("acc", description="the score averaged over the tasks")
+    report: Optional[int] = Field(None, description="the documents that report (rtk bench --limit N: the first N "
+                                  "of each task), refused where they meet the judge's; null: the rest of each task")
+    text: DataSpec = Field(default_factory=lambda: DEFAULT_JUDGE_TEXT.model_copy(),
+                           description="held-out text every proposal is ranked on before healing")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v):
+        bad = [t for t in v if t not in TASKS]
+        if bad or not v:
+            raise ValueError(f"unknown task {', '.join(map(repr, bad)) or '(none given)'}; known: {', '.join(TASKS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: a task appears twice")
+        return v
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v, info):
+        if v < 1:
+            raise ValueError(f"{v} documents judge nothing; give 1 or more")
+        for t in info.data.get("tasks", []):
+            if v > TASKS[t].docs:
+                raise ValueError(f"{v} is more than {t}'s {TASKS[t].docs} documents")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v, info):
+        bare = [t for t in info.data.get("tasks", []) if not TASKS[t].acc_norm]
+        if v == "acc_norm" and bare:
+            raise ValueError(f"lm-eval reports no acc_norm for {', '.join(bare)}; use acc")
+        return v
+
+    @field_validator("report")
+    @classmethod
+    def _report(cls, v, info):
+        if v is not None and v < 1:
+            raise ValueError(f"{v}: give the number of documents that report, 1 or more")
+        limit = info.data.get("limit")
+        for t in info.data.get("tasks", []) if v is not None and limit is not None else []:
+            n = TASKS[t].docs
+            if v > n - limit:
+                raise ValueError(f"the first {v} documents of {t} report and its last {limit} judge: they overlap "
+                                 f"({n} documents); the documents that judge never report")
+        return v
+
+
+def _judge_kind(v) -> str:
+    kind = "tasks" if isinstance(v, TaskJudge) or (isinstance(v, dict) and "tasks" in v) else "text"
+    return UNION_TAG + kind
+
+
+def judge_text(sel: "SelectConfig") -> DataSpec:
+    """The held-out text select ranks proposals on before healing (and, for a PPL judge, judges on after)."""
+    return sel.judge.text if isinstance(sel.judge, TaskJudge) else sel.judge
+
+
 class SelectConfig(Strict):
     """Selection judged after healing (rtk.prune.select): one plan per candidate family x criterion, each reaching
     search.target; the `finalists` most promising are healed briefly (`heal`) and judged by their PPL on held-out
     calibration text (`judge`: blocks that neither the search's calibration nor this healing touched, never the
-    evaluation text); the best after healing is the output. Families: sublayers (attention / MLP branches),
+    evaluation text), or by lm-eval on the user's tasks (`judge: {tasks, limit}`, TaskJudge); the best after healing
+    is the output unless its lead is inside the paired interval (then the fastest tied finalist). Families: sublayers (attention / MLP branches),
     blocks (whole layers), spans (one run of consecutive layers, Minitron's depth pruning). Criteria: ppl
     (calibration PPL, the paper's RI), kl (KL divergence from the original model's next-token distribution), bi
     (block influence, 1 - cos of the residual stream around the piece, ShortGPT; one pass, no removal)."""
@@ -225,9 +302,12 @@ class SelectConfig(Strict):
                            "healing), then the next best overall")
     heal: HealConfig = Field(default_factory=lambda: HealConfig(tokens=8192),
                              description="the brief healing of every finalist (rtk heal's loop)")
-    judge: DataSpec = Field(default_factory=lambda: DataSpec(source="wikitext2", split="valid", samples=16,
-                                                             seq_len=256),
-                            description="held-out text the finalists are judged on after healing")
+    judge: Annotated[Union[Annotated[DataSpec, Tag(f"{UNION_TAG}text")],
+                           Annotated[TaskJudge, Tag(f"{UNION_TAG}tasks")]],
+                     Discriminator(_judge_kind)] = Field(
+        default_factory=lambda: DEFAULT_JUDGE_TEXT.model_copy(),
+        description="held-out text the finalists are judged on after healing (PPL), or lm-eval tasks: "
+        "{tasks: [...], limit: N} (TaskJudge)")
 
     @field_validator("finalists")
     @classmethod
@@ -286,7 +366,7 @@ class Recipe(Strict):
         sel, ev = self.select, self.data.evaluation
         if sel is None:
             return self
-        if same_text(sel.judge, ev):
+        if same_text(judge_text(sel), ev):
             raise ValueError(f"select.judge and data.evaluation use the same text ({text_name(ev)}); finalists are "
                              "judged on held-out calibration text, never the evaluation text")
         clash = evaluation_clash(sel.heal.data, ev)

@@ -13,7 +13,7 @@ from rtk.errors import RtkError
 from rtk.model.params import counted_params, total_params
 from rtk.model.speed import SpeedModel, speed_model
 from rtk.model.sublayer import sublayer_name
-from rtk.prune.config import CANDIDATE_FAMILIES, Recipe
+from rtk.prune.config import CANDIDATE_FAMILIES, Recipe, judge_text
 from rtk.prune.criteria import CRITERIA
 from rtk.prune.scoring import Loaded, candidates, existing_names, load_for_scoring
 from rtk.prune.search import Candidate, StopRule, check_reachable
@@ -85,7 +85,7 @@ def check_lengths(model, recipe: Recipe) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     specs = [("data.calibration", recipe.data.calibration), ("data.evaluation", recipe.data.evaluation)]
     if recipe.select is not None:
-        specs.append(("select.judge", recipe.select.judge))
+        specs.append(("select.judge", judge_text(recipe.select)))
     for name, spec in specs:
         if limit and spec.seq_len > limit:
             raise RtkError(f"{name}.seq_len: {spec.seq_len} is longer than the model's "

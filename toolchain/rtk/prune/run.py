@@ -74,6 +74,10 @@ def run_prune(recipe: Recipe, out: Path, progress: bool = True, echo: Callable[[
 
     _check_one_process(recipe)
     recipe = resolve_runtime(recipe)  # device and dtype checked and made concrete before any work
+    if recipe.select is not None:
+        from rtk.prune.select import check_judge
+
+        check_judge(recipe.select)
     out = Path(out)
     partial, complete = _check_out(out, recipe)
     if complete:

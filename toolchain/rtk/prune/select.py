@@ -9,8 +9,13 @@ compared healed.
 2. Judge before healing: every distinct plan's PPL on the judge blocks, held-out calibration text (the judge text
    minus the search's calibration blocks; the recipe refuses the evaluation text).
 3. Finalists: the best plan of each family first, then the next best overall, up to `finalists`.
-4. Heal each finalist briefly (rtk heal's loop, `select.heal`, on blocks that avoid the judge's) and judge it again;
-   the lowest judge PPL after healing wins.
+4. Heal each finalist briefly (rtk heal's loop, `select.heal`, on blocks that avoid the judge's) and judge it again:
+   by PPL on the judge blocks (per-block NLLs kept), or, with `judge: {tasks: [...], limit: N}`, by lm-eval on the
+   last N documents of each task (the healed finalist saved to OUT.partial/select/judge-NAME and run as rtk bench
+   runs lm-eval; per-document scores kept). The documents before them are the ones that may report.
+5. Decide (`decide`): the best on the judge wins when its lead over every other finalist is outside the paired 95%
+   interval (rtk.paired); finalists it cannot be told from are tied, and the fastest of them (predicted speedup:
+   the measured profile, or the roofline) wins; the record and the report say it was a tie and who was tied.
 
 State lives in OUT.partial/select/ (every search state, every judgement, the healing checkpoints) so a rerun
 resumes. The record (`selection` in plan.json) lists every proposal, which were finalists, and their scores.
@@ -25,6 +30,7 @@ from rtk.data import cut_blocks, same_text, token_spans
 from rtk.errors import RtkError
 from rtk.model.sublayer import expand, model_order
 from rtk.outdir import write_json_atomic
+from rtk.prune.config import TaskJudge, judge_documents, judge_text
 from rtk.prune.criteria import CRITERIA, removal_order
 from rtk.prune.search import Candidate, StopRule
 
@@ -36,10 +42,12 @@ def proposal_names(cfg) -> list[str]:
 
 
 def judge_blocks(tokenizer, recipe) -> tuple:
-    """The judge's blocks and their record: the judge text minus the search's calibration blocks."""
+    """The judge text's blocks and their record: the judge text minus the search's calibration blocks."""
     sel, cal = recipe.select, recipe.data.calibration
-    avoid = token_spans(tokenizer, cal, "data.calibration") if same_text(sel.judge, cal) else []
-    blocks, info, spans = cut_blocks(tokenizer, sel.judge, "select.judge", avoid)
+    text = judge_text(sel)
+    avoid = token_spans(tokenizer, cal, "data.calibration") if same_text(text, cal) else []
+    blocks, info, spans = cut_blocks(tokenizer, text, "select.judge" + (".text" if text is not sel.judge else ""),
+                                     avoid)
     return blocks, {**info, "held_out_from": ["data.calibration"] if avoid else []}, spans
 
 
@@ -48,7 +56,7 @@ def finalist_pool(tokenizer, recipe, judge_spans) -> tuple:
     from rtk.heal.run import heal_blocks
 
     sel = recipe.select
-    avoid = judge_spans if same_text(sel.heal.data, sel.judge) else []
+    avoid = judge_spans if same_text(sel.heal.data, judge_text(sel)) else []
     return heal_blocks(tokenizer, sel.heal.data, sel.heal.tokens, "select.heal.data", avoid)
 
 
@@ -164,27 +172,112 @@ def _proposals(setup, saved: _Saved, jscorer, echo) -> list[dict]:
     return proposals
 
 
+def judge_on_tasks(healed, setup, name: str, root: Path, echo) -> dict:
+    """A healed finalist's lm-eval scores on the judge documents: saved to OUT.partial/select/judge-NAME and run
+    as rtk bench's in-process backends run it (rtk.bench.accuracy.harness, lm-eval's `hf` model on the folder),
+    on the last `limit` documents of each task (--samples). lm-eval's results and per-document samples stay in
+    OUT/select/lm_eval/judge-NAME/ (judge_results_file, relative to OUT)."""
+    import shutil
+
+    from rtk.bench.accuracy import harness
+    from rtk.bench.accuracy.tasks import prepare as prepare_tasks
+    from rtk.export.safetensors import export_model
+
+    j, recipe = setup.recipe.select.judge, setup.recipe
+    folder = root / f"judge-{name}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    export_model(healed, setup.tokenizer, folder, source=setup.loaded.path)
+    taskset = prepare_tasks(j.tasks)
+    spec = harness.hf_run(str(folder), taskset, None, dtype=recipe.dtype, device=recipe.device)
+    spec.samples = {taskset.lm_eval_name(t): list(judge_documents(t, j.limit)) for t in j.tasks}
+    run = harness.run(spec, root, f"judge-{name}", lambda m: echo(m.replace("rtk bench:", "rtk: select:", 1)))
+    shutil.rmtree(folder)  # the healed weights are not kept: the checkpoint in heal-NAME/ is
+    per = {t: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "n")} for t, r in run["tasks"].items()}
+    score = sum(r[j.metric] for r in per.values()) / len(per)
+    return {"judge_score": score, "judge_tasks": per, "judge_per_doc": run["per_doc"],
+            "judge_command": run["command"], "judge_seconds": run["seconds"],
+            "judge_results_file": str(Path(run["results_file"]).relative_to(root.parent))}  # lm-eval's samples beside
+
+
+def check_judge(sel) -> None:
+    """A task judge's lm-eval and task files, checked before any work (one line each)."""
+    if not isinstance(sel.judge, TaskJudge):
+        return
+    import importlib.util
+
+    from rtk import pip_install
+    from rtk.bench.accuracy.tasks import prepare as prepare_tasks
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RtkError(f"select.judge.tasks: lm-eval is not installed ({pip_install('eval')}); or judge on text")
+    prepare_tasks(sel.judge.tasks)
+
+
+def task_judge_record(j: TaskJudge) -> dict:
+    """Which documents judged (the last `limit` of each task, indices from 0) and which may report."""
+    docs = {t: judge_documents(t, j.limit) for t in j.tasks}
+    return {"kind": "tasks", "metric": j.metric, "limit": j.limit,
+            "tasks": {t: {"judge_documents": [r.start, r.stop - 1], "of": r.stop,
+                          "reporting_documents": [0, (j.report or r.start) - 1]} for t, r in docs.items()},
+            "reporting": f"the first {j.report} documents of each task (rtk bench --limit {j.report})" if j.report
+            else "each task's documents before its judge documents (rtk bench --limit N with N at most "
+                 + ", ".join(f"{t}: {r.start}" for t, r in docs.items()) + ")"}
+
+
+def _judged(rec: Optional[dict], by_tasks: bool) -> bool:
+    """Whether a saved healing carries what the judge compares (per-block NLLs, or per-document task scores)."""
+    return bool(rec) and ("judge_per_doc" in rec if by_tasks else "judge_block_nll" in rec)
+
+
 def _heal_finalists(setup, finalists: list[dict], saved: _Saved, judge: tuple, pool, root: Path, heal_fp: str,
                     echo) -> None:
     """Each finalist healed briefly and judged again (its record updated; healings already saved are reused)."""
     from rtk.heal.run import heal_model, student_copy
+    from rtk.model.ppl import model_block_nll
     from rtk.model.rewrite import apply_plan
 
     jblocks, jinfo = judge
+    by_tasks = isinstance(setup.recipe.select.judge, TaskJudge)
     for k, p in enumerate(finalists, 1):
-        if p["_key"] not in saved.data["healed"]:
+        if not _judged(saved.data["healed"].get(p["_key"]), by_tasks):
             echo(f"rtk: select: healing finalist {k}/{len(finalists)}: {p['name']} "
                  f"(judge PPL before {p['judge_ppl_before']:.3f})")
             student = student_copy(apply_plan(setup.model, p["removed"]))
-            _, rec = heal_model(student, setup.model, setup.tokenizer, setup.recipe.select.heal, jblocks, jinfo,
-                                root / f"heal-{p['name']}", f"{heal_fp}-{p['_key']}", ppl_before=p["judge_ppl_before"],
-                                progress=setup.progress, echo=echo, pool=pool)
-            del student
-            saved.put("healed", p["_key"], {"judge_ppl_after": rec["eval"]["ppl_after"],
-                                            "loss_first": rec["loss_first"], "loss_last": rec["loss_last"],
-                                            "train_seconds": rec["train_seconds"], "tokens": rec["tokens"]})
+            healed, rec = heal_model(student, setup.model, setup.tokenizer, setup.recipe.select.heal, jblocks, jinfo,
+                                     root / f"heal-{p['name']}", f"{heal_fp}-{p['_key']}",
+                                     ppl_before=p["judge_ppl_before"], progress=setup.progress, echo=echo, pool=pool)
+            got = {"judge_ppl_after": rec["eval"]["ppl_after"], "loss_first": rec["loss_first"],
+                   "loss_last": rec["loss_last"], "train_seconds": rec["train_seconds"], "tokens": rec["tokens"],
+                   "judge_block_nll": model_block_nll(healed, jblocks, setup.recipe.scoring.batch_size)}
+            if by_tasks:
+                got.update(judge_on_tasks(healed, setup, p["name"], root, echo))
+            del student, healed
+            saved.put("healed", p["_key"], got)
         p.update(saved.data["healed"][p["_key"]])
         p["finalist"] = k
+
+
+def decide(finalists: list[dict], metric: Optional[str] = None, block_tokens: Optional[list[int]] = None) -> dict:
+    """The decision rule with ties. The best finalist on the judge (highest task score, or lowest judge PPL after
+    healing) wins when its lead over every other finalist is outside the paired 95% interval (rtk.paired, on the
+    same documents or blocks); else the finalists it cannot be told from are tied, and the fastest of them
+    (predicted_speedup: the measured profile, or the roofline) wins. `metric`: judged on tasks (per-document
+    `judge_per_doc`), else on PPL (per-block `judge_block_nll`, `block_tokens` predicted tokens per block).
+    Returns the decision record."""
+    from rtk import paired
+
+    if metric:
+        best = max(finalists, key=lambda p: (p["judge_score"], -p["finalist"]))
+        compare = lambda p: paired.doc_diff(best["judge_per_doc"], p["judge_per_doc"], metric)  # noqa: E731
+    else:
+        best = min(finalists, key=lambda p: (p["judge_ppl_after"], p["finalist"]))
+        compare = lambda p: paired.ppl_diff(best["judge_block_nll"], p["judge_block_nll"], block_tokens)  # noqa: E731
+    leads = {p["name"]: compare(p) for p in finalists if p is not best}
+    tied = [best] + [p for p in finalists if p is not best and leads[p["name"]]["verdict"] != "better"]
+    winner = max(tied, key=lambda p: (p["predicted_speedup"], p is best, -p["finalist"]))
+    return {"best_on_judge": best["name"], "winner": winner["name"], "tie": len(tied) > 1,
+            "tied": [p["name"] for p in tied], "leads": leads, "paired_rule": paired.RULE}
 
 
 def select_plan(setup, partial: Path, echo: Callable[[str], None], heal_fp: str) -> tuple[dict, dict]:
@@ -201,14 +294,24 @@ def select_plan(setup, partial: Path, echo: Callable[[str], None], heal_fp: str)
     finalists = _order([p for p in proposals if "same_as" not in p])[: sel.finalists]
     pool = finalist_pool(setup.tokenizer, setup.recipe, jspans)
     _heal_finalists(setup, finalists, saved, (jblocks, jinfo), pool, root, heal_fp, echo)
-    winner = min(finalists, key=lambda p: (p["judge_ppl_after"], p["finalist"]))
-    echo(f"rtk: select: {winner['name']} wins: judge PPL {winner['judge_ppl_before']:.3f} -> "
-         f"{winner['judge_ppl_after']:.3f} after healing, predicted {winner['predicted_speedup']:.3f}x")
+    by_tasks = isinstance(sel.judge, TaskJudge)
+    decision = decide(finalists, sel.judge.metric if by_tasks else None, [jblocks.shape[1] - 1] * jblocks.shape[0])
+    winner = next(p for p in finalists if p["name"] == decision["winner"])
+    echo(f"rtk: select: {winner['name']} wins"
+         + (f" a tie with {', '.join(n for n in decision['tied'] if n != winner['name'])} (no difference shown on "
+            "the judge; the fastest wins)" if decision["tie"] else "")
+         + (f": judge {sel.judge.metric} {winner['judge_score']:.3f}" if by_tasks else "")
+         + f"; judge PPL {winner['judge_ppl_before']:.3f} -> {winner['judge_ppl_after']:.3f} after healing, "
+         f"predicted {winner['predicted_speedup']:.3f}x")
     record = {
         "winner": winner["name"],
-        "rule": "lowest judge PPL after the brief healing, among the finalists (each family's best before healing "
-                "first, then the next best)",
-        "judge": {k: v for k, v in jinfo.items()},
+        "rule": ("highest " + f"mean {sel.judge.metric} over {', '.join(sel.judge.tasks)}" if by_tasks
+                 else "lowest judge PPL") + " after the brief healing, among the finalists (each family's best "
+                "before healing first, then the next best); a lead inside the paired 95% interval is a tie, "
+                "which the fastest tied finalist (predicted speedup) wins",
+        "decision": decision,
+        "speed_model": setup.speed.describe(),
+        "judge": {**jinfo, **(task_judge_record(sel.judge) if by_tasks else {"kind": "ppl"})},
         "heal": sel.heal.model_dump(mode="json"),
         "heal_data": {k: pool[1][k] for k in ("text", "samples", "seq_len", "tokens") if k in pool[1]},
         "finalists": sel.finalists,

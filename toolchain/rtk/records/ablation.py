@@ -115,6 +115,7 @@ def markdown(res: dict) -> str:
     lines = _summary_lines(res, healed)
     lines += healed_section(res)
     lines += measured_section(res, w)
+    lines += paired_section(res)
     return "\n".join(lines + _winner_lines(res, w) + _variant_lines(res, w, healed))
 
 
@@ -160,16 +161,30 @@ def _summary_lines(res: dict, healed: bool) -> list[str]:
     return lines
 
 
+def lead_text(res: dict, kind: str, target, best: str | None) -> str:
+    """' (over RUNNER-UP: +d [low, high], verdict)': a winner's lead on the same blocks / documents, where known."""
+    p = res.get("leads", {}).get(kind, {}).get(str(target))
+    if not p or p["best"] != best:
+        return ""
+    return f" (over {p['runner_up']}: {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['verdict']})"
+
+
 def _winner_lines(res: dict, w: dict) -> list[str]:
-    """## Winners per target: eval PPL, ideal and measured speed, zero-shot, the Pareto sets."""
+    """## Winners per target: eval PPL, ideal and measured speed, zero-shot (each lead with its paired interval
+    over the runner-up, where known), the Pareto sets."""
     lines = ["", "## Winners", ""]
+    if res.get("leads"):
+        lines += ["A lead in brackets is the winner minus the runner-up on the same blocks or documents, with its "
+                  "paired 95% interval: only \"better\" says the lead is real.", ""]
     for t in res["targets"]:
         if str(t) in w["ppl"]:
-            lines.append(f"- {t:.0%} removed: lowest eval PPL **{w['ppl'][str(t)]}**; highest ideal decode speedup "
+            lines.append(f"- {t:.0%} removed: lowest eval PPL **{w['ppl'][str(t)]}**"
+                         f"{lead_text(res, 'ppl', t, w['ppl'][str(t)])}; highest ideal decode speedup "
                          f"**{w['speed'][str(t)]}**.")
     for t, v in w.get("measured_speed", {}).items():
+        zs = w.get("zero_shot", {}).get(t)
         lines.append(f"- {float(t):.0%} removed: highest measured speedup (vLLM, {MEASURED} workload, tokens/s) "
-                     f"**{v}**; best zero-shot average **{w.get('zero_shot', {}).get(t, '-')}**.")
+                     f"**{v}**; best zero-shot average **{zs or '-'}**{lead_text(res, 'zero_shot', t, zs)}.")
     for wl, eq in [(MEASURED, w.get("equal_measured_speed", {})), *w.get("equal_measured_speed_other", {}).items()]:
         for sp, e in eq.items():
             ppls = ", ".join(f"{k} {x:.1f}" for k, x in sorted(e["ppl"].items(), key=lambda kv: kv[1]))
@@ -272,9 +287,11 @@ def healed_section(res: dict) -> list[str]:
     for t, rk in ranks.items():
         same = "the same order" if rk["before"] == rk["after"] else "a different order"
         zw = best_zs.get(t)
-        lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**, "
-                     f"after **{rk['after'][0]}**; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
-                     + (f"; best zero-shot after healing **{zw}**." if zw else "."))
+        lines.append(f"- {float(t):.0%} removed: after healing {same}; best before **{rk['before'][0]}**"
+                     f"{lead_text(res, 'ppl', t, rk['before'][0])}, after **{rk['after'][0]}**"
+                     f"{lead_text(res, 'healed_ppl', t, rk['after'][0])}; Kendall's tau between the two rankings {rk['kendall_tau']:+.2f}"
+                     + (f"; best zero-shot after healing **{zw}**{lead_text(res, 'healed_zero_shot', t, zw)}."
+                        if zw else "."))
     return lines
 
 
@@ -322,6 +339,35 @@ def measured_section(res: dict, w: dict) -> list[str]:
                         for x in wls)
         lines.append(f"| {r['variant']} | {r['target']:.0%} | {r['params_removed_fraction']:.1%} | {r['eval_ppl']:.3f} | "
                      f"{_acc(zero_shot_avg(r))} |{cells} {r['decode_speedup_ideal_b1']:.3f} |")
+    return lines
+
+
+def _interval(p: dict | None) -> str:
+    """A paired difference (rtk.paired) as '+d [low, high] verdict', '-' where none was computed."""
+    if not p:
+        return "- | -"
+    return f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] | {p['verdict']}"
+
+
+def paired_section(res: dict) -> list[str]:
+    """Every variant against the dense model on the same blocks and documents: eval PPL and zero-shot average
+    (and, after --heal, the healed model's zero-shot), each difference with its paired 95% interval and the
+    verdict read from it."""
+    rows = [r for r in res["rows"] if r.get("eval_vs_dense") or r.get("bench", {}).get("zero_shot_vs_dense")]
+    if not rows:
+        return []
+    healed = any((r.get("healed") or {}).get("bench", {}).get("zero_shot_vs_dense") for r in rows)
+    lines = ["", "## Against the dense model (paired)", "",
+             f"Differences variant - dense on the same eval blocks and the same documents; {res.get('paired_rule') or 'paired bootstrap 95% interval'}. "
+             "Lower PPL is better, higher accuracy is better.", "",
+             "| variant | target | eval PPL diff [95%] | verdict | zero-shot avg diff [95%] | verdict |"
+             + (" healed zero-shot diff [95%] | verdict |" if healed else ""),
+             "|---|---:|---|---|---|---|" + ("---|---|" if healed else "")]
+    for r in rows:
+        h = (r.get("healed") or {}).get("bench", {}).get("zero_shot_vs_dense")
+        lines.append(f"| {r['variant']} | {r['target']:.0%} | {_interval(r.get('eval_vs_dense'))} | "
+                     f"{_interval(r.get('bench', {}).get('zero_shot_vs_dense'))} |"
+                     + (f" {_interval(h)} |" if healed else ""))
     return lines
 
 

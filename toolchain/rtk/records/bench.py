@@ -73,15 +73,34 @@ def _pm(rec: dict, k: str) -> str:
     return f"{rec[k]:.3f} ± {rec[k + '_stderr']:.3f}" if k in rec else "n/a"
 
 
-def accuracy_rows(q0: dict, q1: dict) -> list[str]:
-    """| task | metric | base | candidate | recovery | rows (recovery = candidate / base, in %)."""
-    rows = []
+ACCURACY_HEAD = ["| task | metric | base | {name} | recovery | difference [95% interval] | verdict |",
+                 "|---|---|---:|---:|---:|---|---|"]
+
+
+def interval_text(p: dict | None, nd: int = 3) -> tuple[str, str]:
+    """(difference [low, high], verdict) of a paired record (rtk.paired), or n/a where none was computed."""
+    if not p:
+        return "n/a", "not computed"
+    return f"{p['diff']:+.{nd}f} [{p['low']:+.{nd}f}, {p['high']:+.{nd}f}]", p["verdict"]
+
+
+def accuracy_rows(q0: dict, q1: dict, paired: dict | None = None) -> list[str]:
+    """Rows under ACCURACY_HEAD (recovery = candidate / base, in %; the difference candidate - base with its
+    paired 95% interval over the same documents and the verdict read from it), then the mean over tasks."""
+    rows, paired = [], paired or {}
     for t, s0 in q0.get("tasks", {}).items():
         s1 = q1["tasks"][t]
         for k in ("acc", "acc_norm"):
             if k in s0 and k in s1:
                 rec = f"{100 * s1[k] / s0[k]:.1f}%" if s0[k] else "n/a"
-                rows.append(f"| {TITLES.get(t, t)} (n={s0['n']}) | {k} | {_pm(s0, k)} | {_pm(s1, k)} | {rec} |")
+                diff, word = interval_text(paired.get(f"{t}.{k}"))
+                rows.append(f"| {TITLES.get(t, t)} (n={s0['n']}) | {k} | {_pm(s0, k)} | {_pm(s1, k)} | {rec} | "
+                            f"{diff} | {word} |")
+    for k in ("acc", "acc_norm"):
+        p = paired.get(f"mean.{k}")
+        if p:
+            diff, word = interval_text(p)
+            rows.append(f"| mean of {len(p['tasks'])} tasks | {k} | | | | {diff} | **{word}** |")
     return rows
 
 
@@ -141,19 +160,29 @@ def _quality_lines(res: dict) -> list[str]:
     lines = ["", "## Quality", "",
              f"PPL: {w.get('text', 'WikiText-2 raw')}, {w['samples']} blocks x {w['seq_len']} tokens "
              f"({w['predicted_tokens']:,} predicted tokens), computed by the {c['backend']} backend.", "",
-             "| model | WikiText-2 PPL |", "| --- | ---: |"]
-    lines += [f"| {m['label']} | {m['quality']['wikitext2']['ppl']:.3f} |" for m in models]
+             "| model | WikiText-2 PPL | difference to baseline [95% interval] | verdict |",
+             "| --- | ---: | --- | --- |"]
+    paired = res.get("paired", {})
+    for m in models:
+        diff, word = interval_text(paired.get(m["label"], {}).get("wikitext2.ppl")) if m is not models[0] else ("", "")
+        lines.append(f"| {m['label']} | {m['quality']['wikitext2']['ppl']:.3f} | {diff} | {word} |")
+    if res.get("paired_rule"):
+        lines += ["", f"Verdicts: {res['paired_rule']} (PPL: blocks resampled; lower is better). Per-block NLLs are "
+                  "in bench.json (`quality.wikitext2.block_nll`)."]
     if not q0.get("lm_eval"):
         return lines
     lines += ["", "### Accuracy (lm-evaluation-harness)", "",
               f"lm-eval {q0['lm_eval'].get('lm_eval_version', '')}, zero-shot, "
               f"{'first ' + str(c['limit']) + ' documents' if c['limit'] else 'all documents'} per task; "
-              "± is lm-eval's standard error; recovery = candidate / baseline.", ""]
+              "± is lm-eval's standard error; recovery = candidate / baseline; the difference is candidate - "
+              "baseline on the same documents, and its verdict is read from the paired interval, not from the "
+              "recovery. Per-document scores: `quality.per_doc` in bench.json, and lm-eval's own `samples_*.jsonl` "
+              "beside each results file.", ""]
     for m in models[1:]:
-        lines += [f"| task | metric | baseline | {m['label']} | recovery |", "|---|---|---:|---:|---:|",
-                  *accuracy_rows(q0, m["quality"]), ""]
+        lines += [ACCURACY_HEAD[0].format(name=m["label"]), ACCURACY_HEAD[1],
+                  *accuracy_rows(q0, m["quality"], paired.get(m["label"])), ""]
     lines += ["Each model's numbers as lm-eval printed them, and the command that reproduces them "
-              "(`--output_path` left out):", ""]
+              "(`--output_path` and `--log_samples`, which write the files, left out):", ""]
     for m in models:
         le = m["quality"]["lm_eval"]
         lines += [f"**{m['label']}** ({le['seconds']} s; raw results `{le['results_file']}`):", "", "```bash",

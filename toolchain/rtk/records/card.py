@@ -188,18 +188,21 @@ def _public_command(cmd: str, this: dict, base: dict) -> str:
 
 def bench_sections(res: dict, label: str, folder: str) -> dict[str, list[str]]:
     """The card parts for candidate `label` of a bench result: evaluation, performance, measured."""
-    from rtk.records.bench import accuracy_rows, how_served, speed_rows
+    from rtk.records.bench import ACCURACY_HEAD, accuracy_rows, how_served, interval_text, speed_rows
 
     base, cand = res["models"][0], next(m for m in res["models"] if m["label"] == label)
     cand = {**cand, "path": folder}
     parts: dict[str, list[str]] = {k: [] for k in BENCH_PARTS}
     q0, q1 = base.get("quality") or {}, cand.get("quality") or {}
+    paired = res.get("paired", {}).get(label, {})
     if q1.get("lm_eval"):
         parts["evaluation"] += [f"lm-eval-harness {q1['lm_eval'].get('lm_eval_version', '')}, zero-shot, "
                                 f"{res['config']['limit'] and 'first ' + str(res['config']['limit']) + ' documents per task' or 'all documents'}; "
-                                "recovery = this model / base:", "",
-                                "| task | metric | base | this model | recovery |", "|---|---|---:|---:|---:|"]
-        parts["evaluation"] += accuracy_rows(q0, q1)
+                                "recovery = this model / base; the difference (this model - base, on the same "
+                                "documents) has a paired bootstrap 95% interval, and the verdict is read from it, "
+                                "not from the recovery:", "",
+                                ACCURACY_HEAD[0].format(name="this model"), ACCURACY_HEAD[1]]
+        parts["evaluation"] += accuracy_rows(q0, q1, paired)
         parts["evaluation"] += ["", "Reproduce (this model, then the base model with BASE_MODEL):", "", "```bash",
                                 _public_command(q1["lm_eval"]["command"], cand, base),
                                 _public_command(q0["lm_eval"]["command"], cand, base), "```"]
@@ -211,8 +214,11 @@ def bench_sections(res: dict, label: str, folder: str) -> dict[str, list[str]]:
                                     f"`--tasks {hub}` and no `--include_path`."]
     if q1.get("wikitext2"):
         w0, w1 = q0["wikitext2"], q1["wikitext2"]
+        diff, word = interval_text(paired.get("wikitext2.ppl"))
         parts["evaluation"] += ["", f"WikiText-2 PPL in the same run ({res['config']['backend']} backend): base "
-                                f"{w0['ppl']:.3f}, this model {w1['ppl']:.3f}."]
+                                f"{w0['ppl']:.3f}, this model {w1['ppl']:.3f}"
+                                + (f"; difference {diff} (95% interval over the blocks): {word}." if paired.get(
+                                    "wikitext2.ppl") else ".")]
     if cand.get("speed") and res["serving"]:
         parts["performance"] += [how_served(res), "", "| metric | base | this model | speedup [min, max over rounds] |",
                                  "|---|---:|---:|---|", *speed_rows(res, label), "",

@@ -145,24 +145,60 @@ def _selection_plot(sel: dict, out: Path) -> str:
     return "selection.png"
 
 
+def decision_lines(sel: dict) -> list[str]:
+    """How the winner was decided: a clear lead on the judge, or a tie decided by speed; each finalist's
+    difference to the best with its paired 95% interval."""
+    d = sel.get("decision")
+    if not d:
+        return []
+    if d["tie"]:
+        others = [n for n in d["tied"] if n != d["best_on_judge"]]
+        head = (f"**A tie**: {d['best_on_judge']} is best on the judge, but its lead over {', '.join(others)} is "
+                f"inside the paired 95% interval (no difference shown); of the tied finalists "
+                f"({', '.join(d['tied'])}) the fastest, **{d['winner']}**, wins.")
+    else:
+        head = f"No tie: {d['best_on_judge']}'s lead over every other finalist is outside the paired 95% interval."
+    lines = ["", head, "", f"Best on the judge minus each other finalist ({d['paired_rule']}):", "",
+             "| finalist | best - finalist [95% interval] | best is | tied |", "|---|---|---|---|"]
+    for name, p in d["leads"].items():
+        lines.append(f"| {name} | {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] | {p['verdict']} | "
+                     f"{'yes' if name in d['tied'] else 'no'} |")
+    return lines
+
+
+def _judge_text(sel: dict) -> str:
+    """What judged the finalists: the held-out text, or the tasks' documents and which may report."""
+    j = sel["judge"]
+    text = (f"{j['text']}, {j['samples']} blocks x {j['seq_len']} tokens, held out from "
+            f"{', '.join(j.get('held_out_from') or []) or 'nothing else'} (never the evaluation text)")
+    if j.get("kind") != "tasks":
+        return "Judge: " + text
+    docs = "; ".join(f"{t} documents {r['judge_documents'][0]}-{r['judge_documents'][1]} of {r['of']}"
+                     for t, r in j["tasks"].items())
+    return (f"Judge: lm-eval {j['metric']} (zero-shot) on {docs}; the documents that report are {j['reporting']}, "
+            f"never the judge's. Proposals ranked before healing on {text}")
+
+
 def selection_lines(sel: dict, out: Path) -> list[str]:
-    """recipe select:: every plan proposed, the finalists' judge PPLs before and after the brief healing."""
-    j, h = sel["judge"], sel["heal"]
+    """recipe select:: every plan proposed, the finalists' judge PPLs (and task scores) before and after the brief
+    healing, and how the winner was decided."""
+    h = sel["heal"]
+    tasks = sel["judge"].get("kind") == "tasks"
     lines = ["", "## Selection: plans judged after healing", "",
-             f"Winner: **{sel['winner']}**. Rule: {sel['rule']}. Judge: {j['text']}, {j['samples']} blocks x "
-             f"{j['seq_len']} tokens, held out from {', '.join(j.get('held_out_from') or []) or 'nothing else'} "
-             f"(never the evaluation text). Brief healing: {h['method']}, {h['tokens']:,} tokens of "
-             f"{sel['heal_data']['text']}, seed {h['seed']}.", "",
+             f"Winner: **{sel['winner']}**. Rule: {sel['rule']}. {_judge_text(sel)}. Brief healing: {h['method']}, "
+             f"{h['tokens']:,} tokens of {sel['heal_data']['text']}, seed {h['seed']}.", "",
              "| plan | family | criterion | params removed | predicted speedup | calibration PPL | judge PPL | "
-             "finalist | judge PPL healed |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "finalist | judge PPL healed |" + (" judge score healed |" if tasks else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if tasks else "")]
     for p in sel["proposals"]:
         fin = p.get("finalist")
         healed = f"{p['judge_ppl_after']:.3f}" if fin else ("same plan as " + p["same_as"] if p.get("same_as") else "-")
         name = f"**{p['name']}**" if p["name"] == sel["winner"] else p["name"]
         lines.append(f"| {name} | {p['family']} | {p['criterion']} | {p['params_removed_fraction']:.1%} | "
                      f"{p['predicted_speedup']:.3f}x | {p['calibration_ppl']:.3f} | {p['judge_ppl_before']:.3f} | "
-                     f"{fin or '-'} | {healed} |")
-    return lines + ["", f"![judge PPL of every plan]({_selection_plot(sel, out)})"]
+                     f"{fin or '-'} | {healed} |" + (f" {p['judge_score']:.3f} |" if fin and tasks else
+                                                     " - |" if tasks else ""))
+    return lines + decision_lines(sel) + ["", f"![judge PPL of every plan]({_selection_plot(sel, out)})"]
 
 
 def _speed_line(sp: dict) -> str:

@@ -10,7 +10,10 @@ Where the folder's tokenizer puts BOS before the text (Gemma), lm-eval is told t
 as rtk's token blocks do; otherwise its arguments are as they always were.
 
 The result per task is what lm-eval reports: acc, acc_stderr and, where the task defines it, acc_norm
-(log-likelihood divided by the choice's length in characters) and acc_norm_stderr.
+(log-likelihood divided by the choice's length in characters) and acc_norm_stderr. lm_eval runs with
+`--log_samples`: its per-document file (samples_<task>_<date>.jsonl, beside results_<date>.json) stays in the
+output, and each document's acc / acc_norm is read from it (`per_doc`), for paired comparisons (rtk.paired).
+A run on chosen documents (`samples`: lm-eval's --samples, e.g. select's judge documents) replaces --limit.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class LmEvalRun:
     batch_size: int = 1
     device: Optional[str] = None
     extra: list[str] = field(default_factory=list)
+    samples: Optional[dict] = None      # lm-eval task name -> document indices (--samples; instead of --limit)
 
     def args(self) -> list[str]:
         a = ["--model", self.model, "--model_args", ",".join(f"{k}={v}" for k, v in self.model_args.items()),
@@ -67,12 +71,15 @@ class LmEvalRun:
         if self.device:
             a += ["--device", self.device]
         a += ["--batch_size", str(self.batch_size)]
-        if self.limit:
+        if self.samples:
+            a += ["--samples", json.dumps(self.samples, separators=(",", ":"))]
+        elif self.limit:
             a += ["--limit", str(self.limit)]
         return a + list(self.extra)
 
     def command(self) -> str:
-        """The shell command that reproduces the numbers (lm_eval's console script; --output_path left out)."""
+        """The shell command that reproduces the numbers (lm_eval's console script; --output_path and
+        --log_samples, which write the files, left out)."""
         return shlex.join(["lm_eval", *self.args()])
 
 
@@ -135,6 +142,27 @@ def parse_results(path: Path, tasks: TaskSet) -> dict:
     return out
 
 
+def per_document(results_file: Path, tasks: TaskSet) -> dict:
+    """Per rtk task, lm-eval's per-document scores from the samples file written beside `results_file`
+    (--log_samples: samples_<task>_<date>.jsonl): {doc_id: [...], acc: [...], acc_norm: [...] where defined,
+    file}, in document order."""
+    results_file = Path(results_file)
+    date = results_file.stem.removeprefix("results_")
+    out = {}
+    for name in tasks.names:
+        f = results_file.with_name(f"samples_{tasks.lm_eval_name(name)}_{date}.jsonl")
+        if not f.is_file():
+            raise RtkError(f"lm_eval: no per-document results {f.name} beside {results_file}")
+        rows = sorted((json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()),
+                      key=lambda r: r["doc_id"])
+        rec = {"doc_id": [int(r["doc_id"]) for r in rows], "file": f.name}
+        for m in ("acc", "acc_norm"):
+            if rows and all(m in r for r in rows):
+                rec[m] = [float(r[m]) for r in rows]
+        out[name] = rec
+    return out
+
+
 def table_lines(log: Path) -> list[str]:
     """The results table lm_eval printed (its last block of lines starting with '|')."""
     lines = log.read_text(errors="replace").splitlines()
@@ -159,10 +187,11 @@ def run(spec: LmEvalRun, out_dir: Path, label: str, echo: Callable[[str], None] 
     res_dir = out_dir / "lm_eval" / label
     log = out_dir / "logs" / f"lm_eval-{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [python, "-m", "lm_eval", *spec.args(), "--output_path", str(res_dir)]
+    argv = [python, "-m", "lm_eval", *spec.args(), "--output_path", str(res_dir), "--log_samples"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    echo(f"rtk bench:   lm_eval ({spec.model}) on {', '.join(spec.tasks.lm_eval_names)}"
-         + (f", first {spec.limit} docs each" if spec.limit else "") + f" (log: {log})")
+    which = (f", {sum(map(len, spec.samples.values()))} chosen docs" if spec.samples
+             else f", first {spec.limit} docs each" if spec.limit else "")
+    echo(f"rtk bench:   lm_eval ({spec.model}) on {', '.join(spec.tasks.lm_eval_names)}{which} (log: {log})")
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -182,8 +211,10 @@ def run(spec: LmEvalRun, out_dir: Path, label: str, echo: Callable[[str], None] 
     if not files:
         raise RtkError(f"lm_eval wrote no results file under {res_dir} (log: {log})")
     per = parse_results(files[-1], spec.tasks)
+    docs = per_document(files[-1], spec.tasks)
     table = table_lines(log)
     for line in table:
         echo(f"rtk bench:   {line}")
-    return {"tasks": per, "command": spec.command(), "model": spec.model, "results_file": str(files[-1]),
+    return {"tasks": per, "per_doc": docs, "command": spec.command(), "model": spec.model,
+            "results_file": str(files[-1]),
             "table": table, "seconds": round(time.perf_counter() - t0, 1), "lm_eval_version": check_installed()}

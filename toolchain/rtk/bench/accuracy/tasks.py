@@ -38,6 +38,8 @@ class TaskSpec:
     split: str           # the split lm-eval evaluates (key of data_files)
     files: tuple[str, ...]  # source files under $RTK_DATA_DIR
     convert: Callable[[list[Path]], list[dict]]
+    docs: int            # documents in the split (the same in the local files and the hub's)
+    acc_norm: bool       # lm-eval reports acc_norm for it (not for boolq, winogrande)
 
     @property
     def local(self) -> str:
@@ -130,15 +132,16 @@ def convert_winogrande(paths: list[Path]) -> list[dict]:
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("piqa", "piqa", "PIQA validation", "validation", ("piqa/valid.jsonl", "piqa/valid-labels.lst"),
-             convert_piqa),
-    TaskSpec("arc_easy", "arc_easy", "ARC-Easy test", "test", ("arc-easy/ARC-Easy-Test.jsonl",), convert_arc),
+             convert_piqa, 1838, True),
+    TaskSpec("arc_easy", "arc_easy", "ARC-Easy test", "test", ("arc-easy/ARC-Easy-Test.jsonl",), convert_arc, 2376, True),
     TaskSpec("arc_challenge", "arc_challenge", "ARC-Challenge test", "test",
-             ("arc-challenge/ARC-Challenge-Test.jsonl",), convert_arc),
-    TaskSpec("boolq", "boolq", "BoolQ validation", "validation", ("boolq/val.jsonl",), convert_boolq),
+             ("arc-challenge/ARC-Challenge-Test.jsonl",), convert_arc, 1172, True),
+    TaskSpec("boolq", "boolq", "BoolQ validation", "validation", ("boolq/val.jsonl",), convert_boolq, 3270, False),
     TaskSpec("hellaswag", "hellaswag", "HellaSwag validation", "validation", ("hellaswag/hellaswag_val_full.txt",),
-             convert_hellaswag),
+             convert_hellaswag, 10042, True),
     TaskSpec("winogrande", "winogrande", "WinoGrande (winogrande_xl) validation", "validation",
-             ("winogrande/winogrande_dev_llmfoundry.jsonl", "winogrande/dev-labels.lst"), convert_winogrande),
+             ("winogrande/winogrande_dev_llmfoundry.jsonl", "winogrande/dev-labels.lst"), convert_winogrande, 1267,
+             False),
 )}
 
 
