@@ -146,13 +146,13 @@ def test_bench_cli_against_endpoints(servers, smollm2_dir, pruned_dir, tmp_path)
 
 
 def test_guidellm_sweep_of_both_models_on_one_plot(servers, smollm2_dir, pruned_dir, tmp_path):
-    """A short GuideLLM sweep (synchronous, throughput, one constant rate; 3 s each) of both served models:
+    """A short GuideLLM sweep (synchronous, throughput, one constant rate; 5 s each, the least rtk bench takes) of both served models:
     GuideLLM's report kept per model, the points read from it, one plot, the table in bench.md."""
     from rtk.bench.run import BenchConfig, run_bench_to
 
     cfg = BenchConfig(baseline=str(smollm2_dir), candidates=[str(pruned_dir)], backend="openai",
                       endpoints=[servers[0].url, servers[1].url], quality=False, speed=False, sweep="guidellm",
-                      sweep_seconds=3, sweep_points=3, input_len=32, output_len=8)
+                      sweep_seconds=5, sweep_points=3, input_len=32, output_len=8)
     res = run_bench_to(cfg, tmp_path / "sw", echo=lambda s: None)
     pts = res["sweep"]["points"]
     assert set(pts) == {"baseline", "candidate1"}
