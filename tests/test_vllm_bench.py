@@ -147,7 +147,8 @@ def test_bench_cli_against_endpoints(servers, smollm2_dir, pruned_dir, tmp_path)
 
 def test_guidellm_sweep_of_both_models_on_one_plot(servers, smollm2_dir, pruned_dir, tmp_path):
     """A short GuideLLM sweep (synchronous, throughput, one constant rate; 5 s each, the least rtk bench takes)
-    of both served models:    GuideLLM's report kept per model, the points read from it, one plot, the table in bench.md."""
+    of both served models: GuideLLM's report kept per model, the points read from it, one plot, the table in
+    bench.md."""
     from rtk.bench.run import BenchConfig, run_bench_to
 
     cfg = BenchConfig(baseline=str(smollm2_dir), candidates=[str(pruned_dir)], backend="openai",
