@@ -120,3 +120,30 @@ def test_gemma3_variants_rtk_does_not_run_are_one_line(change, message):
         rtk_config_from_hf(cfg)
     assert "\n" not in str(e.value) and str(e.value).startswith("model: ")
     check_supported(tiny_gemma3_config(), "model")  # the tiny Gemma itself is fine
+
+
+def test_a_gguf_being_dequantized_by_another_process_is_waited_for_not_redone(tmp_path, monkeypatch):
+    """gguf_to_folder under the cache lock: while another process holds it (here the test), a second call waits;
+    when the folder is there on release, it is used as it is (the stand-in GGUF below could not be read)."""
+    import threading
+
+    from rtk.model import load
+
+    monkeypatch.setenv("RTK_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not a gguf")
+    out, folder = {}, load.gguf_cache_folder(gguf)
+    lock = load.cache_lock(folder)
+    with lock:
+        t = threading.Thread(target=lambda: out.setdefault("got", load.gguf_to_folder(gguf)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # waiting on the lock
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    t.join(30)
+    assert out["got"] == folder
+    other = tmp_path / "n.gguf"
+    other.write_bytes(b"not a gguf either")
+    with pytest.raises(RtkError, match="cannot read GGUF file"):  # no folder, no other process: it reads the file
+        load.gguf_to_folder(other)

@@ -79,15 +79,20 @@ def gguf_adds_bos(gguf: Path) -> bool:
 
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file to a cached fp32 Hugging Face folder (once)."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_dir() / f"{gguf.stem}-{key}"
+    out = gguf_cache_folder(gguf)
     if (out / "config.json").is_file():
         return out
     with cache_lock(out):  # another process may be writing it: wait, then use its folder
         if not (out / "config.json").is_file():
             _dequantize(gguf, out)
     return out
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where a GGUF file's dequantized folder is cached (keyed by its path, size and modification time)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{gguf.stem}-{key}"
 
 
 def cache_lock(path: Path):
