@@ -79,6 +79,7 @@ def test_the_folder_is_int8_with_the_kv_cache_and_files_kept(quantized, case):
         assert (dst / f).read_bytes() == (src / f).read_bytes(), f
     card = (dst / "README.md").read_text()
     assert "## Quantization" in card and "onnxruntime.quantization.quantize_dynamic" in card
+    assert f"of {sum(r['elements'] for r in rec['weights_after'].values()):,} stored elements are int8" in card
     assert f"PPL {rec['verification']['ppl_unquantized']:.4f} -> {rec['verification']['ppl_quantized']:.4f}" in card
     v = rec["verification"]
     assert v["ppl_increase"] <= MAX_PPL_INCREASE and v["prefill"]["tokens"] == 4 * 47 and v["decode"]["tokens"] == 8
@@ -99,6 +100,9 @@ def test_ort_and_genai_run_the_quantized_folder_within_tolerance(quantized, case
         ref = ref.gather(-1, torch.tensor(s[1:])[:, None])[:, 0].numpy()
         d = np.abs(np.asarray(g) - ref)
         assert 0 < d.mean() <= MAX_MEAN_LOGPROB_DIFF  # int8 changes the numbers, within the tolerance
+    from rtk.bench.backends import OnnxBackend
+
+    assert OnnxBackend(str(dst)).token_logprobs(seqs) == got  # rtk bench --backend onnx takes the folder as it is
     prompt = [1, 17, 40, 99, 23]
     tokens = lm.greedy(prompt, 8)
     assert tokens == torch_greedy(model, prompt, 8)  # int8 moves log-probs by ~2e-3 nats here: no argmax flips

@@ -14,8 +14,8 @@ def _weights(rec: dict) -> str:
     total = sum(r["elements"] for r in after.values())
     before = sum(r["bytes"] for r in rec["weights_before"].values())
     now = sum(r["bytes"] for r in after.values())
-    return (f"{int8:,} of {total:,} stored weight elements are int8 ({int8 / max(total, 1):.0%}); weight bytes "
-            f"{before:,} -> {now:,} ({now / max(before, 1):.0%})")
+    return (f"{int8:,} of {total:,} stored elements are int8 ({int8 / max(total, 1):.0%}: weights and their zero "
+            f"points); stored bytes {before:,} -> {now:,} ({now / max(before, 1):.0%})")
 
 
 def card_lines(rec: dict) -> list[str]:
