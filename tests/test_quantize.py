@@ -157,6 +157,15 @@ def test_a_scheme_this_install_cannot_serve_is_refused_before_any_work(tmp_path,
         line = res.output.strip()
         assert "\n" not in line and line.startswith(f"Error: --scheme {scheme} (") and why in line
         assert line.endswith("schemes this install serves: ort-int8")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    res = cli(tmp_path / "no-such-folder", "--scheme", "ort-int8", "-o", tmp_path / "out")
+    assert (res.exit_code, res.output) == (1, "Error: --scheme ort-int8 (an ONNX graph with int8 weights and dynamic "
+                                              "uint8 activations, for ONNX Runtime): this install has no onnxruntime / "
+                                              "onnx (pip install 'rtk-prune[onnx]'); schemes this install serves: "
+                                              "none\n")
     assert not (tmp_path / "out").exists()
 
 

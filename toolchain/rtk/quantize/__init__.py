@@ -26,12 +26,13 @@ class UnknownScheme(RtkError):
     """The command reports it as a usage error of --scheme (exit 2)."""
 
 
-def _has(*modules: str) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in modules)
+def _has(*packages: str) -> bool:
+    """Whether every top-level package is installed (found, not imported)."""
+    return all(importlib.util.find_spec(p) is not None for p in packages)
 
 
 def _ort_missing() -> Optional[str]:
-    if _has("onnx", "onnxruntime.quantization"):
+    if _has("onnx", "onnxruntime"):
         return None
     return "this install has no onnxruntime / onnx (pip install 'rtk-prune[onnx]')"
 
