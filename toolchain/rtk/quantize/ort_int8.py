@@ -6,8 +6,9 @@ activations quantized at run time from each call's own range (per tensor): Dynam
 which ONNX Runtime's CPU provider runs. Everything else stays float32, as it was: the graph's inputs and outputs
 (the KV-cache inputs and presents: names, types and shapes are checked equal), the norms, the attention arithmetic
 (its MatMuls multiply two activations), the embedding (a Gather) and a head tied to it (its weight is
-Transpose(embedding), no stored weight). The settings are Optimum's `avx512_vnni` dynamic preset with
-per-channel weights, restricted to MatMul.
+Transpose(embedding), no stored weight). Weights keep the full int8 range (`reduce_range` off: quantize_dynamic's
+7-bit option is for CPUs without VNNI, where its uint8 x int8 products can saturate); the comparison runs on the
+machine that quantized.
 
 The output keeps every other file of the export (tokenizer and chat template, generation_config.json,
 genai_config.json, config.json, plan.json when there), adds quantize.json (what was quantized, how, and the

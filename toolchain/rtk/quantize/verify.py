@@ -28,7 +28,7 @@ from rtk.settings import format_errors
 MAX_PPL_INCREASE = 0.05  # relative: ppl_quantized / ppl_unquantized - 1
 MAX_MEAN_LOGPROB_DIFF = 0.1  # nats per token
 DECODE_TOKENS = 8
-PROVIDER = "CPUExecutionProvider"  # what ONNX Runtime's int8 kernels (MatMulInteger) are written for
+PROVIDER = "CPUExecutionProvider"  # the provider the int8 graph is meant for, and checked on
 
 
 def text_spec(text: Optional[str] = None, samples: int = VERIFY_SAMPLES, seq_len: int = VERIFY_SEQ_LEN) -> DataSpec:
