@@ -21,7 +21,7 @@ FLOORS = {
     "model": 2,
     "records": 3, "plan": 3, "vllm_plugin": 3,
     "export": 4,
-    "serve": 5, "heal": 5,
+    "serve": 5, "heal": 5, "quantize": 5,
     "prune": 6, "bench": 6,
     "ablate": 7,
     "cli": 8,

@@ -6,12 +6,13 @@ The Python API is the commands, called in process (rtk.cli is a thin layer over 
     pruned = rtk.prune("recipes/smollm2-demo.yaml", out="runs/demo")       # rtk.prune.api.PruneResult
     healed = rtk.heal(pruned.out, out="runs/demo-healed", tokens=8192)      # rtk.heal.api.HealResult
     onnx = rtk.export(healed.model_dir, format="onnx", out="runs/demo-onnx")  # rtk.export.api.ExportResult
+    int8 = rtk.quantize(onnx.out, scheme="ort-int8", out="runs/demo-onnx-int8")  # rtk.quantize.api.QuantizeResult
     res = rtk.bench(baseline="embedded:smollm2", candidates=[healed.model_dir], out="runs/demo-bench")
 
-`rtk.prune`, `rtk.heal`, `rtk.export` and `rtk.bench` are the stage packages themselves, made callable (each call
-is its `api` module's function of the same name), so `import rtk.prune.run` and friends keep working. A bad
-input raises `rtk.RtkError` with the one line the command prints, and leaves nothing half-written. `import rtk`
-imports no torch: a stage loads when it is called.
+`rtk.prune`, `rtk.heal`, `rtk.export`, `rtk.quantize` and `rtk.bench` are the stage packages themselves, made
+callable (each call is its `api` module's function of the same name), so `import rtk.prune.run` and friends keep
+working. A bad input raises `rtk.RtkError` with the one line the command prints, and leaves nothing half-written.
+`import rtk` imports no torch: a stage loads when it is called.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import types
 __version__ = "0.1.0"
 # The name on PyPI: PyPI's `rtk` is an unrelated GPIO library. The import name and the command stay `rtk`.
 DISTRIBUTION = "rtk-prune"
-API = ("prune", "heal", "export", "bench")  # the stages that are also functions
+API = ("prune", "heal", "export", "quantize", "bench")  # the stages that are also functions
 
 
 def pip_install(extra: str = "") -> str:

@@ -14,6 +14,7 @@ from rtk.cli.export import export
 from rtk.cli.heal import heal
 from rtk.cli.profile import profile
 from rtk.cli.prune import prune
+from rtk.cli.quantize import quantize
 from rtk.errors import RtkError
 
 
@@ -24,7 +25,7 @@ def main():
     and ship the smaller model to vLLM and ONNX Runtime."""
 
 
-for _command in (prune, heal, export, deploy, bench, ablate, profile):
+for _command in (prune, heal, export, quantize, deploy, bench, ablate, profile):
     main.add_command(_command)
 
 

@@ -9,7 +9,8 @@ The graph (names as onnxruntime-genai reads them):
 - outputs `logits` [batch, seq, vocab] and `present.{i}.key` / `.value` [batch, kv_heads, past + seq, head_dim].
 
 Prefill is a call with past length 0. Weights live in `model.onnx.data` beside the graph; a tied
-embedding is stored once. The folder also holds the tokenizer and `genai_config.json`.
+embedding is stored once. The folder also holds the tokenizer, `genai_config.json`, and the source folder's
+`plan.json` and `recipe.yaml` when it has them.
 Every export is checked with ONNX Runtime against torch on shapes not used while exporting; a
 mismatch is an error and nothing is left at the output path.
 """
@@ -29,8 +30,10 @@ from torch import nn
 from rtk.errors import RtkError
 from rtk.model.modeling_rtk import RtkDeciLMForCausalLM, TensorCache
 from rtk.model.sublayer import removed_set
+from rtk.plan import PLAN_FILE
 
 GRAPH, DATA = "model.onnx", "model.onnx.data"
+KEPT = (PLAN_FILE, "recipe.yaml")  # the source folder's records of how the model was made, copied as they are
 ATOL = 1e-3  # max |onnx - torch| allowed for logits and presents (fp32)
 
 
@@ -276,6 +279,9 @@ def export_onnx(model_dir: str, out_dir, atol: float = ATOL, echo: Callable[[str
     tmp = temp_dir_beside(out)
     try:
         report = write_folder(model, tokenizer, tmp, atol=atol, echo=echo, generation=generation_config_of(path))
+        for name in KEPT:
+            if (Path(path) / name).is_file():
+                shutil.copy2(Path(path) / name, tmp / name)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -3,6 +3,7 @@ generation with the KV cache.
 
     lm = OrtLM("out/onnx")                 # CUDAExecutionProvider when available, else CPU
     lm.token_logprobs([[1, 2, 3], [4, 5]]) # log p(token_t | tokens_<t), t >= 1
+    lm.cached_logprobs([1, 2, 3, 4], 2)    # the same for t >= 2, decoded through the KV cache
     lm.ppl(blocks)                         # blocks: LongTensor [N, T]
     lm.greedy([1, 2, 3], 16)               # exactly 16 new token ids (no stop at EOS)
     lm.greedy_batch([[1, 2], [3, 4]], 16)  # equal-length prompts decoded as one batch
@@ -94,6 +95,19 @@ class OrtLM:
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             picked = logp.gather(-1, torch.from_numpy(ids[:, 1:])[..., None])[..., 0]
             out += [picked[r, :len(s) - 1].tolist() for r, s in enumerate(chunk)]
+        return out
+
+    def cached_logprobs(self, seq: list[int], prefill: int) -> list[float]:
+        """log p(seq[t] | seq[:t]) for t >= prefill, as generation computes them: one call over seq[:prefill], then
+        one call per token with the KV cache (teacher-forced: the next input is seq[t], not the model's choice)."""
+        if not 0 < prefill < len(seq):
+            raise RtkError(f"cached_logprobs: prefill {prefill} must leave at least one of {len(seq)} tokens")
+        ids, past, out = np.asarray([seq[:prefill]], np.int64), self.empty_past(1), []
+        for t in range(prefill, len(seq)):
+            pos = np.arange(t - ids.shape[1], t, dtype=np.int64)[None]
+            logits, *past = self.run(ids, np.ones((1, t), np.int64), pos, past)
+            out.append(float(torch.log_softmax(torch.from_numpy(logits[0, -1]).float(), -1)[seq[t]]))
+            ids = np.asarray([[seq[t]]], np.int64)
         return out
 
     def ppl(self, blocks: torch.Tensor, batch_size: int = 4) -> float:

@@ -1,0 +1,88 @@
+"""`rtk quantize`: one table from scheme name to what writes it, and why this machine cannot, checked before any work.
+
+rtk does not quantize by itself: each scheme is an ecosystem tool driven on an rtk folder. Built today:
+`ort-int8`, ONNX Runtime's own dynamic quantization of an `rtk export --format onnx` folder
+(rtk.quantize.ort_int8). Named but not built: llm-compressor's compressed-tensors schemes for vLLM (`w8a8`,
+`w4a16`, `fp8`); asking for one says why this install cannot serve it. `rtk.quantize(model_dir, scheme=..., out=...)`
+(rtk.quantize.api) is the command in process. Importing this module imports nothing heavy.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from rtk import callable_stage
+from rtk.errors import RtkError
+
+callable_stage(__name__)
+
+# The comparison's default text size (rtk.quantize.verify): a few blocks of the evaluation text, WikiText-2 test.
+VERIFY_SAMPLES, VERIFY_SEQ_LEN = 8, 128
+
+
+class UnknownScheme(RtkError):
+    """The command reports it as a usage error of --scheme (exit 2)."""
+
+
+def _has(*packages: str) -> bool:
+    """Whether every top-level package is installed (found, not imported)."""
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+def _ort_missing() -> Optional[str]:
+    if _has("onnx", "onnxruntime"):
+        return None
+    return "this install has no onnxruntime / onnx (pip install 'rtk-prune[onnx]')"
+
+
+def _llm_compressor_missing() -> Optional[str]:
+    return ("rtk does not drive llm-compressor yet (README: Quantize), "
+            + ("though this install has it" if _has("llmcompressor") else "and this install has no llm-compressor"))
+
+
+def _fp8_missing() -> Optional[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "FP8 weights are served by GPUs (vLLM's FP8 kernels) and this machine has none"
+    return _llm_compressor_missing()
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    writes: str  # what the output folder holds, and who serves it
+    writer: Optional[str]  # "module:function" taking (model_dir, out, **options) -> record; None: not built
+    missing: Callable[[], Optional[str]]  # why this install / machine cannot run it; None: it can
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme("ort-int8", "an ONNX graph with int8 weights and dynamic uint8 activations, for ONNX Runtime",
+           "rtk.quantize.ort_int8:quantize_onnx", _ort_missing),
+    Scheme("w8a8", "int8 weights and activations, a compressed-tensors checkpoint for vLLM (llm-compressor)", None,
+           _llm_compressor_missing),
+    Scheme("w4a16", "int4 weights, a compressed-tensors checkpoint for vLLM (llm-compressor)", None,
+           _llm_compressor_missing),
+    Scheme("fp8", "FP8 weights and activations, a compressed-tensors checkpoint for vLLM GPUs (llm-compressor)", None,
+           _fp8_missing),
+)}
+
+
+def served_here() -> list[str]:
+    return [s.name for s in SCHEMES.values() if s.writer and s.missing() is None]
+
+
+def quantizer(name: str) -> Callable:
+    """The writer of scheme `name`, or the one line saying why there is none here (before any work)."""
+    if name not in SCHEMES:
+        raise UnknownScheme(f"unknown scheme '{name}'; rtk quantize knows: {', '.join(SCHEMES)}")
+    scheme = SCHEMES[name]
+    why = scheme.missing() if scheme.writer else (scheme.missing() or "rtk does not write it yet")
+    if why:
+        here = served_here()
+        raise RtkError(f"--scheme {name} ({scheme.writes}): {why}; schemes this install serves: "
+                       f"{', '.join(here) or 'none'}")
+    module, func = scheme.writer.split(":")
+    return getattr(importlib.import_module(module), func)

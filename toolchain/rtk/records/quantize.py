@@ -1,0 +1,50 @@
+"""The model card of a quantized folder: the folder's own card (when it has one) with a Quantization section saying
+what was quantized, how, by which tool, and how the result compared with the unquantized model (from quantize.json,
+rtk.quantize.ort_int8's record). A folder without a card gets a short one around the section."""
+from __future__ import annotations
+
+from typing import Optional
+
+SECTION = "## Quantization"
+
+
+def _weights(rec: dict) -> str:
+    after = rec["weights_after"]
+    int8 = after.get("INT8", {}).get("elements", 0)
+    total = sum(r["elements"] for r in after.values())
+    before = sum(r["bytes"] for r in rec["weights_before"].values())
+    now = sum(r["bytes"] for r in after.values())
+    return (f"{int8:,} of {total:,} stored elements are int8 ({int8 / max(total, 1):.0%}: weights and their zero "
+            f"points); stored bytes {before:,} -> {now:,} ({now / max(before, 1):.0%})")
+
+
+def card_lines(rec: dict) -> list[str]:
+    v, s = rec["verification"], rec["settings"]
+    tol = v["tolerance"]
+    return [
+        SECTION, "",
+        f"Scheme `{rec['scheme']}`: ONNX Runtime's own dynamic quantization (`{rec['tool']}`, onnxruntime "
+        f"{rec['onnxruntime']}) of the unquantized ONNX export, no calibration data.", "",
+        f"- Quantized: {rec['quantized_matmuls']} of {rec['weight_matmuls']} MatMuls with a stored weight "
+        f"(attention projections, MLP, an untied LM head): int8 weights, symmetric, "
+        f"{'per output channel' if s['per_channel'] else 'per tensor'}"
+        f"{', 7-bit range' if s['reduce_range'] else ''}; activations {rec['activations']}.",
+        f"- Kept float32: the embedding and a head tied to it, norms, the attention arithmetic, and the graph's "
+        f"inputs and outputs, the KV cache included (names, types and shapes as the export's). {_weights(rec)}.",
+        f"- Compared with the unquantized export in ONNX Runtime ({v['provider']}) on the same token ids, "
+        f"{v['blocks']} blocks x {v['seq_len']} tokens of {rec['text']['text']}: PPL {v['ppl_unquantized']:.4f} -> "
+        f"{v['ppl_quantized']:.4f} ({v['ppl_increase']:+.2%}); mean |log-prob difference| per token "
+        f"{v['prefill']['mean_abs_logprob_diff']:.4f} nats (largest {v['prefill']['max_abs_logprob_diff']:.3f}), "
+        f"decoding through the KV cache {v['decode']['mean_abs_logprob_diff']:.4f}.",
+        f"- Tolerance (the command fails beyond it): PPL at most +{tol['max_ppl_increase']:.0%}, mean |log-prob "
+        f"difference| at most {tol['max_mean_abs_logprob_diff']:g} nats per token.",
+        "", "Every setting and number: `quantize.json`. Run it with ONNX Runtime as the unquantized folder "
+        "(`rtk bench --backend onnx`, onnxruntime-genai with `genai_config.json`).", ""]
+
+
+def card_with(existing: Optional[str], rec: dict) -> str:
+    """`existing` card (None: a short new one) with the Quantization section appended."""
+    if existing is None:
+        existing = "\n".join(["---", "library_name: onnxruntime", "tags: [rtk, onnx, int8]", "---", "",
+                              f"# {rec['source']}, quantized by rtk", ""])
+    return existing.rstrip("\n") + "\n\n" + "\n".join(card_lines(rec))
