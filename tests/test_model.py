@@ -147,3 +147,11 @@ def test_a_gguf_being_dequantized_by_another_process_is_waited_for_not_redone(tm
     other.write_bytes(b"not a gguf either")
     with pytest.raises(RtkError, match="cannot read GGUF file"):  # no folder, no other process: it reads the file
         load.gguf_to_folder(other)
+
+
+def test_one_pass_ppl_and_block_nll_are_model_ppl_and_model_block_nll_exactly():
+    from rtk.model.ppl import model_block_nll, model_ppl, model_ppl_and_block_nll
+
+    model, blocks = tiny_rtk("llama"), torch.randint(0, 128, (5, 17), generator=torch.Generator().manual_seed(0))
+    ppl, per_block = model_ppl_and_block_nll(model, blocks, 2)
+    assert ppl == model_ppl(model, blocks, 2) and per_block == model_block_nll(model, blocks, 2)

@@ -28,7 +28,7 @@ from rtk.model.rewrite import apply_plan
 from rtk.model.sublayer import expand, layer_of, model_order
 from rtk.prune.search import check_reachable
 from rtk.model.params import total_params
-from rtk.model.ppl import model_block_nll, model_ppl
+from rtk.model.ppl import model_block_nll, model_ppl_and_block_nll
 
 
 def _layers(names, kind: str) -> list[int]:
@@ -49,8 +49,7 @@ class Evaluator:
         if key in self.cache and (not removed or (self.root / self.cache[key]["model_dir"]).is_dir()):
             return self.cache[key]
         pruned = apply_plan(self.model, removed) if removed else self.model
-        ppl = model_ppl(pruned, self.evalb, self.recipe.scoring.batch_size)
-        block_nll = model_block_nll(pruned, self.evalb, self.recipe.scoring.batch_size)
+        ppl, block_nll = model_ppl_and_block_nll(pruned, self.evalb, self.recipe.scoring.batch_size)
         after = total_params(pruned)
         final = self.root / "models" / name
         if removed:  # exported as `rtk prune` exports: verified, servable by vLLM, atomic

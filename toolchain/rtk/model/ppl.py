@@ -62,6 +62,17 @@ def model_ppl(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
 
 
 @torch.no_grad()
+def model_ppl_and_block_nll(model, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, list[float]]:
+    """model_ppl and model_block_nll from one pass over the blocks (the PPL summed per batch as model_ppl sums it,
+    so it is the same number)."""
+    total, per_block = 0.0, []
+    for ids, logits in _full_logits(model, blocks, batch_size):
+        total += logits_nll(logits, ids[:, 1:])
+        per_block += [logits_nll(logits[i], ids[i, 1:]) for i in range(ids.shape[0])]
+    return ppl_of(total, int(blocks.shape[0] * (blocks.shape[1] - 1))), per_block
+
+
+@torch.no_grad()
 def teacher_logprobs(model, blocks: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     """The rtk model's log-softmax (float32, on the CPU) at every predicted position of [N, T] token blocks,
     [N, T-1, vocab]: the reference distributions of the scoring engines' KL criterion."""
