@@ -10,7 +10,6 @@ path of the machine that made it.
 """
 from __future__ import annotations
 
-import math
 import re
 import shlex
 from pathlib import Path
