@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -355,6 +356,9 @@ def test_rtk_heal_writes_a_smaller_verified_servable_folder(tmp_path, pruned_out
     m, tok, _ = load_model(str(out / "model"))
     evalb, _ = token_blocks(tok, DataSpec(source="wikitext2", split="test", samples=3, seq_len=32), "e")
     assert ModelScorer(m, evalb, 4, progress=False).ppl() == pytest.approx(h["eval"]["ppl_after"], rel=1e-4)
+    # each evaluation block's NLL, from the same pass as the PPL: what paired intervals between healings resample
+    nll = h["eval"]["block_nll"]
+    assert len(nll) == 3 and math.exp(sum(nll) / (3 * 31)) == pytest.approx(h["eval"]["ppl_after"], rel=1e-6)
     card = (out / "model" / "README.md").read_text()
     assert "## Healing" in card and "Evaluation PPL" in card
     # the card is published with the model: the teacher by the name plan.json gives, not this machine's path

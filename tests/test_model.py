@@ -1,6 +1,7 @@
 """rtk's model class: equal to the HF originals, and skipping a branch == the branch being absent."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import GEMMA3_WINDOW, tiny_gemma3_config, tiny_hf, tiny_rtk
 from rtk.errors import RtkError
@@ -149,9 +150,13 @@ def test_a_gguf_being_dequantized_by_another_process_is_waited_for_not_redone(tm
         load.gguf_to_folder(other)
 
 
-def test_one_pass_ppl_and_block_nll_are_model_ppl_and_model_block_nll_exactly():
-    from rtk.model.ppl import model_block_nll, model_ppl, model_ppl_and_block_nll
+def test_one_pass_ppl_and_block_nll_are_model_ppl_and_each_blocks_nll_exactly():
+    from rtk.model.ppl import model_ppl, model_ppl_and_block_nll
 
     model, blocks = tiny_rtk("llama"), torch.randint(0, 128, (5, 17), generator=torch.Generator().manual_seed(0))
     ppl, per_block = model_ppl_and_block_nll(model, blocks, 2)
-    assert ppl == model_ppl(model, blocks, 2) and per_block == model_block_nll(model, blocks, 2)
+    assert ppl == model_ppl(model, blocks, 2)
+    with torch.no_grad():
+        logits = model(blocks).logits.float()
+    direct = [F.cross_entropy(logits[i, :-1], blocks[i, 1:], reduction="sum").item() for i in range(5)]
+    assert per_block == pytest.approx(direct, rel=1e-5) and len(per_block) == 5

@@ -151,6 +151,8 @@ def test_select_heals_finalists_on_held_out_text_and_keeps_the_best(tmp_path, ti
     assert res.exit_code != 0 and not out.exists()
     state = json.loads((tmp_path / "out.partial" / "select" / "state.json").read_text())
     assert len(state["proposals"]) == 9 and len(state["healed"]) == 1
+    # the finalist judged is saved in state.json, and its healing checkpoint (the model's size) is removed
+    assert not list((tmp_path / "out.partial" / "select").glob("heal-*"))
     stop_at[0] = 0
     res = run("prune", r, "-o", out, "--quiet")
     assert res.exit_code == 0, res.output
@@ -174,6 +176,7 @@ def test_select_heals_finalists_on_held_out_text_and_keeps_the_best(tmp_path, ti
                                                 for p in fins if p is not best)
     win = max(tied, key=lambda p: p["predicted_speedup"]) if d["tie"] else best
     assert all(len(p["judge_block_nll"]) == 3 for p in fins)
+    assert not list((out / "select").glob("heal-*")) and (out / "select" / "state.json").is_file()
     assert sel["winner"] == d["winner"] == win["name"] and plan["removed_sublayers"] == win["removed_sublayers"]
     assert plan["ppl_final"] == pytest.approx(win["calibration_ppl"])
     for p in props.values():  # every plan reaches the target; spans are one run of layers
@@ -319,3 +322,40 @@ def test_finalists_judged_by_lm_eval_on_the_judge_documents(tmp_path, tiny_dir):
     assert '--samples {"rtk_piqa":[1836,1837]}' in got["judge_command"].replace("'", "")
     assert not (tmp_path / "judge-blocks-bi").exists() and "2 chosen docs" in said[0]
     assert said[0].startswith("rtk: select:   lm_eval (hf)") and (tmp_path.parent / got["judge_results_file"]).is_file()
+
+
+@pytest.mark.heal
+def test_rtk_prune_judged_on_a_task_end_to_end(tmp_path, tiny_dir):  # noqa: F811
+    """`rtk prune` with select.judge naming an lm-eval task, as a user runs it: each finalist healed, then scored by
+    lm-eval on the task's last documents; plan.json says which documents judged and which may report, every
+    finalist keeps its per-document scores, the decision follows the paired rule, the report says it, and rtk
+    bench then refuses a --limit that reaches the judge's documents."""
+    from rtk.bench.run import check_judged_documents
+    from rtk.errors import RtkError
+    from rtk.prune.select import decide
+
+    sel = {**SELECT, "families": ["sublayers", "blocks"], "criteria": ["ppl"],
+           "judge": {"tasks": ["piqa"], "limit": 4}}
+    r, out = recipe(tmp_path, tiny_dir, search__target={"params_removed": 0.015}, select=sel), tmp_path / "out"
+    res = run("prune", r, "-o", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    s = plan["selection"]
+    assert s["judge"]["kind"] == "tasks" and s["judge"]["tasks"]["piqa"] == {
+        "judge_documents": [1834, 1837], "of": 1838, "reporting_documents": [0, 1833]}
+    fins = sorted((p for p in s["proposals"] if p.get("finalist")), key=lambda p: p["finalist"])
+    assert [p["name"] for p in fins] in (["sublayers-ppl", "blocks-ppl"], ["blocks-ppl", "sublayers-ppl"])
+    for p in fins:  # scored by lm-eval on the judge documents only; its samples kept in OUT
+        docs = p["judge_per_doc"]["piqa"]
+        assert docs["doc_id"] == [1834, 1835, 1836, 1837] and p["judge_score"] == sum(docs["acc"]) / 4
+        assert (out / p["judge_results_file"]).is_file() and p["judge_tasks"]["piqa"]["n"] == 4
+    d = s["decision"]
+    assert d == decide(fins, metric="acc") and s["winner"] == d["winner"]
+    assert plan["removed_sublayers"] == next(p for p in fins if p["name"] == d["winner"])["removed_sublayers"]
+    report = (out / "report.md").read_text()
+    assert f"Winner: **{d['winner']}**" in report and "piqa documents 1834-1837 of 1838" in report
+    assert ("**A tie**" if d["tie"] else "No tie") in report
+    assert not list((out / "select").glob("heal-*")) and not list((out / "select").glob("judge-*"))
+    with pytest.raises(RtkError, match="documents that judge never report: --limit 1834 or less"):
+        check_judged_documents(out / "model", ["piqa"], 1835)  # the model folder carries its plan.json
+    check_judged_documents(out / "model", ["piqa"], 1834)

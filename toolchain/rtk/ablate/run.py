@@ -28,7 +28,7 @@ from rtk.model.rewrite import apply_plan
 from rtk.model.sublayer import expand, layer_of, model_order
 from rtk.prune.search import check_reachable
 from rtk.model.params import total_params
-from rtk.model.ppl import model_block_nll, model_ppl_and_block_nll
+from rtk.model.ppl import model_ppl_and_block_nll
 
 
 def _layers(names, kind: str) -> list[int]:
@@ -243,7 +243,7 @@ def heal_models(res: dict, root: Path, recipe: Recipe, cfg, echo: Callable[[str]
                 "loss_last": rec["loss_last"], "tokens": rec["tokens"], "train_seconds": rec["train_seconds"],
                 "tokens_per_second": rec["tokens_per_second"], "wall_seconds": rec["wall_seconds"],
                 "loss_curve": [[s["tokens"], s["loss"]] for s in hist["steps"]],
-                "eval_block_nll": model_block_nll(healed, evalb, recipe.scoring.batch_size)}
+                "eval_block_nll": rec["eval"]["block_nll"]}
             write_json_atomic(path, saved)
             clean_dir(state_dir)
     return attach_heal(res, root)

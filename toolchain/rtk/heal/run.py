@@ -27,7 +27,7 @@ from rtk.plan import PLAN_FILE, read_plan, write_plan
 from rtk.data import DataConfig, DataSpec
 from rtk.heal.config import HealConfig, HealData, check_heal_text
 from rtk.model.params import total_params
-from rtk.model.ppl import model_ppl
+from rtk.model.ppl import model_ppl, model_ppl_and_block_nll
 from rtk.heal.distributed import World
 from rtk.heal.trainer import HealPaused, STATE, distill, gather, sharded_ppl
 
@@ -118,8 +118,9 @@ def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor
         healed = gather(healed, cfg, world, plain)
         if healed is None:
             return None, None
+        block_nll = None
     else:
-        ppl_after = model_ppl(healed, evalb)
+        ppl_after, block_nll = model_ppl_and_block_nll(healed, evalb)  # one pass: the PPL and what pairs it
     hist = rec.pop("history")
     record = {
         "fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
@@ -127,6 +128,7 @@ def heal_model(student, teacher, tokenizer, cfg: HealConfig, evalb: torch.Tensor
         **rec,
         "eval": {"split": eval_info.get("split"), "text": eval_info.get("text"), "samples": eval_info["samples"],
                  "seq_len": eval_info["seq_len"], "ppl_before": ppl_before, "ppl_after": ppl_after,
+                 **({"block_nll": block_nll} if block_nll is not None else {}),
                  "measured": f"{eval_info.get('text')}, {eval_info['samples']} blocks x {eval_info['seq_len']} "
                              f"tokens, {dtype}, torch {torch.__version__} on {device}"
                              + (f", {world.size} processes (FSDP2)" if world else "")},

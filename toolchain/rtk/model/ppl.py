@@ -63,8 +63,9 @@ def model_ppl(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
 
 @torch.no_grad()
 def model_ppl_and_block_nll(model, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, list[float]]:
-    """model_ppl and model_block_nll from one pass over the blocks (the PPL summed per batch as model_ppl sums it,
-    so it is the same number)."""
+    """model_ppl and each [T]-token block's summed next-token NLL (float32), all sublayers run, from one pass over
+    the blocks (the PPL summed per batch as model_ppl sums it, so it is the same number). The per-block NLLs are
+    what a paired PPL interval over the blocks resamples (each block predicts T - 1 tokens)."""
     total, per_block = 0.0, []
     for ids, logits in _full_logits(model, blocks, batch_size):
         total += logits_nll(logits, ids[:, 1:])
@@ -78,13 +79,3 @@ def teacher_logprobs(model, blocks: torch.Tensor, batch_size: int = 4) -> torch.
     [N, T-1, vocab]: the reference distributions of the scoring engines' KL criterion."""
     out = [F.log_softmax(logits.float(), dim=-1).cpu() for _, logits in _full_logits(model, blocks, batch_size)]
     return torch.cat(out)
-
-
-@torch.no_grad()
-def model_block_nll(model, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
-    """Each [T]-token block's summed next-token NLL (float32) under an rtk model, all its sublayers run: what a
-    paired PPL interval over the blocks resamples (each block predicts T - 1 tokens)."""
-    out = []
-    for ids, logits in _full_logits(model, blocks, batch_size):
-        out += [logits_nll(logits[i], ids[i, 1:]) for i in range(ids.shape[0])]
-    return out

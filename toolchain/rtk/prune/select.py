@@ -233,8 +233,9 @@ def _judged(rec: Optional[dict], by_tasks: bool) -> bool:
 def _heal_finalists(setup, finalists: list[dict], saved: _Saved, judge: tuple, pool, root: Path, heal_fp: str,
                     echo) -> None:
     """Each finalist healed briefly and judged again (its record updated; healings already saved are reused)."""
+    import shutil
+
     from rtk.heal.run import heal_model, student_copy
-    from rtk.model.ppl import model_block_nll
     from rtk.model.rewrite import apply_plan
 
     jblocks, jinfo = judge
@@ -244,16 +245,18 @@ def _heal_finalists(setup, finalists: list[dict], saved: _Saved, judge: tuple, p
             echo(f"rtk: select: healing finalist {k}/{len(finalists)}: {p['name']} "
                  f"(judge PPL before {p['judge_ppl_before']:.3f})")
             student = student_copy(apply_plan(setup.model, p["removed"]))
+            state_dir = root / f"heal-{p['name']}"
             healed, rec = heal_model(student, setup.model, setup.tokenizer, setup.recipe.select.heal, jblocks, jinfo,
-                                     root / f"heal-{p['name']}", f"{heal_fp}-{p['_key']}",
+                                     state_dir, f"{heal_fp}-{p['_key']}",
                                      ppl_before=p["judge_ppl_before"], progress=setup.progress, echo=echo, pool=pool)
             got = {"judge_ppl_after": rec["eval"]["ppl_after"], "loss_first": rec["loss_first"],
                    "loss_last": rec["loss_last"], "train_seconds": rec["train_seconds"], "tokens": rec["tokens"],
-                   "judge_block_nll": model_block_nll(healed, jblocks, setup.recipe.scoring.batch_size)}
+                   "judge_block_nll": rec["eval"]["block_nll"]}
             if by_tasks:
                 got.update(judge_on_tasks(healed, setup, p["name"], root, echo))
             del student, healed
             saved.put("healed", p["_key"], got)
+            shutil.rmtree(state_dir)  # judged and saved: its healing checkpoint (the model's size) is not needed
         p.update(saved.data["healed"][p["_key"]])
         p["finalist"] = k
 
