@@ -93,6 +93,6 @@ def run_profile(model: str, out: Path, cfg, phase: str = "decode", echo: Callabl
     write_json_atomic(work / PROFILE_FILE, prof.to_json(), indent=2)
     shutil.rmtree(work / "models")
     work.rename(out)
-    echo(f"rtk profile: share of the step time per sublayer: "
+    echo("rtk profile: share of the step time per sublayer: "
          + ", ".join(f"{k} {v:.4f}" for k, v in prof.share.items()) + f"; wrote {out / PROFILE_FILE}")
     return prof.to_json()
