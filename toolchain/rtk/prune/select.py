@@ -192,7 +192,7 @@ def judge_on_tasks(healed, setup, name: str, root: Path, echo) -> dict:
     spec = harness.hf_run(str(folder), taskset, None, dtype=recipe.dtype, device=recipe.device)
     spec.samples = {taskset.lm_eval_name(t): list(judge_documents(t, j.limit)) for t in j.tasks}
     run = harness.run(spec, root, f"judge-{name}", lambda m: echo(m.replace("rtk bench:", "rtk: select:", 1)))
-    shutil.rmtree(folder)  # the healed weights are not kept: the checkpoint in heal-NAME/ is
+    shutil.rmtree(folder)  # the healed weights are not kept (its record, once saved, is what select reuses)
     per = {t: {k: v for k, v in r.items() if k in ("acc", "acc_norm", "n")} for t, r in run["tasks"].items()}
     score = sum(r[j.metric] for r in per.values()) / len(per)
     return {"judge_score": score, "judge_tasks": per, "judge_per_doc": run["per_doc"],
