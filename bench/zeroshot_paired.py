@@ -85,8 +85,9 @@ def main() -> None:
             (a.out / "times.json").write_text(json.dumps(times, indent=1))
     bench = a.out / "bench"
     if not (bench / "bench.json").is_file():
-        times["bench"] = run(rtk + ["bench", "--baseline", str(healed["method"]),
-                                    "--candidate", str(healed["blocks-kl"]), "--candidate", str(healed["blocks-bi"]),
+        model = {name: str(folder / "model") for name, folder in healed.items()}  # rtk heal -o OUT writes OUT/model
+        times["bench"] = run(rtk + ["bench", "--baseline", model["method"],
+                                    "--candidate", model["blocks-kl"], "--candidate", model["blocks-bi"],
                                     "--tasks", TASKS, "--limit", str(a.limit), "--skip", "speed",
                                     "--threads", str(a.threads), "-o", str(bench)], a.out / "bench.log")
         (a.out / "times.json").write_text(json.dumps(times, indent=1))

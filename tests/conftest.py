@@ -143,12 +143,14 @@ def tiny_gemma3_config(layers: int = 4, tie: bool = True, **kw):
     return tiny_config("gemma3_text", layers, tie, **kw)
 
 
-def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
+def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0, **config):
     """A random tiny standard HF model of a family in rtk.model.arch.FAMILIES (by model_type, or a name of
-    TINY_VARIANTS), with the weights its entry names redrawn (q/k/v biases, q/k norms, Gemma's norms)."""
+    TINY_VARIANTS), with the weights its entry names redrawn (q/k/v biases, q/k norms, Gemma's norms); `config`:
+    more config keys (vocab_size=49152 for SmolLM2's tokenizer)."""
     import transformers
 
     model_type, kw = TINY_VARIANTS.get(arch, (arch, {}))
+    kw = {**kw, **config}
     if model_type not in FAMILIES or FAMILIES[model_type].tiny is None:
         raise ValueError(arch)
     tiny = FAMILIES[model_type].tiny
@@ -161,10 +163,10 @@ def tiny_hf(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 
     return model.eval()
 
 
-def tiny_rtk(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0):
+def tiny_rtk(arch: str = "llama", layers: int = 4, tie: bool = True, seed: int = 0, **config):
     from rtk.model.load import from_hf
 
-    return from_hf(tiny_hf(arch, layers, tie, seed)).eval()
+    return from_hf(tiny_hf(arch, layers, tie, seed, **config)).eval()
 
 
 def save_native(model, tokenizer, out: Path) -> None:

@@ -21,8 +21,8 @@ FLOORS = {
     "model": 2,
     "records": 3, "plan": 3, "vllm_plugin": 3,
     "export": 4,
-    "serve": 5, "heal": 5, "quantize": 5,
-    "prune": 6, "bench": 6,
+    "serve": 5, "heal": 5,
+    "prune": 6, "bench": 6, "quantize": 6,  # quantize serves and compares what it wrote, with bench's backends
     "ablate": 7,
     "cli": 8,
     "__main__": 9,  # python -m rtk (torchrun's -m rtk heal): the command line

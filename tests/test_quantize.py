@@ -150,8 +150,9 @@ def test_unknown_scheme(tmp_path):
 
 def test_a_scheme_this_install_cannot_serve_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RTK_LC_PYTHON", str(tmp_path / "no-python"))  # no llm-compressor environment
     for scheme, why in (("fp8", "FP8 weights are served by GPUs (vLLM's FP8 kernels) and this machine has none"),
-                        ("w8a8", "rtk does not drive llm-compressor yet (README: Quantize)")):
+                        ("w8a8", f"RTK_LC_PYTHON={tmp_path / 'no-python'} is no file")):
         res = cli(tmp_path / "no-such-folder", "--scheme", scheme, "-o", tmp_path / "out")  # the folder: never read
         assert res.exit_code == 1
         line = res.output.strip()

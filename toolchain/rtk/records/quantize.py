@@ -18,7 +18,37 @@ def _weights(rec: dict) -> str:
             f"points); stored bytes {before:,} -> {now:,} ({now / max(before, 1):.0%})")
 
 
+def _tolerance(tol: dict) -> str:
+    who = ("rtk's default" if tol.get("default", True) else
+           "set by --max-ppl-increase / --max-logprob-diff; rtk's default is +5% and 0.1")
+    return (f"- Tolerance (the command fails beyond it; {who}): PPL at most +{tol['max_ppl_increase']:.0%}, mean "
+            f"|log-prob difference| at most {tol['max_mean_abs_logprob_diff']:g} nats per token.")
+
+
+def llm_compressor_lines(rec: dict) -> list[str]:
+    v, cal, ver = rec["verification"], rec["calibration"], rec["versions"]
+    tol = v["tolerance"]
+    how = (f"GPTQ on {cal['samples']} blocks x {cal['seq_len']} tokens of {cal['text']}" if cal
+           else "round-to-nearest weights, no calibration data")
+    return [
+        SECTION, "",
+        f"Scheme `{rec['scheme']}`: llm-compressor's `{rec['preset']}` preset (`{rec['tool']}`, {rec['modifier']}; "
+        f"llmcompressor {ver['llmcompressor']}, compressed-tensors {ver['compressed-tensors']}), {how}: a "
+        "compressed-tensors checkpoint that vLLM loads as it is (`quantization_config` in config.json).", "",
+        f"- Quantized: {rec['quantized_linears']} of {rec['linears']} Linear layers (attention projections, MLP). "
+        f"Kept unquantized: {', '.join(rec['not_quantized']) or 'none'}, the embedding and the norms.",
+        f"- Compared on the same token ids, {v['blocks']} blocks x {v['seq_len']} tokens of {rec['text']['text']}: "
+        f"{v['reference']} against {v['served']}: PPL {v['ppl_unquantized']:.4f} -> {v['ppl_quantized']:.4f} "
+        f"({v['ppl_increase']:+.2%}); mean |log-prob difference| per token {v['prefill']['mean_abs_logprob_diff']:.4f} "
+        f"nats (largest {v['prefill']['max_abs_logprob_diff']:.3f}).",
+        _tolerance(tol),
+        "", "Every setting and number: `quantize.json`; llm-compressor's own recipe: `recipe.yaml`. Serve it as the "
+        "unquantized folder (`rtk deploy`, `rtk bench --backend vllm`).", ""]
+
+
 def card_lines(rec: dict) -> list[str]:
+    if rec["tool"].startswith("llmcompressor"):
+        return llm_compressor_lines(rec)
     v, s = rec["verification"], rec["settings"]
     tol = v["tolerance"]
     return [
@@ -36,8 +66,7 @@ def card_lines(rec: dict) -> list[str]:
         f"{v['ppl_quantized']:.4f} ({v['ppl_increase']:+.2%}); mean |log-prob difference| per token "
         f"{v['prefill']['mean_abs_logprob_diff']:.4f} nats (largest {v['prefill']['max_abs_logprob_diff']:.3f}), "
         f"decoding through the KV cache {v['decode']['mean_abs_logprob_diff']:.4f}.",
-        f"- Tolerance (the command fails beyond it): PPL at most +{tol['max_ppl_increase']:.0%}, mean |log-prob "
-        f"difference| at most {tol['max_mean_abs_logprob_diff']:g} nats per token.",
+        _tolerance(tol),
         "", "Every setting and number: `quantize.json`. Run it with ONNX Runtime as the unquantized folder "
         "(`rtk bench --backend onnx`, onnxruntime-genai with `genai_config.json`).", ""]
 
@@ -45,6 +74,7 @@ def card_lines(rec: dict) -> list[str]:
 def card_with(existing: Optional[str], rec: dict) -> str:
     """`existing` card (None: a short new one) with the Quantization section appended."""
     if existing is None:
-        existing = "\n".join(["---", "library_name: onnxruntime", "tags: [rtk, onnx, int8]", "---", "",
+        lib = "vllm" if rec["tool"].startswith("llmcompressor") else "onnxruntime"
+        existing = "\n".join(["---", f"library_name: {lib}", f"tags: [rtk, {rec['scheme']}]", "---", "",
                               f"# {rec['source']}, quantized by rtk", ""])
     return existing.rstrip("\n") + "\n\n" + "\n".join(card_lines(rec))
