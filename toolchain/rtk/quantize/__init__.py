@@ -13,12 +13,53 @@ import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 from rtk import callable_stage
 from rtk.errors import RtkError
 
 callable_stage(__name__)
+
+RECORD = "quantize.json"  # what every quantized folder records (settings, counts, the comparison)
+CARD = "README.md"
+
+
+def json_object(path) -> dict:
+    """A JSON object from a file; {} when it is missing or is no JSON object."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def unquantized_source(model_dir, what: str) -> Path:
+    """MODEL_DIR as an existing folder without a quantize.json; else the one line why not. `what`: the folder
+    MODEL_DIR should be instead ('export', 'folder')."""
+    src = Path(model_dir).expanduser()
+    if not src.is_dir():
+        raise RtkError(f"MODEL_DIR: {model_dir}: no such folder")
+    if (src / RECORD).is_file():
+        scheme = json_object(src / RECORD).get("scheme", "unknown")
+        raise RtkError(f"MODEL_DIR: {model_dir} is quantized already ({RECORD}: scheme {scheme}); quantize the "
+                       f"unquantized {what}")
+    return src
+
+
+def publish(src: Path, tmp: Path, out: Path, record: dict) -> None:
+    """The checked folder's record and card (MODEL_DIR's card + a Quantization section) into `tmp`, then `tmp`
+    renamed to `out`: OUT appears complete or not at all."""
+    import json
+
+    from rtk.records.quantize import card_with
+
+    (tmp / RECORD).write_text(json.dumps(record, indent=1))
+    (tmp / CARD).write_text(card_with((src / CARD).read_text() if (src / CARD).is_file() else None, record))
+    tmp.rename(out)
+
 
 # The comparison's default text size (rtk.quantize.verify): a few blocks of the evaluation text, WikiText-2 test.
 VERIFY_SAMPLES, VERIFY_SEQ_LEN = 8, 128

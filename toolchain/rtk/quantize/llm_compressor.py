@@ -37,9 +37,8 @@ from typing import Callable, Optional
 from rtk.data import DataSpec, same_text, text_name
 from rtk.errors import RtkError
 from rtk.outdir import temp_dir_beside
+from rtk.quantize import json_object, publish, unquantized_source
 
-RECORD = "quantize.json"
-CARD = "README.md"
 LOG = "llm-compressor.log"
 WORKER = Path(__file__).with_name("llm_compressor_worker.py")
 # rtk's calibration text for quantization: WikiText-2 valid (the split rtk calibrates and heals on), never test
@@ -75,24 +74,10 @@ def missing() -> Optional[str]:
     return None
 
 
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def check_source(model_dir) -> Path:
     """MODEL_DIR as an rtk safetensors folder, not quantized yet; else the one line why not."""
-    src = Path(model_dir).expanduser()
-    if not src.is_dir():
-        raise RtkError(f"MODEL_DIR: {model_dir}: no such folder")
-    if (src / RECORD).is_file():
-        scheme = _json(src / RECORD).get("scheme", "unknown")
-        raise RtkError(f"MODEL_DIR: {model_dir} is quantized already ({RECORD}: scheme {scheme}); quantize the "
-                       "unquantized folder")
-    cfg = _json(src / "config.json")
+    src = unquantized_source(model_dir, "folder")
+    cfg = json_object(src / "config.json")
     if "quantization_config" in cfg:
         how = cfg["quantization_config"].get("quant_method", "unknown") if isinstance(
             cfg["quantization_config"], dict) else "unknown"
@@ -146,7 +131,7 @@ def run_worker(python: str, job: dict, tmp: Path) -> dict:
 def keep_ignored(tmp: Path, ignore: list[str]) -> None:
     """config.json's quantization_config.ignore names the LM head: compressed-tensors lists only the Linear modules
     it skipped, and rtk's plugin class's head is no Linear; a loader that does not find it there quantizes it."""
-    cfg = _json(tmp / "config.json")
+    cfg = json_object(tmp / "config.json")
     q = cfg["quantization_config"]
     q["ignore"] = sorted(set(q.get("ignore") or []) | set(ignore))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -172,7 +157,7 @@ def compare(src: Path, quantized: Path, blocks) -> dict:
     ref_lm = TorchBackend(str(src))
     ref = [lp for s in range(0, len(seqs), 4) for lp in ref_lm.token_logprobs(seqs[s: s + 4])]
     del ref_lm
-    cfg = _json(quantized / "config.json")
+    cfg = json_object(quantized / "config.json")
     longest = (cfg.get("text_config") or cfg).get("max_position_embeddings") or 2048
     # the server's log: /tmp/rtk-vllm-PORT.log (rtk.serve.server), so an error's log outlives the temporary folder
     served = VLLMBackend(str(quantized), max_model_len=min(2048, longest), server_kw=vllm_server_kw(serving_device()))
@@ -204,7 +189,6 @@ def quantize_checkpoint(model_dir, out, scheme: str = "w8a8", text: Optional[str
     from rtk.model.load import load_tokenizer
     from rtk.quantize import VERIFY_SAMPLES, VERIFY_SEQ_LEN
     from rtk.quantize.verify import check, comparison_blocks, text_spec, tolerance
-    from rtk.records.quantize import card_with
 
     out = Path(out)
     verify = text_spec(text, samples or VERIFY_SAMPLES, seq_len or VERIFY_SEQ_LEN)
@@ -241,9 +225,7 @@ def quantize_checkpoint(model_dir, out, scheme: str = "w8a8", text: Optional[str
                   "kept_files": kept, "wall_seconds": round(seconds, 2),
                   "text": {"text": info.get("text"), "samples": verify.samples, "seq_len": verify.seq_len},
                   "verification": stats}
-        (tmp / RECORD).write_text(json.dumps(record, indent=1))
-        (tmp / CARD).write_text(card_with((src / CARD).read_text() if (src / CARD).is_file() else None, record))
-        tmp.rename(out)
+        publish(src, tmp, out, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record

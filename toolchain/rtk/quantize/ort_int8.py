@@ -17,7 +17,6 @@ beside OUT and renamed to OUT only after the comparison passed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -29,8 +28,7 @@ from rtk.errors import RtkError
 from rtk.export.onnx import DATA, GRAPH
 from rtk.outdir import temp_dir_beside
 
-RECORD = "quantize.json"
-CARD = "README.md"
+from rtk.quantize import RECORD, json_object, publish, unquantized_source
 # quantize_dynamic's arguments (weight_type by its QuantType name); recorded in quantize.json
 SETTINGS = {"op_types_to_quantize": ["MatMul"], "per_channel": True, "reduce_range": False, "weight_type": "QInt8"}
 ACTIVATIONS = "QUInt8, dynamic: per tensor, from each call's range"
@@ -47,25 +45,10 @@ def _graph(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
-def _json(path: Path) -> dict:
-    """A JSON object from a file; {} when it is missing or is no JSON object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def check_source(model_dir) -> Path:
     """MODEL_DIR as a folder `rtk export --format onnx` wrote, not quantized yet; else the one line why not."""
-    src = Path(model_dir).expanduser()
-    if not src.is_dir():
-        raise RtkError(f"MODEL_DIR: {model_dir}: no such folder")
-    if (src / RECORD).is_file():
-        scheme = _json(src / RECORD).get("scheme", "unknown")
-        raise RtkError(f"MODEL_DIR: {model_dir} is quantized already ({RECORD}: scheme {scheme}); quantize the "
-                       "unquantized export")
-    if not (src / GRAPH).is_file() or "rtk_onnx" not in _json(src / "config.json"):
+    src = unquantized_source(model_dir, "export")
+    if not (src / GRAPH).is_file() or "rtk_onnx" not in json_object(src / "config.json"):
         raise RtkError(f"MODEL_DIR: {model_dir} is not an rtk ONNX export (no {GRAPH} beside a config.json with "
                        "rtk_onnx); --scheme ort-int8 quantizes what `rtk export MODEL --format onnx -o DIR` writes")
     ops = sorted({n.op_type for n in _graph(src / GRAPH).graph.node} & QUANTIZED_OPS)
@@ -167,7 +150,6 @@ def quantize_onnx(model_dir, out, text: Optional[str] = None, samples: Optional[
     record written as quantize.json. Nothing is left at `out` unless the comparison passed."""
     from rtk.quantize import VERIFY_SAMPLES, VERIFY_SEQ_LEN
     from rtk.quantize.verify import check, compare, comparison_blocks, text_spec, tolerance
-    from rtk.records.quantize import card_with
 
     out = Path(out)
     spec = text_spec(text, samples or VERIFY_SAMPLES, seq_len or VERIFY_SEQ_LEN)
@@ -190,9 +172,7 @@ def quantize_onnx(model_dir, out, text: Optional[str] = None, samples: Optional[
         kept = copy_beside(src, tmp)
         record = record_of(src, tmp, kept, stats, seconds, {"text": info.get("text"), "samples": spec.samples,
                                                             "seq_len": spec.seq_len})
-        (tmp / RECORD).write_text(json.dumps(record, indent=1))
-        (tmp / CARD).write_text(card_with((src / CARD).read_text() if (src / CARD).is_file() else None, record))
-        tmp.rename(out)
+        publish(src, tmp, out, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
