@@ -203,8 +203,8 @@ def quantize_checkpoint(model_dir, out, scheme: str = "w8a8", text: Optional[str
     cal_ids, cal_info = (token_blocks(load_tokenizer(str(src)), cal, "--calibration") if cal else (None, {}))
     tmp = temp_dir_beside(out)
     try:
-        echo(f"rtk: quantizing {src} with llm-compressor ({PRESETS[scheme]}, "
-             + (f"GPTQ on {cal.describe()}" if cal else "data-free") + f") in {python}")
+        how = f"SmoothQuant where the norms allow, then GPTQ, on {cal.describe()}" if cal else "data-free"
+        echo(f"rtk: quantizing {src} with llm-compressor ({PRESETS[scheme]}, {how}) in {python}")
         t0 = time.perf_counter()
         job = {"source": str(src.resolve()), "out": str(tmp), "scheme": scheme, "result": str(tmp / ".result.json"),
                "calibration": {"input_ids": cal_ids.tolist()} if cal is not None else None}
