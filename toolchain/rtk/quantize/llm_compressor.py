@@ -173,8 +173,7 @@ def compare(src: Path, quantized: Path, blocks) -> dict:
     return {"reference": "MODEL_DIR in rtk's model, float32, in process",
             "served": f"vLLM {vllm.__version__} ({serving_device()}), the quantized folder", "blocks": len(seqs),
             "seq_len": len(seqs[0]), "vllm_kernel": ", ".join(kernels) or None, "ppl_unquantized": ppl_ref,
-            "ppl_quantized": ppl_got, "ppl_increase": ppl_got / ppl_ref - 1, "prefill": diffs(ref, got),
-            "tolerance": None}
+            "ppl_quantized": ppl_got, "ppl_increase": ppl_got / ppl_ref - 1, "prefill": diffs(ref, got)}
 
 
 def quantize_checkpoint(model_dir, out, scheme: str = "w8a8", text: Optional[str] = None,

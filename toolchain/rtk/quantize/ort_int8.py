@@ -166,8 +166,7 @@ def quantize_onnx(model_dir, out, text: Optional[str] = None, samples: Optional[
         echo(f"rtk: quantized {src.name}/{GRAPH} in {seconds:.1f}s; comparing the two in ONNX Runtime on "
              f"{spec.describe()}")
         stats = compare(src, tmp, blocks)
-        if max_ppl_increase is not None or max_logprob_diff is not None:
-            stats["tolerance"] = tolerance(max_ppl_increase, max_logprob_diff)
+        stats["tolerance"] = tolerance(max_ppl_increase, max_logprob_diff)
         check(stats, f"-o {out}")
         kept = copy_beside(src, tmp)
         record = record_of(src, tmp, kept, stats, seconds, {"text": info.get("text"), "samples": spec.samples,
