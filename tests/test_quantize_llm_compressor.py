@@ -146,7 +146,7 @@ def test_the_scheme_needs_the_quantization_environment(tmp_path, monkeypatch):
     assert res.exit_code == 1
     assert res.output == (f"Error: --scheme w8a8 (int8 weights and activations, a compressed-tensors checkpoint for "
                           f"vLLM (llm-compressor)): RTK_LC_PYTHON={tmp_path / 'no-python'} is no file; schemes this "
-                          "install serves: ort-int8\n")
+                          "install serves: ort-int8, ort-int8-block, ort-int4-block\n")
     assert nothing_beside(tmp_path / "out") == []
 
 
@@ -160,7 +160,7 @@ def test_gpu_schemes_are_refused_on_a_cpu_before_any_work(tmp_path, monkeypatch)
         assert res.exit_code == 1
         line = res.output.strip()
         assert "\n" not in line and line.startswith(f"Error: --scheme {scheme} (") and why in line, line
-        assert line.endswith("schemes this install serves: ort-int8, w8a8")
+        assert line.endswith("schemes this install serves: ort-int8, ort-int8-block, ort-int4-block, w8a8")
     assert nothing_beside(tmp_path / "out") == []
 
 

@@ -1,7 +1,8 @@
 """`rtk quantize`: one table from scheme name to what writes it, and why this machine cannot, checked before any work.
 
-rtk does not quantize by itself: each scheme is an ecosystem tool driven on an rtk folder. `ort-int8`: ONNX
-Runtime's own dynamic quantization of an `rtk export --format onnx` folder (rtk.quantize.ort_int8). `w8a8`, `w4a16`,
+rtk does not quantize by itself: each scheme is an ecosystem tool driven on an rtk folder. `ort-int8`,
+`ort-int8-block`, `ort-int4-block`: ONNX Runtime's own quantizers on an `rtk export --format onnx` folder (dynamic
+per-tensor activations; block-wise MatMulNBits) (rtk.quantize.ort). `w8a8`, `w4a16`,
 `fp8`: llm-compressor's compressed-tensors presets on a safetensors folder, run in its own environment and served by
 vLLM (rtk.quantize.llm_compressor); w4a16 and fp8 are refused on a machine without a GPU. Asking for a scheme this
 install cannot run says why. `rtk.quantize(model_dir, scheme=..., out=...)` (rtk.quantize.api) is the command in
@@ -103,11 +104,16 @@ class Scheme:
     writer: Optional[str]  # "module:function" taking (model_dir, out, **options) -> record; None: not built
     missing: Callable[[], Optional[str]]  # why this install / machine cannot run it; None: it can
     calibrated: bool = False  # takes --calibration / --data-free (llm-compressor's schemes)
+    onnx: bool = False  # quantizes an ONNX export; takes --keep-float (ONNX Runtime's schemes)
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
-    Scheme("ort-int8", "an ONNX graph with int8 weights and dynamic uint8 activations, for ONNX Runtime",
-           "rtk.quantize.ort_int8:quantize_onnx", _ort_missing),
+    Scheme("ort-int8", "an ONNX graph with int8 weights and dynamic uint8 activations per tensor, for ONNX Runtime",
+           "rtk.quantize.ort:quantize_onnx", _ort_missing, onnx=True),
+    Scheme("ort-int8-block", "an ONNX graph with int8 weights in blocks of 32 (MatMulNBits), for ONNX Runtime",
+           "rtk.quantize.ort:quantize_onnx", _ort_missing, onnx=True),
+    Scheme("ort-int4-block", "an ONNX graph with int4 weights in blocks of 32 (MatMulNBits), for ONNX Runtime",
+           "rtk.quantize.ort:quantize_onnx", _ort_missing, onnx=True),
     Scheme("w8a8", "int8 weights and activations, a compressed-tensors checkpoint for vLLM (llm-compressor)",
            "rtk.quantize.llm_compressor:quantize_checkpoint", _llm_compressor_missing, calibrated=True),
     Scheme("w4a16", "int4 weights, a compressed-tensors checkpoint for vLLM (llm-compressor)",
@@ -136,4 +142,4 @@ def quantizer(name: str) -> Callable:
                        f"{', '.join(here) or 'none'}")
     module, func = scheme.writer.split(":")
     write = getattr(importlib.import_module(module), func)
-    return functools.partial(write, scheme=name) if scheme.calibrated else write
+    return functools.partial(write, scheme=name)

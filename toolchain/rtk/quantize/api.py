@@ -46,13 +46,20 @@ def quantize(model_dir: Union[str, Path], scheme: str = "ort-int8", *, out: Unio
              calibration: Optional[str] = None, calibration_samples: Optional[int] = None,
              calibration_seq_len: Optional[int] = None, data_free: bool = False,
              max_ppl_increase: Optional[float] = None, max_logprob_diff: Optional[float] = None,
+             keep_float: Union[str, list, None] = None,
              echo: Optional[Callable[[str], None]] = print) -> QuantizeResult:
     """Quantize MODEL_DIR with `scheme` into `out`, as `rtk quantize MODEL_DIR --scheme S -o OUT`. ort-int8: MODEL_DIR
-    is an `rtk export --format onnx` folder; w8a8 (llm-compressor, served by vLLM): an rtk safetensors folder.
+    (and ort-int8-block, ort-int4-block) is an `rtk export --format onnx` folder; w8a8 (llm-compressor, served by vLLM): an rtk safetensors folder.
     `text`: what the comparison reads (default `wikitext2`, its test split; or a text / .jsonl file), `samples`
     blocks of `seq_len` tokens (defaults: rtk.quantize.VERIFY_*). llm-compressor's schemes only: `calibration`
     (default WikiText-2 valid, rtk.quantize.llm_compressor.CALIBRATION), its blocks, or `data_free`.
-    `max_ppl_increase` / `max_logprob_diff`: the tolerance, instead of rtk.quantize.verify's defaults."""
+    `max_ppl_increase` / `max_logprob_diff`: the tolerance, instead of rtk.quantize.verify's defaults. ONNX
+    Runtime's schemes only: `keep_float`, projection kinds left float32 (['down_proj'] or 'down_proj,up_proj'), or
+    'auto' (the fewest, worst first, that bring the comparison within the tolerance; rtk.quantize.ort)."""
+    if keep_float is not None and scheme in SCHEMES and not SCHEMES[scheme].onnx:
+        raise RtkError(f"--keep-float: --scheme {scheme} takes no projection kinds to keep float (ONNX Runtime's "
+                       f"schemes do: {', '.join(n for n, s in SCHEMES.items() if s.onnx)}; llm-compressor keeps "
+                       "lm_head unquantized)")
     write = quantizer(scheme)
     out = Path(out)
     cal = {k: v for k, v in (("calibration", calibration), ("calibration_samples", calibration_samples),
@@ -61,6 +68,8 @@ def quantize(model_dir: Union[str, Path], scheme: str = "ort-int8", *, out: Unio
         flag = "--" + next(iter(cal)).replace("_", "-")
         raise RtkError(f"{flag}: --scheme {scheme} takes no calibration data (llm-compressor's schemes do: "
                        f"{', '.join(n for n, s in SCHEMES.items() if s.calibrated)})")
+    if keep_float is not None:
+        cal["keep_float"] = keep_float
     rec = write(model_dir, out, text=text, samples=samples, seq_len=seq_len, echo=echo or (lambda s: None),
                 max_ppl_increase=max_ppl_increase, max_logprob_diff=max_logprob_diff, **cal)
     return QuantizeResult(out=out, scheme=scheme, record=rec)

@@ -1,6 +1,6 @@
 """The model card of a quantized folder: the folder's own card (when it has one) with a Quantization section saying
 what was quantized, how, by which tool, and how the result compared with the unquantized model (from quantize.json,
-rtk.quantize.ort_int8's record). A folder without a card gets a short one around the section."""
+rtk.quantize.ort's record). A folder without a card gets a short one around the section."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,12 +10,13 @@ SECTION = "## Quantization"
 
 def _weights(rec: dict) -> str:
     after = rec["weights_after"]
-    int8 = after.get("INT8", {}).get("elements", 0)
+    int8 = sum(after.get(t, {}).get("elements", 0) for t in ("INT8", "UINT8"))
     total = sum(r["elements"] for r in after.values())
     before = sum(r["bytes"] for r in rec["weights_before"].values())
     now = sum(r["bytes"] for r in after.values())
-    return (f"{int8:,} of {total:,} stored elements are int8 ({int8 / max(total, 1):.0%}: weights and their zero "
-            f"points); stored bytes {before:,} -> {now:,} ({now / max(before, 1):.0%})")
+    return (f"{int8:,} of {total:,} stored elements are bytes of integer weights ({int8 / max(total, 1):.0%}: "
+            f"weights, packed two to a byte at 4 bits, and zero points); stored bytes {before:,} -> {now:,} "
+            f"({now / max(before, 1):.0%})")
 
 
 def _tolerance(tol: dict) -> str:
@@ -49,16 +50,22 @@ def llm_compressor_lines(rec: dict) -> list[str]:
 def card_lines(rec: dict) -> list[str]:
     if rec["tool"].startswith("llmcompressor"):
         return llm_compressor_lines(rec)
-    v, s = rec["verification"], rec["settings"]
+    v = rec["verification"]
     tol = v["tolerance"]
+    how = ("dynamic quantization" if rec["tool"].endswith("quantize_dynamic")
+           else "block-wise weight quantization (MatMulNBits)")
+    floats = rec.get("float_kinds") or []
+    search = rec.get("keep_float_search")
+    kept = (f"; left float32 (`--keep-float`): {rec['float_matmuls']} MatMuls of kinds {', '.join(floats)}"
+            + (f", found by the accuracy-aware search ({len(search)} tries, in quantize.json)" if search else "")
+            if floats else "")
     return [
         SECTION, "",
-        f"Scheme `{rec['scheme']}`: ONNX Runtime's own dynamic quantization (`{rec['tool']}`, onnxruntime "
+        f"Scheme `{rec['scheme']}`: ONNX Runtime's own {how} (`{rec['tool']}`, onnxruntime "
         f"{rec['onnxruntime']}) of the unquantized ONNX export, no calibration data.", "",
         f"- Quantized: {rec['quantized_matmuls']} of {rec['weight_matmuls']} MatMuls with a stored weight "
-        f"(attention projections, MLP, an untied LM head): int8 weights, symmetric, "
-        f"{'per output channel' if s['per_channel'] else 'per tensor'}"
-        f"{', 7-bit range' if s['reduce_range'] else ''}; activations {rec['activations']}.",
+        f"(attention projections, MLP, an untied LM head): weights {rec['weights']}; activations "
+        f"{rec['activations']}{kept}.",
         f"- Kept float32: the embedding and a head tied to it, norms, the attention arithmetic, and the graph's "
         f"inputs and outputs, the KV cache included (names, types and shapes as the export's). {_weights(rec)}.",
         f"- Compared with the unquantized export in ONNX Runtime ({v['provider']}) on the same token ids, "
