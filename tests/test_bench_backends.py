@@ -131,3 +131,41 @@ def test_onnx_backend_uses_the_cuda_provider_when_installed(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert onnx_runtime.default_provider() == "CPUExecutionProvider"
     assert onnx_runtime.session_providers("CPUExecutionProvider") == ["CPUExecutionProvider"]
+
+
+def test_online_fp8_quantizes_the_candidates_servers_only(monkeypatch, tmp_path):
+    import torch
+
+    from rtk.serve.server import VLLMServer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    pool = bench_pool.Backends(BenchConfig(baseline="a", candidates=["b", "c"], backend="vllm", quantization="fp8"),
+                               ["a", "b", "c"], tmp_path, print)
+    assert ["quantization" in pool.server_kw(i) for i in range(3)] == [False, True, True]
+    cmd = VLLMServer("/m", port=1234, **pool.server_kw(1)).command
+    assert cmd[cmd.index("--quantization") + 1] == "fp8"
+    assert "--quantization" not in VLLMServer("/m", port=1234, **pool.server_kw(0)).command
+
+
+def test_online_fp8_in_bench_is_refused_before_any_server(monkeypatch, tmp_path):
+    import torch
+
+    import rtk
+    from rtk.errors import RtkError
+    from rtk.serve import server as serve
+    from conftest import tiny_hf
+
+    monkeypatch.setattr(serve.VLLMServer, "__enter__", lambda self: pytest.fail("vLLM was started"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = tmp_path / "tiny"
+    tiny_hf("llama").save_pretrained(folder)
+    with pytest.raises(RtkError, match=r"^--quantization fp8: vLLM quantizes the weights to FP8 as it loads them .*"
+                                       r"vLLM's CPU build has none \(device cpu\)"):
+        rtk.bench(folder, folder, tmp_path / "out", backend="vllm", tasks="none", quantization="fp8", echo=None)
+    with pytest.raises(RtkError, match=r"^--quantization fp8: vLLM quantizes the candidates as its servers load "
+                                       r"them; use --backend vllm"):
+        rtk.bench(folder, folder, tmp_path / "out", backend="torch", tasks="none", quantization="fp8", echo=None)
+    with pytest.raises(RtkError, match=r"quantization"):
+        rtk.bench(folder, folder, tmp_path / "out", backend="vllm", tasks="none", quantization="int3", echo=None)
+    assert not (tmp_path / "out").exists()

@@ -386,3 +386,40 @@ def test_stop_returns_when_the_whole_process_group_is_gone():
     server.stop()
     assert server.proc.returncode == 0
     assert not port_in_use(port)
+
+
+# ---- vLLM's online FP8 quantization (--quantization fp8): flags here, served on a GPU --------------------------
+
+def test_online_fp8_in_the_command_and_the_containers(native, standard, tmp_path):
+    r = rtk("deploy", "vllm", standard, "--quantization", "fp8")
+    assert r.exit_code == 0, r.output
+    _, argv = command_argv(r.stdout)
+    assert argv[argv.index("--quantization") + 1] == "fp8" and argv[argv.index("--dtype") + 1] == "auto"
+    r = rtk("deploy", "vllm", native, "--format", "k8s", "--quantization", "fp8")
+    (c,) = list(yaml.safe_load_all(r.stdout))[1]["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--quantization") + 1] == "fp8"
+    r = rtk("deploy", "vllm", standard)
+    assert "--quantization" not in command_argv(r.stdout)[1]  # only when asked
+
+
+def test_online_fp8_is_refused_on_a_cpu_and_on_a_quantized_folder(standard, tmp_path, no_start):
+    _fails([standard, "--quantization", "fp8", "--device", "cpu"],
+           "Error: --quantization fp8: vLLM quantizes the weights to FP8 as it loads them (one scale per tensor, "
+           "activation scales computed per call), with its GPU kernels (FP8 compute on Hopper / Ada, weight-only on "
+           "Ampere); vLLM's CPU build has none (device cpu). On a CPU, serve a quantized checkpoint: rtk quantize "
+           "MODEL_DIR --scheme w8a8 -o OUT")
+    _fails([standard, "--quantization", "fp8", "--run"], "Error: --quantization fp8: vLLM quantizes the weights to "
+           "FP8 as it loads them (one scale per tensor, activation scales computed per call), with its GPU kernels "
+           "(FP8 compute on Hopper / Ada, weight-only on Ampere); vLLM's CPU build has none (device cpu). On a CPU, "
+           "serve a quantized checkpoint: rtk quantize MODEL_DIR --scheme w8a8 -o OUT")
+    quantized = tmp_path / "w8a8"
+    quantized.mkdir()
+    for f in standard.iterdir():
+        (quantized / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+        "quant_method": "compressed-tensors"}}))
+    _fails([quantized, "--quantization", "fp8"], f"Error: --quantization fp8: {quantized} is quantized already "
+           "(config.json quantization_config: compressed-tensors); vLLM serves it as it is, without --quantization")
+    r = rtk("deploy", "vllm", standard, "--quantization", "int3")
+    assert r.exit_code == 2 and "Invalid value for '--quantization'" in r.stderr

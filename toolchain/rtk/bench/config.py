@@ -38,6 +38,7 @@ class BenchConfig(Strict):
     chat: Switch = False                   # served speed as chat requests (/v1/chat/completions, the chat template)
     dtype: Literal[DTYPE_NAMES] = "float32"
     keep_servers: Optional[Switch] = None  # None: decide from free memory
+    quantization: Optional[Literal["fp8"]] = None  # vLLM's online quantization of the candidates (not the baseline)
     quality: Switch = True
     speed: Switch = True
     sweep: Optional[Literal["guidellm", "rates"]] = None

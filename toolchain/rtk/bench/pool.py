@@ -40,7 +40,10 @@ class Backends:
         import torch
 
         n_gpus = torch.cuda.device_count() if self.device == "cuda" else 0
-        return vllm_server_kw(self.device, i if self.keep else 0, len(self.models) if self.keep else 1, n_gpus)
+        kw = vllm_server_kw(self.device, i if self.keep else 0, len(self.models) if self.keep else 1, n_gpus)
+        if self.cfg.quantization and i > 0:  # the candidates, quantized by vLLM as it loads them
+            kw["quantization"] = self.cfg.quantization
+        return kw
 
     def get(self, i: int):
         if i in self.open:

@@ -79,6 +79,9 @@ def how(result: dict, cfg: BenchConfig, taskset) -> list[str]:
         lines.append(f"In-process speed: {cfg.backend}, random prompts of {cfg.prompt_len} tokens then "
                      f"{cfg.gen_len} greedy decode steps, batch {', '.join(map(str, cfg.batch_sizes))}, median of "
                      f"{cfg.repeats} repeats, {cfg.rounds} interleaved rounds, {cfg.dtype}.")
+    if cfg.quantization:
+        lines.append(f"Online quantization: every candidate served with vLLM's `--quantization {cfg.quantization}` "
+                     "(weights quantized as the server loads the folder); the baseline as it is.")
     if result.get("sweep"):
         lines.append(result["sweep"]["how"])
     lines.append(f"Machine: {result['machine']}.")
@@ -115,11 +118,17 @@ def check_inputs(cfg: BenchConfig):
             raise RtkError("--backend openai needs one --endpoint URL per model (baseline first)")
         for url in cfg.endpoints:  # fail before any work when one is dead or wrong
             served_model(url)
+    if cfg.quantization and cfg.backend != "vllm":
+        raise RtkError(f"--quantization {cfg.quantization}: vLLM quantizes the candidates as its servers load them; "
+                       "use --backend vllm (running servers, --backend openai, are measured as they were started)")
     if cfg.backend == "vllm":  # e.g. a folder that needs rtk's vLLM plugin: fail before any server starts
-        from rtk.serve.flags import preflight
+        from rtk.bench.backends import serving_device
+        from rtk.serve.flags import check_online_quantization, preflight
 
         for m in models:
             preflight(m)
+        for m in cfg.candidates:
+            check_online_quantization(m, cfg.quantization, serving_device())
     if cfg.sweep and cfg.backend not in ("vllm", "openai"):
         raise RtkError("--sweep measures served models: use --backend vllm or openai")
     if cfg.sweep == "guidellm":
@@ -169,7 +178,9 @@ def run_bench(cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = pri
     out_dir = Path(out_dir)
     result = {"config": cfg.model_dump(), "serving": cfg.backend in ("vllm", "openai"),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(), "machine": machine(),
-              "models": [{"label": lab, "path": str(m), "params": model_params(s) if s else None, "speed": []}
+              "models": [{"label": lab, "path": str(m), "params": model_params(s) if s else None, "speed": [],
+                          **({"online_quantization": cfg.quantization} if cfg.quantization and lab != "baseline"
+                             else {})}
                          for lab, m, s in zip(labels, models, shapes)]}
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

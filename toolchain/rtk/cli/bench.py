@@ -64,10 +64,13 @@ def _ints(field: str, value: str) -> list[int]:
 @click.option("--keep-servers/--restart-servers", default=None,
               help="vllm: keep one server per model up across rounds (default: when memory allows; on CUDA they "
                    "split --gpu-memory-utilization).")
+@click.option("--quantization", type=click.Choice(["fp8"]), default=None,
+              help="vllm: serve every --candidate with vLLM's online quantization (FP8 weights quantized as vLLM "
+                   "loads them; GPUs); the baseline is served as it is.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, ppl_samples, ppl_seq_len, rounds,
           batch_sizes, prompt_len, gen_len, repeats, concurrency, num_prompts, input_len, output_len, chat, dtype,
-          sweep, sweep_seconds, card, skip, keep_servers, threads):
+          sweep, sweep_seconds, card, skip, keep_servers, quantization, threads):
     """Measure the original and pruned models the same way: WikiText-2 PPL, zero-shot accuracy by lm-eval-harness
     and speed (served: vLLM's benchmark), interleaved over rounds; write OUT/{bench.json, bench.md, *.png}."""
     from rtk.bench.api import bench as run
@@ -80,5 +83,5 @@ def bench(baseline, candidates, backend, serve, endpoints, out, tasks, limit, pp
         dtype=dtype, card=card, echo=click.echo, limit=limit, ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len,
         rounds=rounds, batch_sizes=_ints("--batch-sizes", batch_sizes), prompt_len=prompt_len, gen_len=gen_len,
         repeats=repeats, concurrency=_ints("--concurrency", concurrency), num_prompts=num_prompts,
-        input_len=input_len, output_len=output_len, chat=chat, keep_servers=keep_servers,
+        input_len=input_len, output_len=output_len, chat=chat, keep_servers=keep_servers, quantization=quantization,
         quality="quality" not in skip, speed="speed" not in skip, sweep=sweep, sweep_seconds=sweep_seconds)

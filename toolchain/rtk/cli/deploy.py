@@ -33,8 +33,12 @@ def deploy():
               help="Name clients ask for (default: OUT for OUT/model, else the folder's name).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to this file instead of printing.")
+@click.option("--quantization", type=click.Choice(["fp8"]), default=None,
+              help="vLLM's online quantization: the weights quantized to FP8 as vLLM loads them (GPUs; a folder "
+              "written by rtk quantize is served as it is).")
 @click.option("--run", is_flag=True, help="Start the server here, wait for /health, serve until Ctrl-C.")
-def deploy_vllm(model_dir, fmt, device, port, host, tp, pp, dtype, max_model_len, served_name, output, run):
+def deploy_vllm(model_dir, fmt, device, port, host, tp, pp, dtype, max_model_len, served_name, quantization, output,
+                run):
     """Serve MODEL_DIR (e.g. OUT/model from `rtk prune`) with vLLM's OpenAI-compatible server."""
     import shlex
     import sys
@@ -54,7 +58,8 @@ def deploy_vllm(model_dir, fmt, device, port, host, tp, pp, dtype, max_model_len
         words += [p.opts[0]] if p.is_flag else [p.opts[0], str(v)]
     device = device or ("cpu" if run else "cuda")
     d = plan(model_dir, device=device, fmt=fmt, port=port, host=host, tp=tp, pp=pp, dtype=dtype,
-             max_model_len=max_model_len, served_name=served_name, invocation=shlex.join(words))
+             max_model_len=max_model_len, served_name=served_name, invocation=shlex.join(words),
+             quantization=quantization)
     if run:
         run_local(d, click.echo, python=sys.executable)
         return

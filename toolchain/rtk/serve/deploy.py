@@ -19,7 +19,7 @@ from rtk.export.layouts import PER_LAYER, layout_of
 from rtk.model.load import read_config
 from rtk.model.arch import DECILM_ARCH, FAMILIES, NATIVE
 from rtk.model.sublayer import RemovedSet, removed_set
-from rtk.serve.flags import TARGETS, needs_remote_code, plugin_args, vllm_args
+from rtk.serve.flags import TARGETS, check_online_quantization, needs_remote_code, plugin_args, vllm_args
 from rtk.settings import VLLM_CUDA_RELEASE
 
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_CUDA_RELEASE}"  # the GPU install's vLLM release (rtk.settings)
@@ -182,13 +182,14 @@ class Deployment:
     served_name: str
     invocation: str  # the rtk command that produced it (written into file headers)
     env: dict = field(default_factory=dict)
+    quantization: Optional[str] = None  # vLLM's online quantization (rtk.serve.flags.ONLINE_QUANTIZATION)
 
     def args(self, model_path: str, host: str, backend: Optional[str] = None) -> list[str]:
         return vllm_args(model_path, port=self.port, host=host, dtype=self.dtype,
                          max_model_len=self.max_model_len, served_name=self.served_name, tensor_parallel=self.tp,
                          pipeline_parallel=self.pp, enforce_eager=TARGETS[self.device].enforce_eager,
                          trust_remote_code=self.info.remote_code, executor_backend=backend,
-                         plugin=self.info.plugin or [])
+                         plugin=self.info.plugin or [], quantization=self.quantization)
 
     @property
     def image(self) -> str:
@@ -212,7 +213,7 @@ class Deployment:
 
 def plan(model_dir: str, *, device: str, fmt: str = "command", port: int = 8000, host: str = "127.0.0.1",
          tp: int = 1, pp: int = 1, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
-         served_name: Optional[str] = None, invocation: str = "") -> Deployment:
+         served_name: Optional[str] = None, invocation: str = "", quantization: Optional[str] = None) -> Deployment:
     """Validate everything before anything is written or started."""
     if fmt in ("compose", "k8s", "ray") and device != "cuda":
         raise RtkError(f"--device {device}: --format {fmt} uses the CUDA image {VLLM_IMAGE}; "
@@ -222,6 +223,7 @@ def plan(model_dir: str, *, device: str, fmt: str = "command", port: int = 8000,
                        "more (for one machine use --format compose)")
     info = inspect_model(model_dir)
     check_parallel(info, tp, pp)
+    check_online_quantization(model_dir, quantization, device)
     target = TARGETS[device]
     if max_model_len is None:
         max_model_len = target.max_model_len or info.max_positions
@@ -231,7 +233,7 @@ def plan(model_dir: str, *, device: str, fmt: str = "command", port: int = 8000,
         raise RtkError(f"--max-model-len {max_model_len}: longer than max_position_embeddings="
                        f"{info.max_positions} in {model_dir}/config.json")
     return Deployment(info, device, port, host, tp, pp, dtype or target.dtype, max_model_len,
-                      served_name or served_name_for(model_dir), invocation, dict(target.env))
+                      served_name or served_name_for(model_dir), invocation, dict(target.env), quantization)
 
 
 def run_local(d: Deployment, echo, python: str, log_path: Optional[Path] = None,

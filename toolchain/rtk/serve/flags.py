@@ -72,12 +72,39 @@ def check_servable(model_dir: str | Path) -> None:
                        f"re-export it (rtk export {model_dir} -o NEW): rtk's vLLM plugin serves it")
 
 
+# vLLM's online quantization (`--quantization`): the weights are quantized as vLLM loads the folder, no checkpoint
+ONLINE_QUANTIZATION = {
+    "fp8": "vLLM quantizes the weights to FP8 as it loads them (one scale per tensor, activation scales computed "
+           "per call), with its GPU kernels (FP8 compute on Hopper / Ada, weight-only on Ampere)",
+}
+
+
+def check_online_quantization(model_dir: str | Path, quantization: Optional[str], device: str,
+                              flag: str = "--quantization") -> None:
+    """vLLM's online quantization of a folder, or the one line why not: no GPU kernels on the CPU build, and a folder
+    that carries its own quantization_config (rtk quantize's checkpoints) is served as it is."""
+    if quantization is None:
+        return
+    if quantization not in ONLINE_QUANTIZATION:
+        raise RtkError(f"{flag} {quantization}: rtk passes only {', '.join(ONLINE_QUANTIZATION)} to vLLM")
+    if device != "cuda":
+        raise RtkError(f"{flag} {quantization}: {ONLINE_QUANTIZATION[quantization]}; vLLM's CPU build has none "
+                       f"(device {device}). On a CPU, serve a quantized checkpoint: rtk quantize MODEL_DIR --scheme "
+                       "w8a8 -o OUT")
+    cfg = read_config(model_dir) if Path(model_dir, "config.json").is_file() else {}
+    if isinstance(cfg.get("quantization_config"), dict):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise RtkError(f"{flag} {quantization}: {model_dir} is quantized already (config.json quantization_config: "
+                       f"{method}); vLLM serves it as it is, without {flag}")
+
+
 def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", dtype: Optional[str] = "float32",
               max_model_len: int = 2048, served_name: Optional[str] = None, tensor_parallel: int = 1,
               pipeline_parallel: int = 1, enforce_eager: bool = True, extra: tuple[str, ...] = (),
               trust_remote_code: Optional[bool] = None, executor_backend: Optional[str] = None,
-              plugin: Optional[list[str]] = None) -> list[str]:
-    """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder.
+              plugin: Optional[list[str]] = None, quantization: Optional[str] = None) -> list[str]:
+    """Arguments of `python -m vllm.entrypoints.openai.api_server` for a model folder (`quantization`: vLLM's online
+    quantization, ONLINE_QUANTIZATION; checked by check_online_quantization before).
 
     `dtype=None` leaves --dtype out; `trust_remote_code=None` / `plugin=None` decide from the folder
     (needs_remote_code, plugin_args), which matters when `model_dir` is the path inside a container and
@@ -87,6 +114,8 @@ def vllm_args(model_dir: str | Path, port: int = 8000, host: str = "127.0.0.1", 
     if dtype:
         args += ["--dtype", dtype]
     args += ["--max-model-len", str(max_model_len)]
+    if quantization:
+        args += ["--quantization", quantization]
     if served_name:
         args += ["--served-model-name", served_name]
     if tensor_parallel > 1:
