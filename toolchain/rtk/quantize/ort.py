@@ -269,7 +269,6 @@ def auto_float(trials: Trials) -> list[str]:
         s, ok_k, _ = trials.run([x for x in kinds if x != k])
         trials.note([x for x in kinds if x != k], s, ok_k, f"{k} alone quantized")
         error[k] = s["prefill"]["mean_abs_logprob_diff"]
-    kept: list[str] = []
     order = sorted(kinds, key=lambda x: -error[x])
     for n in range(1, len(order)):  # at least one kind stays quantized
         s, ok, _ = trials.run(order[:n])
