@@ -291,6 +291,11 @@ def test_bad_keep_float(quantized, tmp_path):
     assert (res.exit_code, res.output) == (1, "Error: --keep-float: mlp names no MatMul of this export; its projection "
                                               "kinds: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
                                               "v_proj (or auto)\n")
+    res = cli(src, "--scheme", "ort-int8-block", "-o", tmp_path / "out", "--keep-float",
+              "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head")
+    assert (res.exit_code, res.output) == (1, "Error: --keep-float: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                              "down_proj, lm_head leaves every weight MatMul float32, nothing to "
+                                              "quantize\n")
     res = cli(src, "--scheme", "w8a8", "-o", tmp_path / "out", "--keep-float", "down_proj")
     assert res.exit_code == 1 and res.output.startswith("Error: ")
     assert nothing_beside(tmp_path / "out") == []

@@ -213,6 +213,8 @@ def float_kinds_of(keep_float, kinds: dict[str, str]) -> Optional[list[str]]:
     if unknown:
         raise RtkError(f"--keep-float: {', '.join(unknown)} names no MatMul of this export; its projection kinds: "
                        f"{', '.join(have)} (or auto)")
+    if set(have) <= set(wanted):
+        raise RtkError(f"--keep-float: {', '.join(wanted)} leaves every weight MatMul float32, nothing to quantize")
     return wanted
 
 
