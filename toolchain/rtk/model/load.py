@@ -168,6 +168,15 @@ def read_config(folder) -> dict:
     return data
 
 
+def quantized_by(cfg: dict) -> "str | None":
+    """The quant_method of a config.json that carries a quantization_config ('unknown' where it names none); None
+    for an unquantized folder."""
+    if "quantization_config" not in cfg:
+        return None
+    q = cfg["quantization_config"]
+    return q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
+
+
 def is_native(folder) -> bool:
     """The folder is rtk's nemotron-nas (DeciLM) format, whose config class transformers does not know."""
     return read_config(folder).get("model_type") == NATIVE

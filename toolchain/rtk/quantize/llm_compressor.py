@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 from rtk.data import DataSpec, same_text, text_name
 from rtk.errors import RtkError
+from rtk.model.load import quantized_by
 from rtk.outdir import temp_dir_beside
 from rtk.quantize import json_object, publish, unquantized_source
 
@@ -78,9 +79,8 @@ def check_source(model_dir) -> Path:
     """MODEL_DIR as an rtk safetensors folder, not quantized yet; else the one line why not."""
     src = unquantized_source(model_dir, "folder")
     cfg = json_object(src / "config.json")
-    if "quantization_config" in cfg:
-        how = cfg["quantization_config"].get("quant_method", "unknown") if isinstance(
-            cfg["quantization_config"], dict) else "unknown"
+    how = quantized_by(cfg)
+    if how:
         raise RtkError(f"MODEL_DIR: {model_dir} is quantized already (config.json: quantization_config, "
                        f"{how}); quantize the unquantized folder")
     if not cfg or not any((src / w).is_file() for w in WEIGHTS):

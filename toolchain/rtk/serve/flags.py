@@ -12,7 +12,7 @@ from typing import Optional
 from rtk import pip_install
 from rtk.errors import RtkError
 from rtk.export.layouts import LAYOUTS, Layout, layout_of
-from rtk.model.load import read_config
+from rtk.model.load import quantized_by, read_config
 from rtk.vllm_plugin import ARCHITECTURE as PLUGIN_ARCH
 from rtk.vllm_plugin import ENTRY_POINT_GROUP as PLUGIN_GROUP
 
@@ -91,9 +91,8 @@ def check_online_quantization(model_dir: str | Path, quantization: Optional[str]
         raise RtkError(f"{flag} {quantization}: {ONLINE_QUANTIZATION[quantization]}; vLLM's CPU build has none "
                        f"(device {device}). On a CPU, serve a quantized checkpoint: rtk quantize MODEL_DIR --scheme "
                        "w8a8 -o OUT")
-    cfg = read_config(model_dir) if Path(model_dir, "config.json").is_file() else {}
-    if isinstance(cfg.get("quantization_config"), dict):
-        method = cfg["quantization_config"].get("quant_method", "?")
+    method = quantized_by(read_config(model_dir))
+    if method:
         raise RtkError(f"{flag} {quantization}: {model_dir} is quantized already (config.json quantization_config: "
                        f"{method}); vLLM serves it as it is, without {flag}")
 
