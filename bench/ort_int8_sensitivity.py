@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--scheme", default="ort-int8")
     a = ap.parse_args()
     logging.disable(logging.WARNING)
-    kinds = weight_matmuls(_graph(a.onnx_dir / GRAPH))
+    source = _graph(a.onnx_dir / GRAPH)
+    kinds = weight_matmuls(source)
     blocks, _ = comparison_blocks(a.onnx_dir, text_spec())
 
     class OneNode(Trials):  # float_kinds holds node names here: leave exactly those float
@@ -35,7 +36,8 @@ def main() -> None:
             super().__init__(*args)
             self.kinds = {n: n for n in kinds}
 
-    t = OneNode(a.onnx_dir, a.onnx_dir.parent / "sensitivity", a.scheme, kinds, blocks, tolerance(), lambda s: None)
+    t = OneNode(a.onnx_dir, source, a.onnx_dir.parent / "sensitivity", a.scheme, kinds, blocks, tolerance(),
+                lambda s: None)
     nodes = [n for n, k in kinds.items() if k == a.kind]
     for i, node in enumerate([None, *nodes]):
         stats, ok, _ = t.run([node] if node else [])

@@ -180,11 +180,11 @@ def copy_beside(src: Path, dst: Path) -> list[str]:
     return kept
 
 
-def record_of(src: Path, dst: Path, scheme: str, kept: list[str], stats: dict, seconds: float, text: dict,
-              float_kinds: dict) -> dict:
+def record_of(src: Path, before, dst: Path, scheme: str, kept: list[str], stats: dict, seconds: float, text: dict,
+              float_kinds: dict, weight_count: int) -> dict:
     import onnxruntime
 
-    before, after = _graph(src / GRAPH), _graph(dst / GRAPH)
+    after = _graph(dst / GRAPH)
     ops = {}
     for n in after.graph.node:
         if n.op_type in QUANTIZED_OPS:
@@ -193,7 +193,7 @@ def record_of(src: Path, dst: Path, scheme: str, kept: list[str], stats: dict, s
     return {"scheme": scheme, "tool": how["tool"], "onnxruntime": onnxruntime.__version__,
             "settings": how["settings"], "weights": how["weights"], "activations": how["activations"],
             "source": src.name, "quantized_matmuls": sum(ops.get(op, 0) for op in QUANTIZED_MATMULS),
-            "weight_matmuls": len(weight_matmuls(before)), "quantized_ops": ops, **float_kinds,
+            "weight_matmuls": weight_count, "quantized_ops": ops, **float_kinds,
             "weights_before": weight_counts(before), "weights_after": weight_counts(after),
             "io": "kept: inputs and outputs (KV cache included) equal the export's", "kept_files": kept,
             "quantize_seconds": round(seconds, 2), "text": text, "verification": stats}
@@ -221,9 +221,9 @@ def float_kinds_of(keep_float, kinds: dict[str, str]) -> Optional[list[str]]:
 class Trials:
     """Quantize with some kinds float and compare, in scratch folders beside OUT; each try's numbers are kept."""
 
-    def __init__(self, src: Path, out: Path, scheme: str, kinds: dict[str, str], blocks, tol: dict, echo):
-        self.src, self.out, self.scheme, self.kinds, self.blocks, self.tol, self.echo = (
-            src, out, scheme, kinds, blocks, tol, echo)
+    def __init__(self, src: Path, source, out: Path, scheme: str, kinds: dict[str, str], blocks, tol: dict, echo):
+        self.src, self.source, self.out, self.scheme, self.kinds, self.blocks, self.tol, self.echo = (
+            src, source, out, scheme, kinds, blocks, tol, echo)  # source: src's graph, without its weights
         self.tried: list[dict] = []
         self.kept: list[str] = []  # the files of the source copied beside the last graph
 
@@ -237,7 +237,7 @@ class Trials:
             t0 = time.perf_counter()
             quantize_graph(self.src, tmp, self.scheme, [n for n, k in self.kinds.items() if k in float_kinds])
             seconds = time.perf_counter() - t0
-            check_io(_graph(self.src / GRAPH), _graph(tmp / GRAPH))
+            check_io(self.source, _graph(tmp / GRAPH))
             self.kept = copy_beside(self.src, tmp)  # OrtLM reads the folder's config and tokenizer
             stats = compare(self.src, tmp, self.blocks)
         finally:
@@ -298,10 +298,11 @@ def quantize_onnx(model_dir, out, scheme: str = "ort-int8", text: Optional[str] 
     src = check_source(model_dir, scheme)
     if out.exists():
         raise RtkError(f"-o {out}: already exists; choose a new folder (rtk never overwrites a quantized folder)")
-    kinds = weight_matmuls(_graph(src / GRAPH))
+    source = _graph(src / GRAPH)
+    kinds = weight_matmuls(source)
     wanted = float_kinds_of(keep_float, kinds)
     blocks, info = comparison_blocks(src, spec)
-    trials = Trials(src, out, scheme, kinds, blocks, tolerance(max_ppl_increase, max_logprob_diff), echo)
+    trials = Trials(src, source, out, scheme, kinds, blocks, tolerance(max_ppl_increase, max_logprob_diff), echo)
     if wanted is None:
         echo(f"rtk: --keep-float auto: searching which projection kinds {scheme} leaves float32, on "
              f"{spec.describe()}")
@@ -322,9 +323,9 @@ def quantize_onnx(model_dir, out, scheme: str = "ort-int8", text: Optional[str] 
         float_record = {"float_kinds": wanted,
                         "float_matmuls": sum(1 for k in kinds.values() if k in wanted),
                         **({"keep_float_search": trials.tried} if trials.tried else {})}
-        record = record_of(src, tmp, scheme, kept, stats, seconds,
+        record = record_of(src, source, tmp, scheme, kept, stats, seconds,
                            {"text": info.get("text"), "samples": spec.samples, "seq_len": spec.seq_len},
-                           float_record)
+                           float_record, len(kinds))
         publish(src, tmp, out, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
